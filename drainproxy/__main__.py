@@ -1,0 +1,5 @@
+import sys
+
+from drainproxy.cli import main
+
+sys.exit(main())

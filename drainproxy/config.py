@@ -1,0 +1,377 @@
+"""Strict, typed configuration.
+
+YAML is loaded with ``yaml.safe_load`` into frozen dataclasses. Unknown keys are errors, because a
+typo'd timeout that is silently ignored is exactly the kind of bug that shows up as 5xx during a
+rollout. Every error names the dotted field, the bad value and the rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from drainproxy.errors import ConfigError
+
+T = TypeVar("T")
+
+#: Seconds kept free between the end of the app's stop and the kubelet's SIGKILL.
+GRACE_MARGIN = 2.0
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AppCheck:
+    """How drainproxy decides the app is reachable: a TCP connect, or an HTTP GET of ``path``."""
+
+    kind: Literal["tcp", "http"] = "tcp"
+    path: str = "/"
+    interval: float = 1.0
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:8000"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    max_idle_connections: int = 64
+    idle_timeout: float = 30.0
+    check: AppCheck = field(default_factory=AppCheck)
+
+
+ForwardedMode = Literal["preserve", "overwrite", "off"]
+
+
+@dataclass(frozen=True)
+class ForwardedConfig:
+    """X-Forwarded-* handling. ``preserve`` keeps a value an upstream balancer already set."""
+
+    x_forwarded_for: Literal["append", "off"] = "append"
+    x_forwarded_proto: ForwardedMode = "preserve"
+    x_forwarded_host: ForwardedMode = "preserve"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: Address = Address("0.0.0.0", 9901)
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    readiness_fail_delay: float = 0.0
+    propagation: float = 5.0
+    min: float = 0.0
+    timeout: float = 20.0
+    idle_grace: float = 0.5
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    stop: Literal["prestop", "none"] = "prestop"
+    stop_timeout: float = 3.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Address = Address("0.0.0.0", 8080)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    forwarded: ForwardedConfig = field(default_factory=ForwardedConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    termination_grace_period: float = 30.0
+
+    def shutdown_budget(self) -> list[tuple[str, float]]:
+        """The terms that must fit in the termination grace period, in the order they elapse."""
+        return [
+            ("drain.readiness_fail_delay", self.drain.readiness_fail_delay),
+            ("drain.propagation", self.drain.propagation),
+            ("drain.timeout", self.drain.timeout),
+            ("app.stop_timeout", self.app.stop_timeout),
+            ("margin", GRACE_MARGIN),
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Field readers: each takes the dotted name for error messages and the raw YAML value.
+
+
+def parse_duration(name: str, value: object) -> float:
+    """Seconds from a number (seconds) or a string such as ``500ms``, ``5s``, ``1m``."""
+    if isinstance(value, bool):
+        raise ConfigError(name, value, "must be a duration such as 5s, 500ms or 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ConfigError(name, value, "must be a duration such as 5s, 500ms or 1m")
+    if seconds < 0:
+        raise ConfigError(name, value, "must not be negative")
+    return seconds
+
+
+def parse_address(name: str, value: object) -> Address:
+    """``host:port``, ``:port`` (all interfaces) or ``[v6]:port``."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(name, value, "must be host:port, e.g. 0.0.0.0:8080")
+    host, _, port_text = value.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    port = _port(name, value, port_text)
+    return Address(host, port)
+
+
+def _port(name: str, value: object, port_text: str) -> int:
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(name, value, "port must be a number from 1 to 65535")
+    return int(port_text)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(name, value, "must be a whole number, 0 or more")
+    return value
+
+
+def _boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "must be true or false")
+    return value
+
+
+def _string(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, value, "must be a non-empty string")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str, object], Any]:
+    def read(name: str, value: object) -> str:
+        if value not in choices:
+            raise ConfigError(name, value, "must be one of " + ", ".join(choices))
+        return str(value)
+
+    return read
+
+
+def _optional(reader: Callable[[str, object], T]) -> Callable[[str, object], T | None]:
+    def read(name: str, value: object) -> T | None:
+        return None if value is None else reader(name, value)
+
+    return read
+
+
+def _section(
+    name: str, raw: object, readers: Mapping[str, Callable[[str, object], Any]]
+) -> dict[str, Any]:
+    """Read a mapping whose every key must be known; returns only the keys present."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(name or "config", raw, "must be a mapping of keys to values")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{name}.{key}" if name else str(key)
+        reader = readers.get(key) if isinstance(key, str) else None
+        if reader is None:
+            known = ", ".join(sorted(readers))
+            raise ConfigError(dotted, value, f"is not a known key (known here: {known})")
+        values[key] = reader(dotted, value)
+    return values
+
+
+def _upstream_url(name: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, str):
+        raise ConfigError(name, value, "must be an http://host:port URL")
+    parts = urlsplit(value)
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(name, value, "must be an http://host:port URL with no path")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ConfigError(name, value, "port must be a number from 1 to 65535") from None
+    return {"url": value, "host": parts.hostname, "port": port}
+
+
+def _app_check(name: str, raw: object) -> AppCheck:
+    values = _section(
+        name,
+        raw,
+        {
+            "kind": _choice("tcp", "http"),
+            "path": _string,
+            "interval": parse_duration,
+            "timeout": parse_duration,
+        },
+    )
+    check = AppCheck(**values)
+    if not check.path.startswith("/"):
+        raise ConfigError(f"{name}.path", check.path, "must start with /")
+    if check.interval <= 0:
+        raise ConfigError(f"{name}.interval", check.interval, "must be more than 0")
+    return check
+
+
+def _upstream(name: str, raw: object) -> UpstreamConfig:
+    if isinstance(raw, str):
+        return UpstreamConfig(**_upstream_url(name, raw))
+    values = _section(
+        name,
+        raw,
+        {
+            "url": _upstream_url,
+            "connect_timeout": parse_duration,
+            "response_timeout": parse_duration,
+            "max_idle_connections": _positive_int,
+            "idle_timeout": parse_duration,
+            "check": _app_check,
+        },
+    )
+    if "url" not in values:
+        raise ConfigError(f"{name}.url", None, "is required (the app's http://host:port)")
+    values.update(values.pop("url"))
+    return UpstreamConfig(**values)
+
+
+def _forwarded(name: str, raw: object) -> ForwardedConfig:
+    mode = _choice("preserve", "overwrite", "off")
+    return ForwardedConfig(
+        **_section(
+            name,
+            raw,
+            {
+                "x_forwarded_for": _choice("append", "off"),
+                "x_forwarded_proto": mode,
+                "x_forwarded_host": mode,
+            },
+        )
+    )
+
+
+def _admin(name: str, raw: object) -> AdminConfig:
+    return AdminConfig(
+        **_section(name, raw, {"listen": parse_address, "token": _optional(_string)})
+    )
+
+
+def _drain(name: str, raw: object) -> DrainConfig:
+    return DrainConfig(
+        **_section(
+            name,
+            raw,
+            {
+                "readiness_fail_delay": parse_duration,
+                "propagation": parse_duration,
+                "min": parse_duration,
+                "timeout": parse_duration,
+                "idle_grace": parse_duration,
+            },
+        )
+    )
+
+
+def _app(name: str, raw: object) -> AppConfig:
+    return AppConfig(
+        **_section(
+            name, raw, {"stop": _choice("prestop", "none"), "stop_timeout": parse_duration}
+        )
+    )
+
+
+def _log(name: str, raw: object) -> LogConfig:
+    return LogConfig(
+        **_section(
+            name,
+            raw,
+            {
+                "format": _choice("text", "json"),
+                "level": _choice("debug", "info", "warning", "error"),
+                "access_log": _boolean,
+            },
+        )
+    )
+
+
+_TOP_LEVEL: dict[str, Callable[[str, object], Any]] = {
+    "listen": parse_address,
+    "upstream": _upstream,
+    "forwarded": _forwarded,
+    "admin": _admin,
+    "drain": _drain,
+    "app": _app,
+    "log": _log,
+    "termination_grace_period": parse_duration,
+}
+
+
+def config_from_mapping(raw: object) -> Config:
+    """Build and cross-check a Config from already-parsed YAML."""
+    config = Config(**_section("", raw, _TOP_LEVEL))
+    check_cross_field_rules(config)
+    return config
+
+
+def check_cross_field_rules(config: Config) -> None:
+    if config.listen == config.admin.listen:
+        raise ConfigError("admin.listen", str(config.admin.listen), "must differ from listen")
+    if config.drain.min > config.drain.timeout:
+        raise ConfigError(
+            "drain.min", config.drain.min, f"must not exceed drain.timeout ({config.drain.timeout}s)"
+        )
+    terms = config.shutdown_budget()
+    total = sum(seconds for _, seconds in terms)
+    if total > config.termination_grace_period:
+        shown = " + ".join(f"{name} {seconds:g}s" for name, seconds in terms)
+        raise ConfigError(
+            "termination_grace_period",
+            config.termination_grace_period,
+            f"is shorter than the shutdown needs: {shown} = {total:g}s; raise it to at least "
+            f"{total:g}s (and terminationGracePeriodSeconds in the pod spec) or shorten the drain",
+        )
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load a YAML file, or the embedded defaults when ``path`` is None."""
+    if path is None:
+        text = resources.files("drainproxy").joinpath("default.yaml").read_text()
+        source = "<embedded defaults>"
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError("config", str(path), f"cannot be read: {exc.strerror}") from None
+        source = str(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", source, f"is not valid YAML: {exc}") from None
+    return config_from_mapping(raw if raw is not None else {})

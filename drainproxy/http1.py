@@ -1,0 +1,108 @@
+"""HTTP/1.1 message heads as a proxy needs them: hop-by-hop filtering and serialisation (RFC 9110,
+RFC 9112). Pure functions over ``(name, value)`` byte pairs, so header order and duplicates
+survive untouched."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+Headers = list[tuple[bytes, bytes]]
+
+#: RFC 9110 §7.6.1 plus the de-facto Keep-Alive and Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Statuses whose responses never have a body (RFC 9110 §6.4.1).
+BODYLESS_STATUSES = frozenset({204, 304})
+
+#: Methods a proxy may retry after a connection failure with no response (RFC 9110 §9.2.2).
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class HeadInfo:
+    """What a proxy needs to know about a message head, found in one pass."""
+
+    __slots__ = ("chunked", "connection_tokens", "content_length", "host", "upgrade")
+
+    def __init__(self) -> None:
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.connection_tokens: set[bytes] = set()
+        self.host: bytes | None = None
+        self.upgrade: bytes | None = None
+
+
+def inspect_head(headers: Headers) -> HeadInfo:
+    info = HeadInfo()
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            info.content_length = value
+        elif lower == b"transfer-encoding":
+            info.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        elif lower == b"connection":
+            info.connection_tokens.update(
+                token.strip().lower() for token in value.split(b",") if token.strip()
+            )
+        elif lower == b"host":
+            info.host = value
+        elif lower == b"upgrade":
+            info.upgrade = value
+    return info
+
+
+def end_to_end(headers: Headers, info: HeadInfo, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """Headers without the hop-by-hop ones, those named in Connection, and ``drop``."""
+    tokens = info.connection_tokens
+    return [
+        (name, value)
+        for name, value in headers
+        if (lower := name.lower()) not in HOP_BY_HOP and lower not in tokens and lower not in drop
+    ]
+
+
+def serialize_head(start_line: bytes, headers: Headers) -> bytes:
+    parts = [start_line]
+    for name, value in headers:
+        parts.append(name + b": " + value)
+    parts.append(b"\r\n")
+    return b"\r\n".join(parts)
+
+
+def status_line(status: int, reason: bytes) -> bytes:
+    return b"HTTP/1.1 %d %s" % (status, reason)
+
+
+def reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def plain_response(status: int, message: str, *, close: bool) -> bytes:
+    """A complete short text response that drainproxy itself writes (400, 502, 504...)."""
+    body = (message + "\n").encode()
+    headers: Headers = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", b"%d" % len(body)),
+    ]
+    if close:
+        headers.append((b"Connection", b"close"))
+    return serialize_head(status_line(status, reason_phrase(status)), headers) + body
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,282 @@
+"""The drain lifecycle: a state machine with no I/O, driven by an injected monotonic clock.
+
+Theory of operation, in Kubernetes terms
+----------------------------------------
+When a pod is deleted, the kubelet handles each container in parallel: it runs that container's
+preStop hook, then sends it SIGTERM, and SIGKILL when terminationGracePeriodSeconds runs out.
+Meanwhile the endpoint removal (EndpointSlice, kube-proxy, ingress controllers, cloud balancers)
+takes from under a second to many seconds, so new connections keep arriving for a while, and
+keep-alive connections stay pinned to the pod until they close.
+
+So a drain is a sequence of phases, each ended by a deadline or an event:
+
+    SERVING ──drain requested──► DELAYING ──delay over──► PROPAGATING ──propagation over──►
+    DRAINING ──quiescent (and drain.min passed) or drain.timeout──► STOPPING_APP ──app stopped──►
+    STOPPED (a signal asked us to exit) | DRAINED (an admin drain: wait for the signal)
+    | RECOVERING (only the app's preStop asked: a liveness restart) ──app ready──► SERVING
+
+* DELAYING: still ready, for ``drain.readiness_fail_delay`` (skipped when 0).
+* PROPAGATING: /ready fails, but we keep serving and accepting; every response now says
+  ``Connection: close`` so keep-alive clients move to other pods.
+* DRAINING: the listener is closed, idle connections are closed, in-flight requests finish.
+  It ends when no client connection is left (but not before ``drain.min``), or at
+  ``drain.timeout``, when whatever remains is cut (``forced``).
+* STOPPING_APP: the driver releases the waiting preStop hooks and stops the app.
+
+The driver (``server.py``) feeds events in and runs each entered phase's effects, in order, from
+``pop_transitions()``. Deadlines are computed once, when a phase is entered, from the clock.
+Illegal events raise LifecycleError and leave the state unchanged; a repeated drain request is
+a no-op apart from recording who asked (SIGTERM and the preStop hook both arrive in a rollout).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from drainproxy.errors import LifecycleError
+
+
+class Phase(enum.Enum):
+    SERVING = "serving"
+    DELAYING = "delaying"
+    PROPAGATING = "propagating"
+    DRAINING = "draining"
+    STOPPING_APP = "stopping_app"
+    DRAINED = "drained"
+    RECOVERING = "recovering"
+    STOPPED = "stopped"
+
+
+class DrainSource(enum.Enum):
+    """Who asked for the drain; decides what happens once the app is stopped."""
+
+    SIGNAL = "signal"  # SIGTERM/SIGINT: exit when done
+    ADMIN = "admin"  # POST /drain: stay drained until a signal
+    PRESTOP = "prestop"  # the app's preStop hook alone: a liveness restart, recover after
+
+
+class Event(enum.Enum):
+    DRAIN_REQUESTED = "drain_requested"
+    DEADLINE_REACHED = "deadline_reached"
+    QUIESCENT = "quiescent"
+    APP_STOPPED = "app_stopped"
+    APP_READY = "app_ready"
+    SHUTDOWN_NOW = "shutdown_now"
+
+
+_ANY_BUT_STOPPED = frozenset(Phase) - {Phase.STOPPED}
+
+#: Where an event may lead from each phase. Guards in the methods pick among the targets.
+TRANSITIONS: dict[tuple[Phase, Event], frozenset[Phase]] = {
+    (Phase.SERVING, Event.DRAIN_REQUESTED): frozenset({Phase.DELAYING, Phase.PROPAGATING}),
+    (Phase.RECOVERING, Event.DRAIN_REQUESTED): frozenset({Phase.DELAYING, Phase.PROPAGATING}),
+    (Phase.DRAINED, Event.DRAIN_REQUESTED): frozenset({Phase.STOPPED}),
+    (Phase.DELAYING, Event.DEADLINE_REACHED): frozenset({Phase.PROPAGATING}),
+    (Phase.PROPAGATING, Event.DEADLINE_REACHED): frozenset({Phase.DRAINING}),
+    (Phase.DRAINING, Event.DEADLINE_REACHED): frozenset({Phase.STOPPING_APP}),
+    (Phase.DRAINING, Event.QUIESCENT): frozenset({Phase.STOPPING_APP}),
+    (Phase.STOPPING_APP, Event.APP_STOPPED): frozenset(
+        {Phase.STOPPED, Phase.DRAINED, Phase.RECOVERING}
+    ),
+    (Phase.RECOVERING, Event.APP_READY): frozenset({Phase.SERVING}),
+    **{(phase, Event.SHUTDOWN_NOW): frozenset({Phase.STOPPED}) for phase in _ANY_BUT_STOPPED},
+}
+
+#: Phases in which /ready answers 200 (given the app is reachable).
+_READY_PHASES = frozenset({Phase.SERVING, Phase.DELAYING})
+#: Phases in which the listener accepts new connections.
+_ACCEPTING_PHASES = frozenset(
+    {Phase.SERVING, Phase.DELAYING, Phase.PROPAGATING, Phase.RECOVERING}
+)
+#: Phases in which every response carries ``Connection: close``.
+_CLOSING_PHASES = frozenset(
+    {Phase.PROPAGATING, Phase.DRAINING, Phase.STOPPING_APP, Phase.DRAINED, Phase.STOPPED}
+)
+
+
+@dataclass(frozen=True)
+class DrainTimings:
+    readiness_fail_delay: float = 0.0
+    propagation: float = 5.0
+    min: float = 0.0
+    timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class Transition:
+    previous: Phase
+    phase: Phase
+    at: float
+    reason: str
+
+
+@dataclass
+class DrainRecord:
+    """What one drain did, for the summary line and /status."""
+
+    started_at: float
+    sources: set[DrainSource] = field(default_factory=set)
+    quiescent_at: float | None = None
+    forced: bool = False
+    phase_seconds: dict[Phase, float] = field(default_factory=dict)
+
+
+class DrainLifecycle:
+    def __init__(self, timings: DrainTimings, clock: Callable[[], float]) -> None:
+        self._timings = timings
+        self._clock = clock
+        self.phase = Phase.SERVING
+        self.phase_entered_at = clock()
+        self.deadline: float | None = None
+        #: drain.min as an absolute time, while DRAINING.
+        self.min_deadline: float | None = None
+        #: drain.timeout as an absolute time, while DRAINING.
+        self.timeout_deadline: float | None = None
+        self.exit_requested = False
+        self.immediate = False
+        self.drain: DrainRecord | None = None
+        self.completed_drains: list[DrainRecord] = []
+        self._pending: list[Transition] = []
+
+    # --- queries -------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self.phase in _READY_PHASES
+
+    def accepts_connections(self) -> bool:
+        return self.phase in _ACCEPTING_PHASES
+
+    def should_close_connection(self) -> bool:
+        """Whether a response finishing now should end its connection."""
+        return self.phase in _CLOSING_PHASES
+
+    def is_draining(self) -> bool:
+        return self.drain is not None
+
+    def seconds_in_phase(self) -> float:
+        return self._clock() - self.phase_entered_at
+
+    def time_until_deadline(self) -> float | None:
+        """How long the driver may wait before calling ``poll()``; None means no deadline."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - self._clock())
+
+    def pop_transitions(self) -> list[Transition]:
+        """The transitions since the last call, oldest first, for the driver to act on."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    # --- events ----------------------------------------------------------------------------
+
+    def request_drain(self, source: DrainSource) -> bool:
+        """The one entry point for every trigger. Returns True when this call started a drain."""
+        if source is not DrainSource.PRESTOP:
+            # A signal or an admin drain means the pod is going away: never recover.
+            self.exit_requested = self.exit_requested or source is DrainSource.SIGNAL
+            if self.drain is not None:
+                self.drain.sources.add(source)
+        if self.phase is Phase.DRAINED and source is DrainSource.SIGNAL:
+            self._move(Event.DRAIN_REQUESTED, Phase.STOPPED, f"{source.value} after drain")
+            return False
+        if self.phase not in (Phase.SERVING, Phase.RECOVERING):
+            if self.drain is not None:
+                self.drain.sources.add(source)
+            return False
+        now = self._clock()
+        self.drain = DrainRecord(started_at=now, sources={source})
+        if self._timings.readiness_fail_delay > 0:
+            self._move(Event.DRAIN_REQUESTED, Phase.DELAYING, f"drain requested by {source.value}")
+            self.deadline = now + self._timings.readiness_fail_delay
+        else:
+            self._move(
+                Event.DRAIN_REQUESTED, Phase.PROPAGATING, f"drain requested by {source.value}"
+            )
+            self.deadline = now + self._timings.propagation
+        return True
+
+    def poll(self) -> None:
+        """Apply the deadline if it has passed. Cheap; the driver calls it whenever it wakes."""
+        now = self._clock()
+        if self.deadline is None or now < self.deadline:
+            return
+        if self.phase is Phase.DELAYING:
+            self._move(Event.DEADLINE_REACHED, Phase.PROPAGATING, "readiness_fail_delay over")
+            self.deadline = now + self._timings.propagation
+            self.poll()
+        elif self.phase is Phase.PROPAGATING:
+            self._move(Event.DEADLINE_REACHED, Phase.DRAINING, "propagation over")
+            self.min_deadline = now + self._timings.min
+            self.timeout_deadline = now + self._timings.timeout
+            self.deadline = self.timeout_deadline
+        elif self.phase is Phase.DRAINING:
+            assert self.drain is not None and self.timeout_deadline is not None
+            if self.drain.quiescent_at is not None:
+                self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "quiescent, drain.min over")
+            elif now >= self.timeout_deadline:
+                self.drain.forced = True
+                self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "drain.timeout reached")
+            self.deadline = None if self.phase is Phase.STOPPING_APP else self.deadline
+
+    def note_quiescent(self) -> None:
+        """No client connection is left open. Ends the drain now, or at drain.min."""
+        self._check(Event.QUIESCENT)
+        assert self.drain is not None and self.min_deadline is not None
+        now = self._clock()
+        if self.drain.quiescent_at is None:
+            self.drain.quiescent_at = now
+        if now >= self.min_deadline:
+            self._move(Event.QUIESCENT, Phase.STOPPING_APP, "no connection left")
+            self.deadline = None
+        else:
+            self.deadline = self.min_deadline
+
+    def note_app_stopped(self) -> None:
+        self._check(Event.APP_STOPPED)
+        assert self.drain is not None
+        if self.exit_requested:
+            target, reason = Phase.STOPPED, "app stopped, exit requested by signal"
+        elif self.drain.sources - {DrainSource.PRESTOP}:
+            target, reason = Phase.DRAINED, "app stopped, staying drained until a signal"
+        else:
+            target, reason = Phase.RECOVERING, "app released by preStop only: waiting for it"
+        self._move(Event.APP_STOPPED, target, reason)
+        self.deadline = None
+
+    def note_app_ready(self) -> None:
+        self._check(Event.APP_READY)
+        self._move(Event.APP_READY, Phase.SERVING, "app answers its check again")
+        self.drain = None
+
+    def shutdown_now(self, reason: str) -> None:
+        """Skip to STOPPED (a second SIGINT, or SIGQUIT)."""
+        self._check(Event.SHUTDOWN_NOW)
+        self.immediate = True
+        self.exit_requested = True
+        if self.drain is not None:
+            self.drain.forced = True
+        self._move(Event.SHUTDOWN_NOW, Phase.STOPPED, reason)
+        self.deadline = None
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _check(self, event: Event) -> None:
+        if (self.phase, event) not in TRANSITIONS:
+            raise LifecycleError(f"{event.value} is not allowed in phase {self.phase.value}")
+
+    def _move(self, event: Event, target: Phase, reason: str) -> None:
+        allowed = TRANSITIONS.get((self.phase, event), frozenset())
+        if target not in allowed:
+            raise LifecycleError(f"{event.value} cannot lead from {self.phase.value} to {target.value}")
+        now = self._clock()
+        if self.drain is not None and self.phase not in (Phase.SERVING, Phase.RECOVERING):
+            spent = self.drain.phase_seconds.get(self.phase, 0.0)
+            self.drain.phase_seconds[self.phase] = spent + now - self.phase_entered_at
+        self._pending.append(Transition(self.phase, target, now, reason))
+        self.phase = target
+        self.phase_entered_at = now
+        if target in (Phase.STOPPED, Phase.DRAINED, Phase.RECOVERING) and self.drain is not None:
+            if self.drain not in self.completed_drains:
+                self.completed_drains.append(self.drain)

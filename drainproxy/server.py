@@ -1,0 +1,316 @@
+"""The I/O driver: owns the listeners, the app probe and the signals, feeds events into the drain
+lifecycle and carries out each phase's effects, in order, from one place (``_enter``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from drainproxy import __version__
+from drainproxy.appcheck import AppProbe
+from drainproxy.config import Config
+from drainproxy.lifecycle import DrainLifecycle, DrainSource, DrainTimings, Phase, Transition
+from drainproxy.proxy import ClientConnection, ProxyContext
+from drainproxy.stats import Stats
+from drainproxy.upstream import UpstreamPool
+
+log = logging.getLogger("drainproxy")
+
+#: How the app is stopped once the drain is over; returns a one-line outcome for the logs.
+AppStopper = Callable[[], Awaitable[str]]
+
+
+class Server:
+    def __init__(self, config: Config, loop_name: str = "asyncio") -> None:
+        self.config = config
+        self.loop_name = loop_name
+        self.loop = asyncio.get_running_loop()
+        self.lifecycle = DrainLifecycle(
+            DrainTimings(
+                readiness_fail_delay=config.drain.readiness_fail_delay,
+                propagation=config.drain.propagation,
+                min=config.drain.min,
+                timeout=config.drain.timeout,
+            ),
+            clock=self.loop.time,
+        )
+        self.stats = Stats()
+        self.pool = UpstreamPool(config.upstream, self.loop)
+        self.proxy = ProxyContext(
+            config=config,
+            pool=self.pool,
+            lifecycle=self.lifecycle,
+            stats=self.stats,
+            loop=self.loop,
+            on_connection_closed=self._connection_closed,
+        )
+        self.probe = AppProbe(config.upstream, on_change=self._app_check_changed)
+        self.app_released = asyncio.Event()
+        self.app_stopper: AppStopper = self._release_prestop_hooks
+        self.exit_code = 0
+        self.forced_closes = 0
+        self._listener: asyncio.Server | None = None
+        self._wake = asyncio.Event()
+        self._signals: list[signal.Signals] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop_admin: Callable[[], Awaitable[None]] | None = None
+
+    # --- the one entry point for every drain trigger --------------------------------------------
+
+    def request_drain(self, source: DrainSource) -> bool:
+        started = self.lifecycle.request_drain(source)
+        self._wake.set()
+        return started
+
+    def is_ready(self) -> bool:
+        return self.lifecycle.is_ready() and self.probe.reachable
+
+    def in_flight(self) -> int:
+        return sum(1 for conn in self.proxy.connections if not conn.is_idle())
+
+    # --- run --------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        from drainproxy.admin import start_admin
+
+        await self._open_listener()
+        self._stop_admin = await start_admin(self)
+        self.probe.start()
+        self._install_signal_handlers()
+        self._log_start()
+        try:
+            await self._drive()
+        finally:
+            await self._shutdown()
+        return self.exit_code
+
+    async def _drive(self) -> None:
+        while True:
+            self._wake.clear()
+            self._handle_signals()
+            self.lifecycle.poll()
+            for transition in self.lifecycle.pop_transitions():
+                self._enter(transition)
+            if self.lifecycle.phase is Phase.STOPPED:
+                return
+            if self._wake.is_set():
+                continue
+            timeout = self.lifecycle.time_until_deadline()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    # --- phase effects, in the order of the drain --------------------------------------------
+
+    def _enter(self, transition: Transition) -> None:
+        log.info(
+            "phase %s -> %s (%s)",
+            transition.previous.value,
+            transition.phase.value,
+            transition.reason,
+            extra={"event": "phase", "phase": transition.phase.value},
+        )
+        effects = {
+            Phase.DELAYING: self._keep_ready_for_delay,
+            Phase.PROPAGATING: self._fail_readiness,
+            Phase.DRAINING: self._stop_accepting,
+            Phase.STOPPING_APP: self._stop_app,
+            Phase.DRAINED: self._stay_drained,
+            Phase.RECOVERING: self._recover,
+            Phase.SERVING: self._serve_again,
+            Phase.STOPPED: self._stop,
+        }
+        effects[transition.phase]()
+
+    def _keep_ready_for_delay(self) -> None:
+        log.info("staying ready for %gs", self.config.drain.readiness_fail_delay)
+
+    def _fail_readiness(self) -> None:
+        log.info(
+            "readiness now fails; still serving for %gs while endpoint removal propagates; "
+            "responses carry Connection: close",
+            self.config.drain.propagation,
+        )
+
+    def _stop_accepting(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        grace = self.config.drain.idle_grace
+        for conn in list(self.proxy.connections):
+            conn.close_when_idle(grace)
+        log.info(
+            "listener closed; %d connection(s) open, %d request(s) in flight; timeout in %gs",
+            len(self.proxy.connections),
+            self.in_flight(),
+            self.config.drain.timeout,
+        )
+        self._connection_closed()
+
+    def _stop_app(self) -> None:
+        self._force_close_remaining()
+        self._spawn(self._run_app_stopper())
+
+    def _stay_drained(self) -> None:
+        self._log_summary()
+        log.info("drained; waiting for SIGTERM")
+
+    def _recover(self) -> None:
+        self._log_summary()
+        self.probe.require_fresh_success()
+        self._spawn(self._open_listener())
+
+    def _serve_again(self) -> None:
+        self.app_released = asyncio.Event()
+        log.info("serving again")
+
+    def _stop(self) -> None:
+        self._force_close_remaining()
+        self.app_released.set()
+        if self.lifecycle.immediate:
+            log.warning("immediate shutdown")
+        elif self.lifecycle.completed_drains and self.lifecycle.completed_drains[-1] is self.lifecycle.drain:
+            self._log_summary()
+
+    # --- helpers for the effects -------------------------------------------------------------
+
+    async def _run_app_stopper(self) -> None:
+        try:
+            outcome = await self.app_stopper()
+        except Exception:
+            log.exception("stopping the app failed")
+            outcome = "failed"
+        log.info("app stop: %s", outcome, extra={"event": "app_stop", "outcome": outcome})
+        if self.lifecycle.phase is Phase.STOPPING_APP:
+            self.lifecycle.note_app_stopped()
+            self._wake.set()
+
+    async def _release_prestop_hooks(self) -> str:
+        self.app_released.set()
+        return "preStop hooks released"
+
+    def _force_close_remaining(self) -> None:
+        remaining = [conn for conn in self.proxy.connections if not conn.closing]
+        for conn in remaining:
+            conn.force_close()
+        self.forced_closes += len(remaining)
+        if remaining:
+            log.warning("drain.timeout: cut %d connection(s) still open", len(remaining))
+
+    def _connection_closed(self) -> None:
+        drain = self.lifecycle.drain
+        if (
+            self.lifecycle.phase is Phase.DRAINING
+            and drain is not None
+            and drain.quiescent_at is None
+            and not self.proxy.connections
+        ):
+            self.lifecycle.note_quiescent()
+            self._wake.set()
+
+    def _app_check_changed(self, reachable: bool) -> None:
+        if reachable and self.lifecycle.phase is Phase.RECOVERING:
+            self.lifecycle.note_app_ready()
+            self._wake.set()
+
+    def _log_summary(self) -> None:
+        drain = self.lifecycle.drain
+        if drain is None:
+            return
+        closed = self.stats.connections_closed
+        phases = ", ".join(f"{phase.value} {seconds:.3f}s" for phase, seconds in drain.phase_seconds.items())
+        during = sum(
+            count for phase, count in self.stats.requests_by_phase.items() if phase != Phase.SERVING.value
+        )
+        log.info(
+            "drain summary: %s; requests served during the drain %d; connections closed idle %d, "
+            "after a response %d, by force %d",
+            phases,
+            during,
+            closed.get("idle", 0),
+            closed.get("after_response", 0),
+            closed.get("forced", 0),
+            extra={"event": "drain_summary", "forced": drain.forced},
+        )
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_listener(self) -> None:
+        listen = self.config.listen
+        self._listener = await self.loop.create_server(
+            lambda: ClientConnection(self.proxy),
+            listen.host,
+            listen.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+
+    # --- signals --------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            self.loop.add_signal_handler(signum, self._record_signal, signum)
+
+    def _record_signal(self, signum: signal.Signals) -> None:
+        self._signals.append(signum)
+        self._wake.set()
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            log.info("received %s", signum.name, extra={"event": "signal"})
+            repeated_interrupt = signum is signal.SIGINT and self.lifecycle.is_draining()
+            if signum is signal.SIGQUIT or repeated_interrupt:
+                if self.lifecycle.phase is not Phase.STOPPED:
+                    self.exit_code = 128 + signum
+                    self.lifecycle.shutdown_now(f"{signum.name}: immediate shutdown")
+            else:
+                self.request_drain(DrainSource.SIGNAL)
+
+    # --- start and end ------------------------------------------------------------------------
+
+    def _log_start(self) -> None:
+        effective = json.dumps(_plain(self.config), separators=(",", ":"))
+        log.info(
+            "drainproxy %s on %s loop: proxy %s -> %s, admin %s; config %s",
+            __version__,
+            self.loop_name,
+            self.config.listen,
+            self.config.upstream.url,
+            self.config.admin.listen,
+            effective,
+            extra={"event": "start"},
+        )
+
+    async def _shutdown(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            self.loop.remove_signal_handler(signum)
+        if self._listener is not None:
+            self._listener.close()
+        self.probe.stop()
+        for conn in list(self.proxy.connections):
+            conn.force_close()
+        self.pool.close_all()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._stop_admin is not None:
+            await self._stop_admin()
+        log.info("exiting with status %d", self.exit_code, extra={"event": "exit"})
+
+
+def _plain(value: object) -> object:
+    """Config dataclasses as JSON-able data, with the admin token hidden."""
+    if hasattr(value, "__dataclass_fields__"):
+        fields = value.__dataclass_fields__
+        return {
+            name: ("***" if name == "token" and getattr(value, name) else _plain(getattr(value, name)))
+            for name in fields
+        }
+    return value

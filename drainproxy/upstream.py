@@ -1,0 +1,225 @@
+"""Connections to the app: an asyncio Protocol per connection with an llhttp response parser, and
+a bounded LIFO pool of idle keep-alive connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from drainproxy.config import UpstreamConfig
+from drainproxy.http1 import Headers
+
+if TYPE_CHECKING:
+    from drainproxy.proxy import ClientConnection
+
+log = logging.getLogger("drainproxy.upstream")
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to the app, bound to at most one client exchange at a time."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConnection | None = None
+        self.parser: httptools.HttpResponseParser | None = None
+        self.reused = False
+        self.closed = False
+        self.tunnel = False
+        self.got_response_bytes = False
+        self.response_head_done = False
+        self.keep_alive = False
+        self.status = 0
+        self.reason = b""
+        self.headers: Headers = []
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.reading_paused = False
+
+    # --- binding to a client exchange -------------------------------------------------------
+
+    def bind(self, client: ClientConnection) -> None:
+        """Start a new exchange: a fresh parser, so a HEAD response's unread body state or an
+        interim 1xx never leaks into the next exchange."""
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        self.client = client
+        self.parser = httptools.HttpResponseParser(self)
+        self.got_response_bytes = False
+        self.response_head_done = False
+        self.headers = []
+        self.reason = b""
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        self.client = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.pool.open_connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            if self.client is not None:
+                self.client.tunnel_data_from_upstream(data)
+            return
+        client, parser = self.client, self.parser
+        if client is None or parser is None:
+            # Bytes from the app while no request is outstanding: the connection is unusable.
+            self.abort()
+            return
+        self.got_response_bytes = True
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            tail = data[upgrade.args[0] :]
+            if self.client is not None and self.tunnel and tail:
+                self.client.tunnel_data_from_upstream(tail)
+        except httptools.HttpParserError as exc:
+            if self.client is not None:
+                self.client.upstream_failed("invalid", f"invalid response from the app: {exc}")
+            self.abort()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.open_connections -= 1
+        self.pool.forget(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        client, self.client = self.client, None
+        if client is None:
+            return
+        if self.tunnel:
+            client.tunnel_closed_by_upstream()
+        elif self.response_head_done and self.is_close_delimited():
+            client.response_complete(self)
+        else:
+            kind = "reset" if exc is not None else "closed"
+            client.upstream_lost(self, kind)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading_for_upstream()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading_for_upstream()
+
+    # --- llhttp callbacks ---------------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.response_head_done:  # later calls are trailer fields: dropped
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        client = self.client
+        assert parser is not None
+        self.status = parser.get_status_code()
+        self.keep_alive = parser.should_keep_alive()
+        if client is None:
+            return
+        if 100 <= self.status < 200 and self.status != 101:
+            client.response_interim(self.status, self.reason, self.headers)
+            self.headers = []
+            self.reason = b""
+            return
+        self.response_head_done = True
+        client.response_head(self, self.status, self.reason, self.headers, parser.get_http_version())
+
+    def on_body(self, body: bytes) -> None:
+        if self.client is not None:
+            self.client.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.response_head_done and self.client is not None:
+            self.client.response_complete(self)
+
+    def is_close_delimited(self) -> bool:
+        client = self.client
+        return client is not None and client.response_close_delimited
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to the app, most recently used first (the warmest socket,
+    and the least likely to have been closed by the app's own idle timeout)."""
+
+    def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.idle: deque[UpstreamConnection] = deque()
+        self.open_connections = 0
+
+    def take_idle(self) -> UpstreamConnection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A fresh connection; raises OSError or TimeoutError."""
+        _, protocol = await asyncio.wait_for(
+            self.loop.create_connection(
+                lambda: UpstreamConnection(self), self.config.host, self.config.port
+            ),
+            self.config.connect_timeout or None,
+        )
+        return protocol
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Keep ``conn`` for reuse, or close it when the pool is full."""
+        conn.client = None
+        conn.parser = None
+        if conn.closed:
+            return
+        conn.resume_reading()
+        if len(self.idle) >= self.config.max_idle_connections:
+            conn.abort()
+            return
+        self.idle.append(conn)
+        if self.config.idle_timeout > 0:
+            conn.idle_timer = self.loop.call_later(self.config.idle_timeout, self._expire, conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def _expire(self, conn: UpstreamConnection) -> None:
+        conn.idle_timer = None
+        if conn.client is None:
+            self.forget(conn)
+            conn.abort()
+
+    def close_all(self) -> None:
+        while self.idle:
+            self.idle.pop().abort()
