@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.support import ProxyProcess, base_config, deep_merge, free_port
+
+StartProxy = Callable[..., Awaitable[ProxyProcess]]
+StartApp = Callable[[web.Application], Awaitable[int]]
+
+
+@pytest.fixture
+async def start_app() -> AsyncIterator[StartApp]:
+    """Serve an aiohttp app on a free loopback port in the test's loop; returns the port."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> int:
+        runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        return port
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
+    started: list[ProxyProcess] = []
+    yield started
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, proxies: list[ProxyProcess]) -> StartProxy:
+    """Start drainproxy in front of ``upstream_port``; ``overrides`` deep-merge into the config.
+    Waits until the proxy has started and has seen the app reachable."""
+
+    async def start(
+        upstream_port: int,
+        overrides: Mapping[str, Any] | None = None,
+        wait_ready: bool = True,
+        **kwargs: Any,
+    ) -> ProxyProcess:
+        config = deep_merge(base_config(upstream_port), overrides or {})
+        proxy = ProxyProcess(config, tmp_path, **kwargs)
+        proxies.append(proxy)
+        await proxy.started()
+        if wait_ready:
+            await proxy.ready()
+        return proxy
+
+    return start

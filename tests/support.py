@@ -1,0 +1,157 @@
+"""Real processes and sockets for tests: the proxy as a subprocess, waited on through its logs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+START_LINE = re.compile(r"drainproxy \S+ on \S+ loop")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class LogWatcher:
+    """Collects a process's output lines in a thread; tests wait on a pattern, never on time."""
+
+    def __init__(self, stream: Any, echo_prefix: str = "") -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._echo_prefix = echo_prefix
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait_sync(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if self._closed or remaining <= 0:
+                    raise AssertionError(
+                        f"no log line matching {pattern!r}; output was:\n" + "\n".join(self.lines)
+                    )
+                self._cond.wait(remaining)
+
+    async def wait(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
+        return await asyncio.to_thread(self.wait_sync, pattern, timeout, start)
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+
+def base_config(upstream_port: int) -> dict[str, Any]:
+    return {
+        "listen": f"127.0.0.1:{free_port()}",
+        "upstream": {
+            "url": f"http://127.0.0.1:{upstream_port}",
+            "check": {"interval": "100ms", "timeout": "500ms"},
+        },
+        "admin": {"listen": f"127.0.0.1:{free_port()}"},
+        "drain": {"propagation": "1s", "timeout": "5s", "idle_grace": "200ms"},
+        "log": {"level": "debug"},
+    }
+
+
+class ProxyProcess:
+    """drainproxy run as a real process, as the kubelet would run it."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        workdir: Path,
+        args: list[str] | None = None,
+        command: str = "serve",
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.config = dict(config)
+        self.config_path = workdir / f"drainproxy-{id(self)}.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        host, _, port = str(config["listen"]).rpartition(":")
+        self.port = int(port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        admin_port = int(str(config["admin"]["listen"]).rpartition(":")[2])
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
+        cmd = args or [
+            sys.executable,
+            "-m",
+            "drainproxy",
+            command,
+            "--config",
+            str(self.config_path),
+            *(extra_args or []),
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        self.log = LogWatcher(self.proc.stdout)
+
+    async def started(self) -> None:
+        await self.log.wait(START_LINE.pattern, timeout=30)
+
+    async def ready(self) -> None:
+        await self.log.wait(r"app reachable", timeout=30)
+
+    def send(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    async def exited(self, timeout: float = 60.0) -> int:
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.log.join()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
