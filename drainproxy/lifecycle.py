@@ -173,14 +173,11 @@ class DrainLifecycle:
 
     def request_drain(self, source: DrainSource) -> bool:
         """The one entry point for every trigger. Returns True when this call started a drain."""
-        if source is not DrainSource.PRESTOP:
-            # A signal or an admin drain means the pod is going away: never recover.
-            self.exit_requested = self.exit_requested or source is DrainSource.SIGNAL
-            if self.drain is not None:
-                self.drain.sources.add(source)
-        if self.phase is Phase.DRAINED and source is DrainSource.SIGNAL:
-            self._move(Event.DRAIN_REQUESTED, Phase.STOPPED, f"{source.value} after drain")
-            return False
+        if source is DrainSource.SIGNAL:
+            self.exit_requested = True
+            if self.phase is Phase.DRAINED:
+                self._move(Event.DRAIN_REQUESTED, Phase.STOPPED, "signal after the drain")
+                return False
         if self.phase not in (Phase.SERVING, Phase.RECOVERING):
             if self.drain is not None:
                 self.drain.sources.add(source)
@@ -198,27 +195,31 @@ class DrainLifecycle:
         return True
 
     def poll(self) -> None:
-        """Apply the deadline if it has passed. Cheap; the driver calls it whenever it wakes."""
-        now = self._clock()
-        if self.deadline is None or now < self.deadline:
+        """Apply the deadline if it has passed. Cheap; the driver calls it whenever it wakes.
+
+        A phase ended by a deadline is taken to end exactly at it, even when the driver wakes
+        late, so a slow event loop does not stretch the shutdown budget."""
+        if self.deadline is None or self._clock() < self.deadline:
             return
+        due = self.deadline
         if self.phase is Phase.DELAYING:
-            self._move(Event.DEADLINE_REACHED, Phase.PROPAGATING, "readiness_fail_delay over")
-            self.deadline = now + self._timings.propagation
+            self._move(Event.DEADLINE_REACHED, Phase.PROPAGATING, "readiness_fail_delay over", due)
+            self.deadline = due + self._timings.propagation
             self.poll()
         elif self.phase is Phase.PROPAGATING:
-            self._move(Event.DEADLINE_REACHED, Phase.DRAINING, "propagation over")
-            self.min_deadline = now + self._timings.min
-            self.timeout_deadline = now + self._timings.timeout
+            self._move(Event.DEADLINE_REACHED, Phase.DRAINING, "propagation over", due)
+            self.min_deadline = due + self._timings.min
+            self.timeout_deadline = due + self._timings.timeout
             self.deadline = self.timeout_deadline
+            self.poll()
         elif self.phase is Phase.DRAINING:
-            assert self.drain is not None and self.timeout_deadline is not None
+            assert self.drain is not None
             if self.drain.quiescent_at is not None:
-                self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "quiescent, drain.min over")
-            elif now >= self.timeout_deadline:
+                self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "quiescent, drain.min over", due)
+            else:
                 self.drain.forced = True
-                self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "drain.timeout reached")
-            self.deadline = None if self.phase is Phase.STOPPING_APP else self.deadline
+                self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "drain.timeout reached", due)
+            self.deadline = None
 
     def note_quiescent(self) -> None:
         """No client connection is left open. Ends the drain now, or at drain.min."""
@@ -266,11 +267,11 @@ class DrainLifecycle:
         if (self.phase, event) not in TRANSITIONS:
             raise LifecycleError(f"{event.value} is not allowed in phase {self.phase.value}")
 
-    def _move(self, event: Event, target: Phase, reason: str) -> None:
+    def _move(self, event: Event, target: Phase, reason: str, at: float | None = None) -> None:
         allowed = TRANSITIONS.get((self.phase, event), frozenset())
         if target not in allowed:
             raise LifecycleError(f"{event.value} cannot lead from {self.phase.value} to {target.value}")
-        now = self._clock()
+        now = self._clock() if at is None else at
         if self.drain is not None and self.phase not in (Phase.SERVING, Phase.RECOVERING):
             spent = self.drain.phase_seconds.get(self.phase, 0.0)
             self.drain.phase_seconds[self.phase] = spent + now - self.phase_entered_at

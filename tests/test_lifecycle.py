@@ -1,0 +1,254 @@
+"""The drain lifecycle as a pure state machine: a fake clock is stepped, nothing sleeps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from drainproxy.errors import LifecycleError
+from drainproxy.lifecycle import (
+    TRANSITIONS,
+    DrainLifecycle,
+    DrainSource,
+    DrainTimings,
+    Event,
+    Phase,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+TIMINGS = DrainTimings(readiness_fail_delay=0.0, propagation=5.0, min=0.0, timeout=20.0)
+
+
+def make(timings: DrainTimings = TIMINGS) -> tuple[DrainLifecycle, FakeClock]:
+    clock = FakeClock()
+    return DrainLifecycle(timings, clock), clock
+
+
+def phases(lifecycle: DrainLifecycle) -> list[Phase]:
+    return [t.phase for t in lifecycle.pop_transitions()]
+
+
+def drive_to(phase: Phase, timings: DrainTimings = TIMINGS) -> tuple[DrainLifecycle, FakeClock]:
+    """A lifecycle brought to ``phase`` by the shortest legal route."""
+    if phase is Phase.DELAYING:
+        timings = DrainTimings(readiness_fail_delay=1.0, propagation=5.0, timeout=20.0)
+    lifecycle, clock = make(timings)
+    routes: dict[Phase, list[Callable[[], None]]] = {
+        Phase.SERVING: [],
+        Phase.DELAYING: [lambda: lifecycle.request_drain(DrainSource.SIGNAL) and None],
+        Phase.PROPAGATING: [lambda: lifecycle.request_drain(DrainSource.PRESTOP) and None],
+        Phase.DRAINING: [
+            lambda: lifecycle.request_drain(DrainSource.PRESTOP) and None,
+            lambda: (clock.advance(5.0), lifecycle.poll()) and None,
+        ],
+        Phase.STOPPING_APP: [
+            lambda: lifecycle.request_drain(DrainSource.PRESTOP) and None,
+            lambda: (clock.advance(5.0), lifecycle.poll()) and None,
+            lifecycle.note_quiescent,
+        ],
+        Phase.RECOVERING: [
+            lambda: lifecycle.request_drain(DrainSource.PRESTOP) and None,
+            lambda: (clock.advance(5.0), lifecycle.poll()) and None,
+            lifecycle.note_quiescent,
+            lifecycle.note_app_stopped,
+        ],
+        Phase.DRAINED: [
+            lambda: lifecycle.request_drain(DrainSource.ADMIN) and None,
+            lambda: (clock.advance(5.0), lifecycle.poll()) and None,
+            lifecycle.note_quiescent,
+            lifecycle.note_app_stopped,
+        ],
+        Phase.STOPPED: [lambda: lifecycle.shutdown_now("test")],
+    }
+    for step in routes[phase]:
+        step()
+    assert lifecycle.phase is phase
+    lifecycle.pop_transitions()
+    return lifecycle, clock
+
+
+def test_sigterm_runs_the_whole_sequence_and_exits() -> None:
+    lifecycle, clock = make()
+    assert lifecycle.is_ready() and lifecycle.accepts_connections()
+    assert not lifecycle.should_close_connection()
+
+    assert lifecycle.request_drain(DrainSource.SIGNAL) is True
+    assert phases(lifecycle) == [Phase.PROPAGATING]
+    assert not lifecycle.is_ready()
+    assert lifecycle.accepts_connections()
+    assert lifecycle.should_close_connection()
+    assert lifecycle.time_until_deadline() == 5.0
+
+    clock.advance(4.999)
+    lifecycle.poll()
+    assert lifecycle.phase is Phase.PROPAGATING
+    clock.advance(0.001)
+    lifecycle.poll()
+    assert phases(lifecycle) == [Phase.DRAINING]
+    assert not lifecycle.accepts_connections()
+    assert lifecycle.time_until_deadline() == 20.0
+
+    clock.advance(1.5)
+    lifecycle.note_quiescent()
+    assert phases(lifecycle) == [Phase.STOPPING_APP]
+    lifecycle.note_app_stopped()
+    assert phases(lifecycle) == [Phase.STOPPED]
+    drain = lifecycle.completed_drains[-1]
+    assert not drain.forced
+    assert drain.phase_seconds == {
+        Phase.PROPAGATING: 5.0,
+        Phase.DRAINING: 1.5,
+        Phase.STOPPING_APP: 0.0,
+    }
+
+
+def test_readiness_fail_delay_keeps_ready_first() -> None:
+    lifecycle, clock = make(DrainTimings(readiness_fail_delay=2.0, propagation=5.0, timeout=20.0))
+    lifecycle.request_drain(DrainSource.SIGNAL)
+    assert phases(lifecycle) == [Phase.DELAYING]
+    assert lifecycle.is_ready()
+    assert not lifecycle.should_close_connection()
+    clock.advance(2.0)
+    lifecycle.poll()
+    assert phases(lifecycle) == [Phase.PROPAGATING]
+    assert lifecycle.time_until_deadline() == 5.0
+
+
+def test_late_poll_applies_every_passed_deadline_in_order() -> None:
+    lifecycle, clock = make(DrainTimings(readiness_fail_delay=1.0, propagation=1.0, timeout=20.0))
+    lifecycle.request_drain(DrainSource.SIGNAL)
+    clock.advance(10.0)
+    lifecycle.poll()
+    assert phases(lifecycle) == [Phase.DELAYING, Phase.PROPAGATING, Phase.DRAINING]
+    # Deadlines chain from when each phase was due, not from the late wake-up.
+    assert lifecycle.timeout_deadline == 1000.0 + 1.0 + 1.0 + 20.0
+
+
+def test_quiescent_before_drain_min_waits_for_it() -> None:
+    lifecycle, clock = drive_to(Phase.DRAINING, DrainTimings(propagation=5.0, min=3.0, timeout=20.0))
+    clock.advance(1.0)
+    lifecycle.note_quiescent()
+    assert lifecycle.phase is Phase.DRAINING
+    assert lifecycle.time_until_deadline() == 2.0
+    clock.advance(2.0)
+    lifecycle.poll()
+    assert phases(lifecycle) == [Phase.STOPPING_APP]
+    assert not lifecycle.completed_drains or not lifecycle.completed_drains[-1].forced
+
+
+def test_drain_timeout_forces_the_end() -> None:
+    lifecycle, clock = drive_to(Phase.DRAINING)
+    clock.advance(19.9)
+    lifecycle.poll()
+    assert lifecycle.phase is Phase.DRAINING
+    clock.advance(0.1)
+    lifecycle.poll()
+    assert phases(lifecycle) == [Phase.STOPPING_APP]
+    assert lifecycle.drain is not None and lifecycle.drain.forced
+
+
+def test_repeated_triggers_start_no_second_drain() -> None:
+    lifecycle, clock = make()
+    assert lifecycle.request_drain(DrainSource.PRESTOP)
+    deadline = lifecycle.deadline
+    clock.advance(1.0)
+    assert not lifecycle.request_drain(DrainSource.SIGNAL)
+    assert not lifecycle.request_drain(DrainSource.PRESTOP)
+    assert phases(lifecycle) == [Phase.PROPAGATING]
+    assert lifecycle.deadline == deadline
+    assert lifecycle.drain is not None
+    assert lifecycle.drain.sources == {DrainSource.PRESTOP, DrainSource.SIGNAL}
+
+
+def test_prestop_only_recovers_when_the_app_is_back() -> None:
+    lifecycle, _ = drive_to(Phase.STOPPING_APP)
+    lifecycle.note_app_stopped()
+    assert phases(lifecycle) == [Phase.RECOVERING]
+    assert not lifecycle.is_ready()
+    assert lifecycle.accepts_connections()
+    lifecycle.note_app_ready()
+    assert phases(lifecycle) == [Phase.SERVING]
+    assert lifecycle.is_ready() and not lifecycle.should_close_connection()
+    assert lifecycle.drain is None
+
+
+def test_signal_during_a_prestop_drain_makes_it_exit() -> None:
+    lifecycle, _ = drive_to(Phase.DRAINING)
+    lifecycle.request_drain(DrainSource.SIGNAL)
+    lifecycle.note_quiescent()
+    lifecycle.note_app_stopped()
+    assert phases(lifecycle) == [Phase.STOPPING_APP, Phase.STOPPED]
+
+
+def test_admin_drain_stays_drained_until_a_signal() -> None:
+    lifecycle, _ = drive_to(Phase.DRAINED)
+    assert not lifecycle.is_ready() and not lifecycle.accepts_connections()
+    assert not lifecycle.request_drain(DrainSource.PRESTOP)
+    assert lifecycle.phase is Phase.DRAINED
+    lifecycle.request_drain(DrainSource.SIGNAL)
+    assert phases(lifecycle) == [Phase.STOPPED]
+
+
+def test_signal_while_recovering_starts_a_new_drain() -> None:
+    lifecycle, _ = drive_to(Phase.RECOVERING)
+    assert lifecycle.request_drain(DrainSource.SIGNAL)
+    assert phases(lifecycle) == [Phase.PROPAGATING]
+    assert lifecycle.exit_requested
+
+
+@pytest.mark.parametrize("phase", [p for p in Phase if p is not Phase.STOPPED])
+def test_shutdown_now_from_any_phase(phase: Phase) -> None:
+    lifecycle, _ = drive_to(phase)
+    lifecycle.shutdown_now("SIGQUIT")
+    assert phases(lifecycle) == [Phase.STOPPED]
+    assert lifecycle.immediate
+
+
+_EVENT_CALLS: dict[Event, Callable[[DrainLifecycle], None]] = {
+    Event.QUIESCENT: DrainLifecycle.note_quiescent,
+    Event.APP_STOPPED: DrainLifecycle.note_app_stopped,
+    Event.APP_READY: DrainLifecycle.note_app_ready,
+    Event.SHUTDOWN_NOW: lambda lifecycle: lifecycle.shutdown_now("test"),
+}
+
+_ILLEGAL = [
+    (phase, event)
+    for phase in (
+        Phase.SERVING,
+        Phase.PROPAGATING,
+        Phase.DRAINING,
+        Phase.STOPPING_APP,
+        Phase.RECOVERING,
+        Phase.DRAINED,
+        Phase.STOPPED,
+    )
+    for event in _EVENT_CALLS
+    if (phase, event) not in TRANSITIONS
+]
+
+
+@pytest.mark.parametrize(("phase", "event"), _ILLEGAL, ids=lambda v: getattr(v, "value", v))
+def test_illegal_events_raise_and_change_nothing(phase: Phase, event: Event) -> None:
+    lifecycle, _ = drive_to(phase)
+    before = (lifecycle.phase, lifecycle.deadline, lifecycle.phase_entered_at)
+    with pytest.raises(LifecycleError, match=event.value):
+        _EVENT_CALLS[event](lifecycle)
+    assert (lifecycle.phase, lifecycle.deadline, lifecycle.phase_entered_at) == before
+    assert lifecycle.pop_transitions() == []
+
+
+def test_every_transition_target_is_reachable_in_the_table() -> None:
+    targets = {phase for allowed in TRANSITIONS.values() for phase in allowed}
+    assert targets | {Phase.SERVING} == set(Phase)
