@@ -13,6 +13,7 @@ from drainproxy import __version__
 from drainproxy.appcheck import AppProbe
 from drainproxy.config import Config
 from drainproxy.lifecycle import DrainLifecycle, DrainSource, DrainTimings, Phase, Transition
+from drainproxy.logs import bind_log_context
 from drainproxy.proxy import ClientConnection, ProxyContext
 from drainproxy.stats import Stats
 from drainproxy.upstream import UpstreamPool
@@ -52,11 +53,15 @@ class Server:
         self.app_stopper: AppStopper = self._release_prestop_hooks
         self.exit_code = 0
         self.forced_closes = 0
+        #: For /metrics: phase changes by the phase entered, and how the last app stop went.
+        self.phases_entered: dict[str, int] = {}
+        self.app_stop_outcome: str | None = None
         self._listener: asyncio.Server | None = None
         self._wake = asyncio.Event()
         self._signals: list[signal.Signals] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop_admin: Callable[[], Awaitable[None]] | None = None
+        bind_log_context(self)
 
     # --- the one entry point for every drain trigger --------------------------------------------
 
@@ -107,6 +112,8 @@ class Server:
     # --- phase effects, in the order of the drain --------------------------------------------
 
     def _enter(self, transition: Transition) -> None:
+        entered = transition.phase.value
+        self.phases_entered[entered] = self.phases_entered.get(entered, 0) + 1
         log.info(
             "phase %s -> %s (%s)",
             transition.previous.value,
@@ -184,6 +191,7 @@ class Server:
         except Exception:
             log.exception("stopping the app failed")
             outcome = "failed"
+        self.app_stop_outcome = outcome
         log.info("app stop: %s", outcome, extra={"event": "app_stop", "outcome": outcome})
         if self.lifecycle.phase is Phase.STOPPING_APP:
             self.lifecycle.note_app_stopped()
