@@ -1,19 +1,40 @@
-"""Prometheus exposition, built at scrape time from the plain counters the data path keeps."""
+"""Prometheus exposition, built at scrape time from the plain counters the data path keeps.
+
+Nothing here runs per request: the data path bumps ints in ``Stats`` and the driver keeps a few
+more on ``Server``; a scrape reads them all into a fresh registry. Known label values are always
+exported (as 0 until they happen) so that ``rate()`` and alerts see a series from the start.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from drainproxy.lifecycle import Phase
+from drainproxy.lifecycle import DrainRecord, Phase
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from drainproxy.server import Server
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "retried", "invalid")
+CLOSE_REASONS = ("idle", "after_response", "forced", "client")
+
+
+def _counter(
+    name: str, documentation: str, label: str, known: Iterable[str], values: Mapping[str, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key in dict.fromkeys([*known, *values]):
+        family.add_metric([key], float(values.get(key, 0)))
+    return family
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
 
 
 class _ServerCollector(Collector):
@@ -21,16 +42,135 @@ class _ServerCollector(Collector):
         self.server = server
 
     def collect(self) -> Iterable[Metric]:
+        yield from self._lifecycle()
+        yield from self._drain()
+        yield from self._traffic()
+
+    def _lifecycle(self) -> Iterable[Metric]:
         server = self.server
+        lifecycle = server.lifecycle
         phase = GaugeMetricFamily(
-            "drainproxy_phase", "1 for the current drain phase", labels=["phase"]
+            "drainproxy_phase", "1 for the current drain phase, 0 for the others", labels=["phase"]
         )
         for each in Phase:
-            phase.add_metric([each.value], 1.0 if server.lifecycle.phase is each else 0.0)
+            phase.add_metric([each.value], 1.0 if lifecycle.phase is each else 0.0)
         yield phase
-        yield GaugeMetricFamily(
-            "drainproxy_in_flight_requests", "Requests being exchanged with the app",
-            value=server.in_flight(),
+        yield _counter(
+            "drainproxy_phase_transitions",
+            "Phase changes, by the phase entered",
+            "phase",
+            (),
+            server.phases_entered,
+        )
+        yield _gauge(
+            "drainproxy_phase_elapsed_seconds",
+            "Seconds spent so far in the current phase",
+            lifecycle.seconds_in_phase(),
+        )
+        yield _gauge("drainproxy_ready", "1 when /ready answers 200", float(server.is_ready()))
+        yield _gauge(
+            "drainproxy_app_reachable",
+            "1 when the app answers its check",
+            float(server.probe.reachable),
+        )
+
+    def _drain(self) -> Iterable[Metric]:
+        server = self.server
+        lifecycle = server.lifecycle
+        record = lifecycle.drain or (
+            lifecycle.completed_drains[-1] if lifecycle.completed_drains else None
+        )
+        yield _gauge(
+            "drainproxy_drain_duration_seconds",
+            "Length of the current drain so far, or of the last drain once it ended; 0 before any",
+            0.0 if record is None else self._drain_seconds(record),
+        )
+        per_phase = GaugeMetricFamily(
+            "drainproxy_drain_phase_duration_seconds",
+            "Seconds the current or last drain spent in each phase it has left",
+            labels=["phase"],
+        )
+        for phase, seconds in (record.phase_seconds if record else {}).items():
+            per_phase.add_metric([phase.value], seconds)
+        yield per_phase
+        yield _gauge(
+            "drainproxy_drain_forced",
+            "1 when the current or last drain cut connections at drain.timeout or was skipped",
+            float(record is not None and record.forced),
+        )
+        yield CounterMetricFamily(
+            "drainproxy_drains_completed",
+            "Drains that reached the app's stop and ended",
+            value=len(lifecycle.completed_drains),
+        )
+        outcome = GaugeMetricFamily(
+            "drainproxy_app_stop_outcome",
+            "1 for how the last stop of the app went (absent before the first stop)",
+            labels=["outcome"],
+        )
+        if server.app_stop_outcome is not None:
+            outcome.add_metric([server.app_stop_outcome], 1.0)
+        yield outcome
+
+    def _drain_seconds(self, record: DrainRecord) -> float:
+        lifecycle = self.server.lifecycle
+        if record in lifecycle.completed_drains:
+            return sum(record.phase_seconds.values())
+        return self.server.loop.time() - record.started_at
+
+    def _traffic(self) -> Iterable[Metric]:
+        server = self.server
+        stats = server.stats
+        yield _gauge(
+            "drainproxy_in_flight_requests",
+            "Requests being exchanged with the app",
+            server.in_flight(),
+        )
+        yield _gauge(
+            "drainproxy_open_connections",
+            "Client connections open now",
+            len(server.proxy.connections),
+        )
+        yield CounterMetricFamily(
+            "drainproxy_connections_accepted",
+            "Client connections accepted",
+            value=stats.connections_accepted,
+        )
+        yield _counter(
+            "drainproxy_connections_closed",
+            "Client connections closed, by reason: idle (closed by the drain while idle), "
+            "after_response (Connection: close), forced (cut at drain.timeout), client",
+            "reason",
+            CLOSE_REASONS,
+            stats.connections_closed,
+        )
+        yield _counter(
+            "drainproxy_requests",
+            "Requests received, by the phase in which they started",
+            "phase",
+            (Phase.SERVING.value,),
+            stats.requests_by_phase,
+        )
+        yield _counter(
+            "drainproxy_responses",
+            "Responses sent, by status class, including those drainproxy made up (502, 504)",
+            "status_class",
+            STATUS_CLASSES,
+            stats.responses_by_class,
+        )
+        yield _counter(
+            "drainproxy_upstream_errors",
+            "Failed exchanges with the app by kind; retried counts a safe request resent once "
+            "after a pooled connection was closed under it",
+            "kind",
+            UPSTREAM_ERROR_KINDS,
+            stats.upstream_errors,
+        )
+        yield CounterMetricFamily(
+            "drainproxy_bad_requests", "Malformed requests answered 400", value=stats.bad_requests
+        )
+        yield CounterMetricFamily(
+            "drainproxy_tunnels_opened", "Upgraded connections relayed", value=stats.tunnels_opened
         )
 
 
