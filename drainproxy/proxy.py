@@ -35,6 +35,7 @@ from drainproxy.http1 import (
     status_line,
 )
 from drainproxy.lifecycle import DrainLifecycle
+from drainproxy.logs import AccessRecord
 from drainproxy.stats import Stats
 from drainproxy.upstream import UpstreamConnection, UpstreamPool
 
@@ -69,10 +70,16 @@ class ProxyContext:
     on_connection_closed: Callable[[], None]
     scheme: bytes = b"http"
     connections: set[ClientConnection] = field(default_factory=set)
+    #: ``log.access_log``, read once: when off, an exchange pays one test of this flag.
+    access_log: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.access_log = self.config.log.access_log
 
 
 class Request:
     __slots__ = (
+        "access",
         "body_mode",
         "complete",
         "head_sent",
@@ -102,6 +109,7 @@ class Request:
         self.complete = False
         self.head_sent = False
         self.retried = False
+        self.access: AccessRecord | None = None
 
     def describe(self) -> str:
         return f"{self.method.decode('latin-1')} {self.target.decode('latin-1')}"
@@ -176,6 +184,9 @@ class ClientConnection(asyncio.Protocol):
         for conn in (self.upstream, self.tunnel):
             if conn is not None:
                 conn.abort()
+        req = self.active
+        if req is not None and req.access is not None:
+            req.access.emit(req.method, req.target, self.ctx.loop.time(), self.close_reason)
         if self.active is not None and self.close_reason == "client":
             log.info(
                 "client %s closed the connection during %s; upstream request aborted",
@@ -262,6 +273,8 @@ class ClientConnection(asyncio.Protocol):
         stats = self.ctx.stats
         stats.requests_total += 1
         stats.count(stats.requests_by_phase, self.ctx.lifecycle.phase.value)
+        if self.ctx.access_log:
+            req.access = AccessRecord(self.ctx.loop.time(), self.ctx.lifecycle.phase.value)
         if req.method == b"CONNECT":
             self._fail(405, "method", "CONNECT is not supported by a reverse proxy", log_level=logging.INFO)
             return
@@ -302,6 +315,8 @@ class ClientConnection(asyncio.Protocol):
                 body.append(LAST_CHUNK)
         conn.write(b"".join([self._upstream_head(req), *body]))
         req.head_sent = True
+        if req.access is not None:
+            req.access.upstream_sent = self.ctx.loop.time()
         self._resume(_PAUSE_BUFFER)
         if req.complete:
             self._request_sent()
@@ -364,6 +379,8 @@ class ClientConnection(asyncio.Protocol):
         if self.response_timer is not None:
             self.response_timer.cancel()
             self.response_timer = None
+        if req.access is not None:
+            req.access.response_head(status, self.ctx.loop.time())
         info = inspect_head(headers)
         if status == 101:
             if req.upgrade and info.upgrade is not None:
@@ -407,6 +424,9 @@ class ClientConnection(asyncio.Protocol):
             self.response_complete(conn)
 
     def response_body(self, body: bytes) -> None:
+        req = self.active
+        if req is not None and req.access is not None:
+            req.access.body_bytes += len(body)
         if self.response_frame == _FRAME_CHUNKED:
             self._write(chunk(body))
         elif self.response_frame == _FRAME_RAW:
@@ -529,6 +549,9 @@ class ClientConnection(asyncio.Protocol):
     # --- internals ----------------------------------------------------------------------------
 
     def _finish_exchange(self) -> None:
+        req = self.active
+        if req is not None and req.access is not None:
+            req.access.emit(req.method, req.target, self.ctx.loop.time())
         self.active = None
         self.response_started = False
         self.response_frame = _FRAME_NONE
@@ -564,6 +587,9 @@ class ClientConnection(asyncio.Protocol):
             or self.ctx.lifecycle.should_close_connection()
         )
         self.ctx.stats.count(self.ctx.stats.responses_by_class, _status_class(status))
+        if req.access is not None:
+            req.access.response_head(status, self.ctx.loop.time())
+            req.access.body_bytes = len(message.encode()) + 1
         self._write(plain_response(status, message, close=self.close_after))
         self._finish_exchange()
 
@@ -574,6 +600,8 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         self.ctx.stats.count(self.ctx.stats.upstream_errors, kind)
         log.warning("response to %s from %s cut: %s", req.describe(), self.peer, message)
+        if req.access is not None:
+            req.access.emit(req.method, req.target, self.ctx.loop.time(), "cut")
         self.active = None
         self._cancel_response_timer()
         self.close("after_response")
