@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from drainproxy.sim.process import LogWatcher
 
 REPO = Path(__file__).resolve().parent.parent
 START_LINE = re.compile(r"drainproxy \S+ on \S+ loop")
@@ -36,55 +36,6 @@ def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, 
         else:
             merged[key] = value
     return merged
-
-
-class LogWatcher:
-    """Collects a process's output lines in a thread; tests wait on a pattern, never on time."""
-
-    def __init__(self, stream: Any, echo_prefix: str = "") -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._closed = False
-        self._echo_prefix = echo_prefix
-        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, stream: Any) -> None:
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def wait_sync(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = start
-        with self._cond:
-            while True:
-                for line in self.lines[seen:]:
-                    if match := regex.search(line):
-                        return match
-                seen = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if self._closed or remaining <= 0:
-                    raise AssertionError(
-                        f"no log line matching {pattern!r}; output was:\n" + "\n".join(self.lines)
-                    )
-                self._cond.wait(remaining)
-
-    async def wait(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
-        return await asyncio.to_thread(self.wait_sync, pattern, timeout, start)
-
-    def join(self) -> None:
-        self._thread.join(10)
-
-    def text(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
 
 
 def base_config(upstream_port: int) -> dict[str, Any]:

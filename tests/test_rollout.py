@@ -1,0 +1,52 @@
+"""Zero lost requests through a real HAProxy while one replica is deleted under load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from drainproxy.sim.haproxy import haproxy_binary
+from drainproxy.sim.rollout import RolloutPlan, RolloutResult, run_rollout
+
+pytestmark = [
+    pytest.mark.haproxy,
+    pytest.mark.skipif(
+        haproxy_binary() is None and not __import__("os").environ.get("CI"),
+        reason="haproxy is not installed (make test installs it)",
+    ),
+]
+
+
+def describe(result: RolloutResult) -> str:
+    failures = result.failures
+    lines = [f"{len(result.outcomes)} requests, {len(failures)} failed"]
+    lines += [f"  {o.path} at +{o.started - result.deleted_at:.3f}s: {o.status} {o.error}" for o in failures[:10]]
+    lines += [f"  {c}" for c in result.containers]
+    if result.deleted.proxy_log is not None:
+        lines += ["drainproxy log:", result.deleted.proxy_log.text()]
+    return "\n".join(lines)
+
+
+async def test_deleting_a_replica_under_load_loses_no_request(tmp_path: Path) -> None:
+    result = await run_rollout(RolloutPlan(with_drainproxy=True), tmp_path)
+    assert result.outcomes, "the load produced no requests"
+    assert result.failures == [], describe(result)
+    # The slow requests in flight at deletion were answered by the deleted replica.
+    slow_after = [
+        o for o in result.served_by(result.deleted)
+        if o.path.startswith("/slow") and o.finished > result.deleted_at
+    ]
+    assert slow_after, describe(result)
+    # The kubelet never had to kill anything, and drainproxy exited cleanly.
+    assert [(c.name, c.killed) for c in result.containers] == [("app", False), ("drainproxy", False)]
+    proxy = next(c for c in result.containers if c.name == "drainproxy")
+    assert proxy.returncode == 0, describe(result)
+    app = next(c for c in result.containers if c.name == "app")
+    assert app.hook_result == "httpGet /prestop: 200"
+    assert result.survivor.name.encode() in b"".join(o.body for o in result.outcomes[-5:])
+
+
+async def test_without_drainproxy_the_same_deletion_fails_requests(tmp_path: Path) -> None:
+    result = await run_rollout(RolloutPlan(with_drainproxy=False), tmp_path)
+    assert len(result.failures) > 0, describe(result)
