@@ -99,7 +99,9 @@ async def run_rollout(
     workdir: Path,
     balancer_factory: BalancerFactory = haproxy_balancer,
     on_progress: Callable[[str], None] = lambda message: None,
+    on_outcome: Callable[[Outcome], None] | None = None,
 ) -> RolloutResult:
+    """``on_outcome`` sees every request as it finishes (the demo's live progress)."""
     make_replica = plan.replica_factory or _default_replica
     replicas = [make_replica(f"replica-{i}", workdir, plan) for i in (1, 2)]
     balancer = balancer_factory(free_port(), replicas)
@@ -116,6 +118,8 @@ async def run_rollout(
         seen: dict[bytes, int] = {}
 
         def note(outcome: Outcome) -> None:
+            if on_outcome is not None:
+                on_outcome(outcome)
             if not outcome.failed:
                 key = outcome.body.split(b" ")[0].strip()
                 seen[key] = seen.get(key, 0) + 1
