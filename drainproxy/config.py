@@ -8,6 +8,7 @@ rollout. Every error names the dotted field, the bad value and the rule.
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -86,10 +87,23 @@ class DrainConfig:
     idle_grace: float = 0.5
 
 
+AppStopMethod = Literal["prestop", "signal", "http", "exec", "none"]
+
+
 @dataclass(frozen=True)
 class AppConfig:
-    stop: Literal["prestop", "none"] = "prestop"
+    """How the app is told to stop after the drain (waiting preStop calls are released first)."""
+
+    stop: AppStopMethod = "prestop"
     stop_timeout: float = 3.0
+    #: A ``signal.Signals`` name; used by ``stop: signal`` and by wrapper mode.
+    signal: str = "SIGTERM"
+    pidfile: str | None = None
+    process: str | None = None
+    kill_after_timeout: bool = False
+    url: str | None = None
+    method: str = "POST"
+    command: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -299,12 +313,79 @@ def _drain(name: str, raw: object) -> DrainConfig:
     )
 
 
+def _signal_name(name: str, value: object) -> str:
+    if not isinstance(value, str) or value not in signal.Signals.__members__:
+        raise ConfigError(name, value, "must be a signal name such as SIGTERM, SIGQUIT or SIGWINCH")
+    return value
+
+
+def _regex(name: str, value: object) -> str:
+    text = _string(name, value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ConfigError(name, value, f"is not a valid regular expression: {exc}") from None
+    return text
+
+
+def _http_url(name: str, value: object) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, value, "must be an http:// or https:// URL")
+    return str(value)
+
+
+def _argv(name: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise ConfigError(name, value, "must be a non-empty list of strings (an argv, no shell)")
+    if not value[0]:
+        raise ConfigError(name, value, "must name a program first")
+    return tuple(value)
+
+
+#: The keys each stop method uses beyond stop, stop_timeout and signal.
+_APP_STOP_KEYS = {
+    "signal": ("pidfile", "process", "kill_after_timeout"),
+    "http": ("url", "method"),
+    "exec": ("command",),
+}
+
+
 def _app(name: str, raw: object) -> AppConfig:
-    return AppConfig(
-        **_section(
-            name, raw, {"stop": _choice("prestop", "none"), "stop_timeout": parse_duration}
-        )
+    values = _section(
+        name,
+        raw,
+        {
+            "stop": _choice("prestop", "signal", "http", "exec", "none"),
+            "stop_timeout": parse_duration,
+            "signal": _signal_name,
+            "pidfile": _string,
+            "process": _regex,
+            "kill_after_timeout": _boolean,
+            "url": _http_url,
+            "method": _choice("GET", "POST", "PUT", "PATCH", "DELETE"),
+            "command": _argv,
+        },
     )
+    app = AppConfig(**values)
+    for method, keys in _APP_STOP_KEYS.items():
+        for key in keys:
+            if key in values and app.stop != method:
+                raise ConfigError(
+                    f"{name}.{key}", values[key], f"is only used with {name}.stop: {method}"
+                )
+    if app.stop == "signal" and (app.pidfile is None) == (app.process is None):
+        raise ConfigError(
+            f"{name}.stop",
+            app.stop,
+            f"needs exactly one of {name}.pidfile (a file holding the app's process id) and "
+            f"{name}.process (a regular expression matching its command line)",
+        )
+    if app.stop == "http" and app.url is None:
+        raise ConfigError(f"{name}.stop", app.stop, f"needs {name}.url (the URL to call)")
+    if app.stop == "exec" and app.command is None:
+        raise ConfigError(f"{name}.stop", app.stop, f"needs {name}.command (an argv list to run)")
+    return app
 
 
 def _log(name: str, raw: object) -> LogConfig:
