@@ -52,6 +52,8 @@ class RolloutPlan:
     slow_in_flight_at_delete: int = 3
     drain: Mapping[str, Any] = field(default_factory=lambda: {"propagation": "2s", "timeout": "5s"})
     grace_period: float = 15.0
+    #: Run the load this long with both replicas serving before the deletion.
+    load_before: float = 0.0
     #: Keep the load running this long after the deleted replica is gone.
     load_after: float = 0.5
     extra_config: Mapping[str, Any] = field(default_factory=dict)
@@ -138,6 +140,7 @@ async def run_rollout(
         load_started = time.monotonic()
         load.start()
         await asyncio.wait_for(both_served.wait(), 30)
+        await asyncio.sleep(plan.load_before)  # steady state first, for a readable timeline
         if plan.slow_share > 0 and plan.slow_in_flight_at_delete:
             await asyncio.wait_for(load.wait_slow_in_flight(plan.slow_in_flight_at_delete), 30)
         deleted, survivor = replicas
