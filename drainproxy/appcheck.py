@@ -12,14 +12,12 @@ log = logging.getLogger("drainproxy.appcheck")
 
 
 class AppProbe:
-    def __init__(self, config: UpstreamConfig, on_change: Callable[[bool], None]) -> None:
+    def __init__(self, config: UpstreamConfig, on_checked: Callable[[bool], None]) -> None:
         self.config = config
-        self.on_change = on_change
+        self.on_checked = on_checked
         self.reachable = False
         self.last_error = "not checked yet"
-        self._fresh_needed = False
         self._task: asyncio.Task[None] | None = None
-        self._checked = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -28,25 +26,15 @@ class AppProbe:
         if self._task is not None:
             self._task.cancel()
 
-    def require_fresh_success(self) -> None:
-        """After a preStop release the old app may still answer: only a check that starts from
-        now on may report it ready again."""
-        self._fresh_needed = True
-
     async def _run(self) -> None:
         while True:
-            fresh_needed_at_start = self._fresh_needed
             ok, error = await self.check_once()
-            if self._fresh_needed and not fresh_needed_at_start:
-                ok = False  # this check began before the release: it proves nothing
-            elif ok:
-                self._fresh_needed = False
             changed = ok != self.reachable
             self.reachable = ok
             self.last_error = error
             if changed:
                 log.info("app %s", "reachable" if ok else f"unreachable: {error}")
-            self.on_change(ok)
+            self.on_checked(ok)
             await asyncio.sleep(self.config.check.interval)
 
     async def check_once(self) -> tuple[bool, str]:

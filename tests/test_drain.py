@@ -1,0 +1,273 @@
+"""The drain as a client and the kubelet see it: real proxy process, real sockets, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from drainproxy.sim.kubelet import Container, ExecHook, HttpGetHook, terminate_pod
+from drainproxy.sim.process import LogWatcher
+from drainproxy.sim.replica import free_port
+from tests.conftest import StartApp, StartProxy
+
+PHASE = r"phase \w+ -> {}"
+
+
+def slow_app(release: asyncio.Event, started: asyncio.Event) -> web.Application:
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="fast")
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await release.wait()
+        return web.Response(text="slow")
+
+    app = web.Application()
+    app.router.add_get("/", fast)
+    app.router.add_get("/slow", slow)
+    return app
+
+
+async def raw_request(port: int, path: str = "/") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    return reader, writer
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+async def test_keep_alive_clients_get_connection_close_while_propagating(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(
+        await start_app(slow_app(asyncio.Event(), asyncio.Event())),
+        {"drain": {"propagation": "30s"}, "termination_grace_period": "60s"},
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/") as response:
+            assert "Connection" not in response.headers
+        proxy.send(signal.SIGTERM)
+        await proxy.log.wait(PHASE.format("propagating"))
+        async with session.get(proxy.admin_url + "/ready") as response:
+            assert response.status == 503
+        # Still serving, new connections included, but telling keep-alive clients to leave.
+        async with session.get(proxy.url + "/") as response:
+            assert response.status == 200
+            assert response.headers["Connection"] == "close"
+        reader, writer = await raw_request(proxy.port)
+        head = await read_head(reader)
+        assert b"Connection: close" in head
+        await reader.readexactly(4)
+        assert await reader.read() == b"", "the proxy closes the connection after the response"
+        writer.close()
+
+
+async def test_after_propagation_new_connections_are_refused_and_idle_ones_closed(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
+    release, slow_started = asyncio.Event(), asyncio.Event()
+    proxy = await start_proxy(
+        await start_app(slow_app(release, slow_started)),
+        {"drain": {"propagation": "300ms", "timeout": "30s", "idle_grace": "100ms"},
+         "termination_grace_period": "60s"},
+    )
+    idle_reader, idle_writer = await raw_request(proxy.port)
+    await read_head(idle_reader)
+    await idle_reader.readexactly(4)  # "fast": the connection is now idle, kept alive
+    busy_reader, busy_writer = await raw_request(proxy.port, "/slow")
+    await slow_started.wait()
+
+    proxy.send(signal.SIGTERM)
+    await proxy.log.wait(r"listener closed")
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", proxy.port)
+    assert await idle_reader.read() == b"", "the idle keep-alive connection is closed"
+    idle_writer.close()
+
+    release.set()  # the in-flight request still finishes, with Connection: close
+    head = await read_head(busy_reader)
+    assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head
+    assert await busy_reader.readexactly(4) == b"slow"
+    busy_writer.close()
+    summary = await proxy.log.wait(r"drain summary: .* closed idle (\d+), after a response (\d+), by force (\d+)")
+    assert summary.groups() == ("1", "1", "0")
+    assert await proxy.exited() == 0
+
+
+async def test_a_request_outliving_drain_timeout_is_cut_and_counted(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
+    release, slow_started = asyncio.Event(), asyncio.Event()
+    proxy = await start_proxy(
+        await start_app(slow_app(release, slow_started)),
+        {"drain": {"propagation": "100ms", "timeout": "300ms"}},
+    )
+    reader, writer = await raw_request(proxy.port, "/slow")
+    await slow_started.wait()
+    proxy.send(signal.SIGTERM)
+    await proxy.log.wait(r"drain.timeout: cut 1 connection")
+    assert await reader.read() == b"", "the client sees its connection cut, not a response"
+    writer.close()
+    summary = await proxy.log.wait(r"drain summary: .* by force (\d+)")
+    assert summary.group(1) == "1"
+    assert await proxy.exited() == 0
+    release.set()
+
+
+async def test_prestop_waits_for_the_drain_and_repeats_are_no_ops(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(await start_app(slow_app(asyncio.Event(), asyncio.Event())))
+    async with aiohttp.ClientSession() as session:
+        prestop = asyncio.ensure_future(session.get(proxy.admin_url + "/prestop"))
+        await proxy.log.wait(PHASE.format("propagating"))
+        assert not prestop.done()
+        # SIGTERM and a second preStop call arrive too: no second drain starts.
+        proxy.send(signal.SIGTERM)
+        async with session.post(proxy.admin_url + "/drain") as response:
+            assert response.status == 202
+            assert await response.text() == "drain already under way\n"
+        response = await prestop
+        assert response.status == 200
+        response.release()
+        assert await proxy.exited() == 0
+    assert len([line for line in proxy.log.lines if "-> propagating" in line]) == 1
+
+
+async def test_liveness_restart_prestop_without_sigterm_recovers(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    app_port = free_port()
+    app_command = [sys.executable, "-m", "drainproxy.sim.sample_app", "--port", str(app_port)]
+    first_app = subprocess.Popen(app_command, stdout=subprocess.DEVNULL)
+    second_app: subprocess.Popen[bytes] | None = None
+    try:
+        proxy = await start_proxy(app_port, {"drain": {"propagation": "200ms"}})
+        # The kubelet restarts only the app container: its preStop hook, then SIGTERM to it.
+        outcomes = await terminate_pod(
+            [Container("app", first_app, HttpGetHook(int(proxy.admin_url.rsplit(":", 1)[1]), "/prestop"))],
+            grace_period=10,
+        )
+        assert outcomes[0].hook_result == "httpGet /prestop: 200"
+        assert not outcomes[0].killed
+        await proxy.log.wait(PHASE.format("recovering"))
+        second_app = subprocess.Popen(app_command, stdout=subprocess.DEVNULL)
+        await proxy.log.wait(r"recovering -> serving")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proxy.admin_url + "/ready") as response:
+                assert response.status == 200
+            async with session.get(proxy.url + "/") as response:
+                assert response.status == 200
+                assert "Connection" not in response.headers
+        assert proxy.proc.poll() is None, "a liveness restart must not stop drainproxy"
+    finally:
+        for app in (first_app, second_app):
+            if app is not None:
+                app.kill()
+                app.wait()
+
+
+async def test_second_sigint_exits_at_once(start_app: StartApp, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(
+        await start_app(slow_app(asyncio.Event(), asyncio.Event())),
+        {"drain": {"propagation": "60s"}, "termination_grace_period": "90s"},
+    )
+    proxy.send(signal.SIGINT)
+    await proxy.log.wait(PHASE.format("propagating"))
+    proxy.send(signal.SIGINT)
+    assert await proxy.exited() == 128 + signal.SIGINT
+    assert "immediate shutdown" in proxy.log.text()
+
+
+async def test_sigquit_exits_at_once(start_app: StartApp, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(await start_app(slow_app(asyncio.Event(), asyncio.Event())))
+    proxy.send(signal.SIGQUIT)
+    assert await proxy.exited() == 128 + signal.SIGQUIT
+
+
+async def test_status_reports_phase_counts_and_deadlines(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
+    release, slow_started = asyncio.Event(), asyncio.Event()
+    proxy = await start_proxy(
+        await start_app(slow_app(release, slow_started)),
+        {"drain": {"propagation": "30s"}, "termination_grace_period": "60s"},
+    )
+    reader, writer = await raw_request(proxy.port, "/slow")
+    await slow_started.wait()
+    proxy.send(signal.SIGTERM)
+    await proxy.log.wait(PHASE.format("propagating"))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.admin_url + "/status") as response:
+            status = await response.json()
+    assert status["phase"] == "propagating"
+    assert status["in_flight"] == 1
+    assert status["open_connections"] == 1
+    assert 0 < status["deadlines"]["phase_ends_in"] <= 30
+    assert status["drain"]["sources"] == ["signal"]
+    release.set()
+    await read_head(reader)
+    writer.close()
+
+
+# --- the kubelet simulator itself --------------------------------------------------------------
+
+
+def _sleeper(ignore_term: bool) -> subprocess.Popen[bytes]:
+    code = "import signal, time\n"
+    if ignore_term:
+        code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    code += "print('up', flush=True)\ntime.sleep(60)\n"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+
+
+async def _started(*processes: subprocess.Popen[bytes]) -> list[LogWatcher]:
+    watchers = [LogWatcher(process.stdout) for process in processes]
+    for watcher in watchers:
+        await watcher.wait("up")
+    return watchers
+
+
+def _reap(watchers: list[LogWatcher], *processes: subprocess.Popen[bytes]) -> None:
+    for watcher, process in zip(watchers, processes, strict=True):
+        watcher.join()
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+async def test_kubelet_runs_the_hook_then_sigterm_and_kills_at_the_grace_period() -> None:
+    obedient, stubborn = _sleeper(ignore_term=False), _sleeper(ignore_term=True)
+    watchers = await _started(obedient, stubborn)
+    outcomes = await terminate_pod(
+        [
+            Container("obedient", obedient, ExecHook(["true"])),
+            Container("stubborn", stubborn),
+        ],
+        grace_period=1.0,
+    )
+    by_name = {outcome.name: outcome for outcome in outcomes}
+    assert by_name["obedient"].hook_result == "exec true: exit 0"
+    assert by_name["obedient"].returncode == -signal.SIGTERM
+    assert not by_name["obedient"].killed
+    assert by_name["stubborn"].killed
+    assert by_name["stubborn"].returncode == -signal.SIGKILL
+    _reap(watchers, obedient, stubborn)
+
+
+async def test_kubelet_sends_native_sidecars_sigterm_after_the_app_exits() -> None:
+    app, sidecar = _sleeper(ignore_term=False), _sleeper(ignore_term=False)
+    watchers = await _started(app, sidecar)
+    outcomes = await terminate_pod([Container("app", app)], 5.0, sidecars=[Container("proxy", sidecar)])
+    app_outcome, sidecar_outcome = outcomes
+    assert app_outcome.exited_after is not None and sidecar_outcome.sigterm_after is not None
+    assert sidecar_outcome.sigterm_after >= app_outcome.exited_after
+    _reap(watchers, app, sidecar)
