@@ -18,6 +18,9 @@ So a drain is a sequence of phases, each ended by a deadline or an event:
 * DELAYING: still ready, for ``drain.readiness_fail_delay`` (skipped when 0).
 * PROPAGATING: /ready fails, but we keep serving and accepting; every response now says
   ``Connection: close`` so keep-alive clients move to other pods.
+  With ``propagation_mode: evidence`` it may end early, on evidence instead of a fixed sleep:
+  once every readiness prober seen in the last minute has received its failure threshold of
+  503s (plus a margin) and no new connection arrived for ``quiet`` (``consider_evidence``).
 * DRAINING: the listener is closed, idle connections are closed, in-flight requests finish.
   It ends when no client connection is left (but not before ``drain.min``), or at
   ``drain.timeout``, when whatever remains is cut (``forced``).
@@ -60,6 +63,7 @@ class DrainSource(enum.Enum):
 class Event(enum.Enum):
     DRAIN_REQUESTED = "drain_requested"
     DEADLINE_REACHED = "deadline_reached"
+    PROPAGATION_EVIDENCE = "propagation_evidence"
     QUIESCENT = "quiescent"
     APP_STOPPED = "app_stopped"
     APP_READY = "app_ready"
@@ -75,6 +79,7 @@ TRANSITIONS: dict[tuple[Phase, Event], frozenset[Phase]] = {
     (Phase.DRAINED, Event.DRAIN_REQUESTED): frozenset({Phase.STOPPED}),
     (Phase.DELAYING, Event.DEADLINE_REACHED): frozenset({Phase.PROPAGATING}),
     (Phase.PROPAGATING, Event.DEADLINE_REACHED): frozenset({Phase.DRAINING}),
+    (Phase.PROPAGATING, Event.PROPAGATION_EVIDENCE): frozenset({Phase.DRAINING}),
     (Phase.DRAINING, Event.DEADLINE_REACHED): frozenset({Phase.STOPPING_APP}),
     (Phase.DRAINING, Event.QUIESCENT): frozenset({Phase.STOPPING_APP}),
     (Phase.STOPPING_APP, Event.APP_STOPPED): frozenset(
@@ -102,6 +107,22 @@ class DrainTimings:
     propagation: float = 5.0
     min: float = 0.0
     timeout: float = 20.0
+    #: Evidence-based propagation: may end PROPAGATING early (``consider_evidence``).
+    evidence: bool = False
+    propagation_min: float = 0.0
+    propagation_margin: float = 0.0
+    quiet: float = 0.0
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the driver has seen since readiness began to fail."""
+
+    #: When the last recent prober received its failure threshold of 503s; None if not yet.
+    probers_satisfied_at: float | None
+    #: When the last new client connection arrived; None if none since the phase began.
+    last_connection_at: float | None
+    summary: str
 
 
 @dataclass(frozen=True)
@@ -130,6 +151,8 @@ class DrainLifecycle:
         self.phase = Phase.SERVING
         self.phase_entered_at = clock()
         self.deadline: float | None = None
+        #: The latest end of PROPAGATING (drain.propagation), while PROPAGATING.
+        self.propagation_deadline: float | None = None
         #: drain.min as an absolute time, while DRAINING.
         self.min_deadline: float | None = None
         #: drain.timeout as an absolute time, while DRAINING.
@@ -191,7 +214,7 @@ class DrainLifecycle:
             self._move(
                 Event.DRAIN_REQUESTED, Phase.PROPAGATING, f"drain requested by {source.value}"
             )
-            self.deadline = now + self._timings.propagation
+            self._start_propagating(now)
         return True
 
     def poll(self) -> None:
@@ -204,14 +227,15 @@ class DrainLifecycle:
         due = self.deadline
         if self.phase is Phase.DELAYING:
             self._move(Event.DEADLINE_REACHED, Phase.PROPAGATING, "readiness_fail_delay over", due)
-            self.deadline = due + self._timings.propagation
+            self._start_propagating(due)
             self.poll()
         elif self.phase is Phase.PROPAGATING:
-            self._move(Event.DEADLINE_REACHED, Phase.DRAINING, "propagation over", due)
-            self.min_deadline = due + self._timings.min
-            self.timeout_deadline = due + self._timings.timeout
-            self.deadline = self.timeout_deadline
-            self.poll()
+            assert self.propagation_deadline is not None
+            if self._clock() >= self.propagation_deadline:
+                self._start_draining(
+                    Event.DEADLINE_REACHED, self.propagation_deadline, "propagation over"
+                )
+                self.poll()
         elif self.phase is Phase.DRAINING:
             assert self.drain is not None
             if self.drain.quiescent_at is not None:
@@ -220,6 +244,32 @@ class DrainLifecycle:
                 self.drain.forced = True
                 self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "drain.timeout reached", due)
             self.deadline = None
+
+    def consider_evidence(self, evidence: Evidence) -> None:
+        """In evidence mode, end PROPAGATING once every recent prober has marked us unready
+        (plus ``propagation_margin``) and no new connection came for ``quiet``; never before
+        ``propagation_min``, never after ``propagation``."""
+        timings = self._timings
+        if not timings.evidence or self.phase is not Phase.PROPAGATING:
+            return
+        assert self.propagation_deadline is not None
+        if evidence.probers_satisfied_at is None:
+            self.deadline = self.propagation_deadline
+            return
+        started = self.phase_entered_at
+        earliest = max(
+            started + timings.propagation_min,
+            evidence.probers_satisfied_at + timings.propagation_margin,
+            (evidence.last_connection_at or started) + timings.quiet,
+        )
+        if earliest >= self.propagation_deadline:
+            self.deadline = self.propagation_deadline
+        elif self._clock() >= earliest:
+            self._start_draining(
+                Event.PROPAGATION_EVIDENCE, self._clock(), f"evidence: {evidence.summary}"
+            )
+        else:
+            self.deadline = earliest
 
     def note_quiescent(self) -> None:
         """No client connection is left open. Ends the drain now, or at drain.min."""
@@ -262,6 +312,15 @@ class DrainLifecycle:
         self.deadline = None
 
     # --- internals -----------------------------------------------------------------------
+
+    def _start_propagating(self, at: float) -> None:
+        self.propagation_deadline = self.deadline = at + self._timings.propagation
+
+    def _start_draining(self, event: Event, at: float, reason: str) -> None:
+        self._move(event, Phase.DRAINING, reason, at)
+        self.propagation_deadline = None
+        self.min_deadline = at + self._timings.min
+        self.timeout_deadline = self.deadline = at + self._timings.timeout
 
     def _check(self, event: Event) -> None:
         if (self.phase, event) not in TRANSITIONS:

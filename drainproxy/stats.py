@@ -17,8 +17,17 @@ class Stats:
     upstream_errors: dict[str, int] = field(default_factory=dict)
     #: Client connections closed by reason: idle, after_response, forced, client.
     connections_closed: dict[str, int] = field(default_factory=dict)
+    #: Loop time of the last accepted client connection (evidence that someone still routes here).
+    last_connection_at: float = 0.0
     bad_requests: int = 0
     tunnels_opened: int = 0
+    #: Requests drainproxy refused itself, by status ("400", "408", "413", "414", "431"...).
+    requests_rejected: dict[str, int] = field(default_factory=dict)
+    #: Expired timeouts by kind: request_head, client_idle, client_body, connect,
+    #: response_head, upstream_idle.
+    timeouts: dict[str, int] = field(default_factory=dict)
+    #: Connections answered 503 and closed at limits.max_connections.
+    connections_refused: int = 0
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1

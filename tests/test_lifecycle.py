@@ -8,6 +8,7 @@ import pytest
 
 from drainproxy.errors import LifecycleError
 from drainproxy.lifecycle import (
+    Evidence,
     TRANSITIONS,
     DrainLifecycle,
     DrainSource,
@@ -252,3 +253,63 @@ def test_illegal_events_raise_and_change_nothing(phase: Phase, event: Event) -> 
 def test_every_transition_target_is_reachable_in_the_table() -> None:
     targets = {phase for allowed in TRANSITIONS.values() for phase in allowed}
     assert targets | {Phase.SERVING} == set(Phase)
+
+
+# --- evidence-based propagation ----------------------------------------------------------------
+
+EVIDENCE = DrainTimings(
+    propagation=10.0, timeout=20.0, evidence=True, propagation_min=1.0, propagation_margin=0.5,
+    quiet=0.3,
+)
+
+
+def evidence(satisfied: float | None, connection: float | None = None) -> Evidence:
+    return Evidence(probers_satisfied_at=satisfied, last_connection_at=connection, summary="s")
+
+
+def test_evidence_ends_propagation_after_margin_and_quiet() -> None:
+    lifecycle, clock = drive_to(Phase.PROPAGATING, EVIDENCE)
+    start = clock.now
+    lifecycle.consider_evidence(evidence(None))
+    assert lifecycle.deadline == start + 10.0, "no evidence yet: the fixed maximum"
+    clock.advance(1.2)
+    lifecycle.consider_evidence(evidence(start + 1.2, connection=start + 1.1))
+    assert lifecycle.phase is Phase.PROPAGATING
+    assert lifecycle.deadline == pytest.approx(start + 1.7), "satisfied + margin"
+    clock.advance(0.5)
+    lifecycle.consider_evidence(evidence(start + 1.2, connection=start + 1.6))
+    assert lifecycle.deadline == pytest.approx(start + 1.9), "a new connection: wait for quiet"
+    clock.advance(0.2)
+    lifecycle.consider_evidence(evidence(start + 1.2, connection=start + 1.6))
+    transitions = lifecycle.pop_transitions()
+    assert [t.phase for t in transitions] == [Phase.DRAINING]
+    assert transitions[0].reason.startswith("evidence: ")
+
+
+def test_evidence_never_ends_propagation_before_its_minimum() -> None:
+    lifecycle, clock = drive_to(Phase.PROPAGATING, EVIDENCE)
+    start = clock.now
+    clock.advance(0.6)
+    lifecycle.consider_evidence(evidence(start))
+    assert lifecycle.phase is Phase.PROPAGATING
+    assert lifecycle.deadline == start + 1.0
+
+
+def test_evidence_never_extends_propagation_past_its_maximum() -> None:
+    lifecycle, clock = drive_to(Phase.PROPAGATING, EVIDENCE)
+    start = clock.now
+    clock.advance(9.9)
+    lifecycle.consider_evidence(evidence(start + 9.8))
+    assert lifecycle.deadline == start + 10.0
+    clock.advance(0.1)
+    lifecycle.poll()
+    transitions = lifecycle.pop_transitions()
+    assert [(t.phase, t.reason) for t in transitions] == [(Phase.DRAINING, "propagation over")]
+
+
+def test_evidence_is_ignored_in_fixed_mode() -> None:
+    lifecycle, clock = drive_to(Phase.PROPAGATING)
+    clock.advance(4.0)
+    lifecycle.consider_evidence(evidence(clock.now - 3.0))
+    assert lifecycle.phase is Phase.PROPAGATING
+    assert lifecycle.deadline == clock.now + 1.0
