@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -27,8 +28,23 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help="YAML config file (default: the embedded defaults)")
-    check = commands.add_parser("check", help="validate a config without serving")
+    check = commands.add_parser(
+        "check", help="validate a config, and with --manifest the pod specs that run it"
+    )
     check.add_argument("--config", required=True, help="YAML config file")
+    check.add_argument(
+        "--manifest",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="Kubernetes YAML to lint together with the config (repeatable)",
+    )
+    check.add_argument("--format", choices=("text", "json"), default="text")
+    drain = commands.add_parser(
+        "drain", help="start the drain of the running drainproxy (for an exec preStop hook)"
+    )
+    drain.add_argument("--config", required=True, help="the running drainproxy's config file")
+    drain.add_argument("--wait", action="store_true", help="return only once the drain is over")
     _add_demo_command(commands)
     return parser
 
@@ -37,15 +53,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return demo(args)
+    if args.command == "check":
+        return check(args.config, args.manifest, args.format)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"drainproxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "check":
-        print(f"{args.config}: ok")
-        return 0
+    if args.command == "drain":
+        return drain(config, args.wait)
     return serve(config)
+
+
+def check(config_path: str, manifests: list[str], output: str) -> int:
+    """Lint the config and the manifests: exit 1 on error findings, 2 if they do not load."""
+    from drainproxy.k8scheck import ManifestError, check_manifests, load_manifests
+
+    try:
+        config = load_config(config_path)
+        docs = load_manifests(manifests)
+    except (ConfigError, ManifestError) as exc:
+        problem = f"{'config' if isinstance(exc, ConfigError) else 'manifest'} error: {exc}"
+        if output == "json":
+            print(json.dumps({"config": config_path, "error": problem, "findings": []}))
+        else:
+            print(f"drainproxy: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    findings = check_manifests(config, docs, config_path) if manifests else []
+    errors = sum(finding.is_error for finding in findings)
+    if output == "json":
+        report = {
+            "config": config_path,
+            "manifests": manifests,
+            "errors": errors,
+            "warnings": len(findings) - errors,
+            "findings": [finding.as_dict() for finding in findings],
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        for finding in findings:
+            print(finding.line())
+        checked = f" with {', '.join(manifests)}" if manifests else ""
+        verdict = f"{errors} error(s), {len(findings) - errors} warning(s)" if findings else "ok"
+        print(f"{config_path}{checked}: {verdict}")
+    return 1 if errors else 0
+
+
+def drain(config: Config, wait: bool) -> int:
+    from drainproxy.drainctl import request_drain
+
+    try:
+        print(request_drain(config, wait))
+    except DrainproxyError as exc:
+        print(f"drainproxy: drain: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def serve(config: Config) -> int:

@@ -1,0 +1,999 @@
+"""``drainproxy check --manifest``: lint a config and the pod specs that run it, together.
+
+Most shutdown outages come from values that must agree across files and do not: a grace period
+shorter than the drain (exit 137), a readiness probe too slow to notice the drain, an app
+container that gets SIGTERM while drainproxy still drains, a Service that bypasses the proxy.
+Each rule has a stable code so CI logs and docs can refer to it. Everything here is pure (a
+Config and parsed manifests in, findings out) except ``load_manifests``, which reads files.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import posixpath
+import shlex
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from drainproxy.config import Config, config_from_mapping, load_config
+from drainproxy.errors import ConfigError, DrainproxyError
+
+TOKEN_HEADER = "X-Drainproxy-Token"
+#: The image's ``CMD`` (see the Dockerfile): what a container that sets no ``args`` runs.
+IMAGE_DEFAULT_ARGS = ("serve", "--config", "/etc/drainproxy/drainproxy.yaml")
+#: Kubernetes' default when ``terminationGracePeriodSeconds`` is not set.
+DEFAULT_GRACE_SECONDS = 30
+_PROBE_DEFAULT_PERIOD = 10
+_PROBE_DEFAULT_FAILURES = 3
+_SHELLS = frozenset({"sh", "bash", "dash", "ash", "busybox"})
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+#: Where each workload kind keeps its pod template.
+_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+
+class ManifestError(DrainproxyError):
+    """A manifest file cannot be read or is not Kubernetes YAML."""
+
+
+class Severity(enum.Enum):
+    ERROR = "error"  # the shutdown will lose requests or be killed: non-zero exit
+    WARNING = "warning"  # suspicious or not verifiable: reported, exit stays 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    name: str
+    severity: Severity
+    summary: str
+
+
+_RULE_LIST = (
+    Rule("DP100", "no-drainproxy", Severity.ERROR, "no container in the manifests runs drainproxy"),
+    Rule(
+        "DP101",
+        "grace-period-too-short",
+        Severity.ERROR,
+        "the drain phases plus the app's stop exceed terminationGracePeriodSeconds",
+    ),
+    Rule(
+        "DP102",
+        "grace-period-mismatch",
+        Severity.WARNING,
+        "termination_grace_period differs from the pod's terminationGracePeriodSeconds",
+    ),
+    Rule(
+        "DP201",
+        "app-prestop-missing",
+        Severity.ERROR,
+        "the app container has no preStop hook waiting on drainproxy's /prestop",
+    ),
+    Rule(
+        "DP202",
+        "app-prestop-misdirected",
+        Severity.ERROR,
+        "the app's /prestop hook goes to the wrong port, host or scheme",
+    ),
+    Rule(
+        "DP203",
+        "app-prestop-token",
+        Severity.ERROR,
+        "the app's /prestop hook lacks the admin token drainproxy requires from the node",
+    ),
+    Rule(
+        "DP301",
+        "readiness-probe-misdirected",
+        Severity.ERROR,
+        "drainproxy's container has no readinessProbe on its admin /ready",
+    ),
+    Rule(
+        "DP302",
+        "readiness-probe-slow",
+        Severity.ERROR,
+        "readiness periodSeconds x failureThreshold is longer than drain.propagation",
+    ),
+    Rule(
+        "DP303",
+        "liveness-probe-on-ready",
+        Severity.ERROR,
+        "a livenessProbe on /ready restarts drainproxy during every drain",
+    ),
+    Rule(
+        "DP401",
+        "service-target-port",
+        Severity.ERROR,
+        "a Service's targetPort is not drainproxy's listen port",
+    ),
+    Rule("DP402", "port-clash", Severity.ERROR, "two processes in the pod want the same port"),
+    Rule(
+        "DP501",
+        "signal-needs-shared-pid",
+        Severity.ERROR,
+        "app.stop: signal in a pod without shareProcessNamespace",
+    ),
+    Rule(
+        "DP502",
+        "signal-uid-mismatch",
+        Severity.WARNING,
+        "drainproxy and the app run as different users: the signal fails with EPERM",
+    ),
+    Rule(
+        "DP503",
+        "native-sidecar-drain-trigger",
+        Severity.ERROR,
+        "a native sidecar's own preStop does not start the drain",
+    ),
+    Rule(
+        "DP504",
+        "init-container-blocks",
+        Severity.ERROR,
+        "drainproxy as an init container without restartPolicy: Always never lets the app start",
+    ),
+    Rule(
+        "DP505",
+        "shell-is-pid1",
+        Severity.ERROR,
+        "drainproxy runs under a shell that receives SIGTERM instead of it",
+    ),
+    Rule(
+        "DP506",
+        "wrap-config",
+        Severity.ERROR,
+        "the config is not one drainproxy wrap accepts",
+    ),
+    Rule(
+        "DP601",
+        "configmap-differs",
+        Severity.ERROR,
+        "the config in the pod's ConfigMap differs from the one given",
+    ),
+    Rule(
+        "DP602",
+        "config-unverifiable",
+        Severity.WARNING,
+        "the config drainproxy reads in the pod is not in the manifests given",
+    ),
+    Rule(
+        "DP603",
+        "configmap-key-missing",
+        Severity.ERROR,
+        "the ConfigMap does not hold the file drainproxy's --config names",
+    ),
+    Rule(
+        "DP604",
+        "configmap-invalid",
+        Severity.ERROR,
+        "the config in the ConfigMap does not load",
+    ),
+)
+RULES: dict[str, Rule] = {rule.code: rule for rule in _RULE_LIST}
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: Rule
+    where: str
+    message: str
+    fix: str
+
+    @property
+    def is_error(self) -> bool:
+        return self.rule.severity is Severity.ERROR
+
+    def line(self) -> str:
+        return (
+            f"{self.where}: {self.rule.severity.value} {self.rule.code} {self.rule.name}: "
+            f"{self.message}; fix: {self.fix}"
+        )
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "code": self.rule.code,
+            "name": self.rule.name,
+            "severity": self.rule.severity.value,
+            "where": self.where,
+            "message": self.message,
+            "fix": self.fix,
+        }
+
+
+def _finding(code: str, where: str, message: str, fix: str) -> Finding:
+    return Finding(RULES[code], where, message, fix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading manifests
+
+
+@dataclass(frozen=True)
+class ManifestDoc:
+    source: str
+    body: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return str(self.body.get("kind", ""))
+
+    @property
+    def name(self) -> str:
+        return str(_get(self.body, "metadata", "name") or "?")
+
+    @property
+    def namespace(self) -> str | None:
+        namespace = _get(self.body, "metadata", "namespace")
+        return str(namespace) if namespace else None
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}: {self.kind}/{self.name}"
+
+
+def parse_manifests(text: str, source: str) -> list[ManifestDoc]:
+    """Every non-empty document of a multi-document YAML stream, each a Kubernetes object."""
+    try:
+        bodies = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{source}: not valid YAML: {exc}") from None
+    docs: list[ManifestDoc] = []
+    for index, body in enumerate(bodies):
+        if body is None:
+            continue
+        if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
+            raise ManifestError(f"{source}: document {index + 1} is not a Kubernetes object")
+        if body["kind"].endswith("List") and isinstance(body.get("items"), list):
+            docs.extend(ManifestDoc(source, item) for item in body["items"])
+        else:
+            docs.append(ManifestDoc(source, body))
+    return docs
+
+
+def load_manifests(paths: Iterable[str | Path]) -> list[ManifestDoc]:
+    docs: list[ManifestDoc] = []
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot be read: {exc.strerror}") from None
+        docs.extend(parse_manifests(text, str(path)))
+    return docs
+
+
+def _get(node: object, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _list(node: object) -> list[dict[str, Any]]:
+    return [item for item in node if isinstance(item, dict)] if isinstance(node, list) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# How drainproxy is started in a container
+
+
+@dataclass(frozen=True)
+class Launch:
+    subcommand: str
+    config_path: str | None
+    #: Started as ``sh -c "drainproxy ..."`` without ``exec``: the shell gets the SIGTERM.
+    under_shell: bool
+
+
+def _is_drainproxy_image(image: object) -> bool:
+    if not isinstance(image, str):
+        return False
+    name = image.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
+    return "drainproxy" in name
+
+
+def _launch_from_argv(argv: Sequence[str], start: int, under_shell: bool) -> Launch | None:
+    rest = list(argv[start + 1 :])
+    if "--" in rest:
+        rest = rest[: rest.index("--")]
+    subcommand = next((token for token in rest if not token.startswith("-")), None)
+    if subcommand not in ("serve", "wrap"):
+        return None
+    config_path = None
+    for index, token in enumerate(rest):
+        if token == "--config" and index + 1 < len(rest):
+            config_path = rest[index + 1]
+        elif token.startswith("--config="):
+            config_path = token.partition("=")[2]
+    return Launch(subcommand, config_path, under_shell)
+
+
+def drainproxy_launch(container: Mapping[str, Any]) -> Launch | None:
+    """How this container runs drainproxy as a proxy (serve or wrap), or None if it does not."""
+    command = [str(token) for token in container.get("command") or []]
+    args = [str(token) for token in container.get("args") or []]
+    if not command:
+        if not _is_drainproxy_image(container.get("image")):
+            return None
+        return _launch_from_argv(["drainproxy", *(args or IMAGE_DEFAULT_ARGS)], 0, False)
+    argv = command + args
+    if posixpath.basename(argv[0]) in _SHELLS and "-c" in argv[:3]:
+        script_at = argv.index("-c") + 1
+        if script_at >= len(argv):
+            return None
+        try:
+            tokens = shlex.split(argv[script_at])
+        except ValueError:
+            tokens = argv[script_at].split()
+        for index, token in enumerate(tokens):
+            if posixpath.basename(token) == "drainproxy":
+                exec_ed = index > 0 and tokens[index - 1] == "exec"
+                return _launch_from_argv(tokens, index, under_shell=not exec_ed)
+        return None
+    for index, token in enumerate(argv[:3]):
+        if posixpath.basename(token) == "drainproxy":
+            return _launch_from_argv(argv, index, False)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The pods to check
+
+
+class Style(enum.Enum):
+    CLASSIC = "classic sidecar"
+    NATIVE = "native sidecar"
+    WRAP = "wrapper"
+    BLOCKING_INIT = "init container"
+
+
+@dataclass(frozen=True)
+class PodTemplate:
+    doc: ManifestDoc
+    spec: dict[str, Any]
+    labels: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod template that runs drainproxy, with the roles of its containers worked out."""
+
+    template: PodTemplate
+    proxy: dict[str, Any]
+    launch: Launch
+    style: Style
+    #: Every container of the pod that runs for its whole life (regular + native sidecars).
+    running: list[dict[str, Any]]
+    #: The containers drainproxy fronts and holds back at deletion.
+    apps: list[dict[str, Any]]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.template.spec
+
+    def where(self, container: Mapping[str, Any] | None = None) -> str:
+        where = self.template.doc.where
+        return f"{where} container {container.get('name', '?')}" if container else where
+
+
+def pod_templates(docs: Iterable[ManifestDoc]) -> Iterator[PodTemplate]:
+    for doc in docs:
+        path = _TEMPLATE_PATHS.get(doc.kind)
+        if path is None:
+            continue
+        template = _get(doc.body, *path) if path else doc.body
+        spec = _get(template, "spec")
+        if isinstance(spec, dict):
+            labels = _get(template, "metadata", "labels")
+            yield PodTemplate(doc, spec, labels if isinstance(labels, dict) else {})
+
+
+def find_pod(template: PodTemplate, config: Config) -> Pod | None:
+    regular = _list(template.spec.get("containers"))
+    inits = _list(template.spec.get("initContainers"))
+    sidecars = [c for c in inits if c.get("restartPolicy") == "Always"]
+    for container in regular + inits:
+        launch = drainproxy_launch(container)
+        if launch is None:
+            continue
+        if launch.subcommand == "wrap":
+            style = Style.WRAP
+        elif container in sidecars:
+            style = Style.NATIVE
+        elif container in inits:
+            style = Style.BLOCKING_INIT
+        else:
+            style = Style.CLASSIC
+        others = [c for c in regular if c is not container]
+        fronted = [c for c in others if config.upstream.port in _declared_ports(c)]
+        apps = [] if style is Style.WRAP else fronted or others
+        return Pod(template, container, launch, style, regular + sidecars, apps)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ports, probes and hooks
+
+
+def _declared_ports(container: Mapping[str, Any]) -> list[int]:
+    return [p["containerPort"] for p in _list(container.get("ports")) if "containerPort" in p]
+
+
+def _resolve_port(port: object, containers: Iterable[Mapping[str, Any]]) -> int | None:
+    """A number, or a port name looked up in ``containers`` (the kubelet resolves hook and probe
+    names in the container's own ports, Services in any container of the pod)."""
+    if isinstance(port, int) and not isinstance(port, bool):
+        return port
+    if isinstance(port, str):
+        if port.isdigit():
+            return int(port)
+        for container in containers:
+            for declared in _list(container.get("ports")):
+                if declared.get("name") == port and isinstance(declared.get("containerPort"), int):
+                    port_number: int = declared["containerPort"]
+                    return port_number
+    return None
+
+
+def _http_path(handler: Mapping[str, Any]) -> str:
+    return str(_get(handler, "httpGet", "path") or "/").split("?")[0]
+
+
+def _exec_words(handler: Mapping[str, Any]) -> list[str]:
+    """An exec handler's argv, with shell scripts (``sh -c "..."``) split into words."""
+    words: list[str] = []
+    for token in (str(t) for t in _get(handler, "exec", "command") or []):
+        if any(space in token for space in " \t\n;&|"):
+            try:
+                words += shlex.split(token.replace(";", " ; "))
+            except ValueError:
+                words += token.split()
+        else:
+            words.append(token)
+    return words
+
+
+def _exec_url(words: Sequence[str], path: str) -> str | None:
+    """The URL an exec hook calls on ``path`` (e.g. curl's argument), if any."""
+    for word in words:
+        url = urlsplit(word if "://" in word else f"http://{word}")
+        if url.path == path and url.hostname:
+            return word
+    return None
+
+
+def _runs_drainproxy_drain(words: Sequence[str]) -> bool:
+    return any(
+        posixpath.basename(word) == "drainproxy" and words[index + 1 : index + 2] == ["drain"]
+        for index, word in enumerate(words)
+    )
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules
+
+
+@dataclass(frozen=True)
+class _Context:
+    config: Config
+    config_source: str
+    docs: Sequence[ManifestDoc]
+
+
+def _check_grace_period(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    grace = pod.spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
+    if not isinstance(grace, int | float) or isinstance(grace, bool):
+        return
+    terms = ctx.config.shutdown_budget()
+    total = sum(seconds for _, seconds in terms)
+    shown = " + ".join(f"{name} {_seconds(seconds)}" for name, seconds in terms)
+    setting = (
+        "terminationGracePeriodSeconds"
+        if "terminationGracePeriodSeconds" in pod.spec
+        else "terminationGracePeriodSeconds (not set: Kubernetes' default)"
+    )
+    if total > grace:
+        yield _finding(
+            "DP101",
+            pod.where(),
+            f"the shutdown needs {shown} = {_seconds(total)}, more than {setting} {grace}: "
+            "the kubelet SIGKILLs the pod (exit 137) before the app has stopped",
+            f"set terminationGracePeriodSeconds: {math.ceil(total)} or more (and "
+            "termination_grace_period to match), or shorten drain.timeout / drain.propagation",
+        )
+    if grace != ctx.config.termination_grace_period:
+        yield _finding(
+            "DP102",
+            pod.where(),
+            f"{ctx.config_source} says termination_grace_period "
+            f"{_seconds(ctx.config.termination_grace_period)} but the pod's {setting} is {grace}: "
+            "drainproxy checks its budget against a grace period the kubelet does not use",
+            f"make both {grace} seconds (termination_grace_period: {grace}s)",
+        )
+
+
+def _prestop_hook_fix(ctx: _Context) -> str:
+    header = (
+        f", httpHeaders: [{{name: {TOKEN_HEADER}, value: <admin.token>}}]"
+        if ctx.config.admin.token
+        else ""
+    )
+    return (
+        f"add lifecycle.preStop.httpGet {{path: /prestop, port: {ctx.config.admin.listen.port}"
+        f"{header}}} to the app container"
+    )
+
+
+def _check_app_hooks(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    if pod.style not in (Style.CLASSIC, Style.NATIVE):
+        return
+    admin_port = ctx.config.admin.listen.port
+    for app in pod.apps:
+        where = pod.where(app)
+        hook = _get(app, "lifecycle", "preStop")
+        if not isinstance(hook, dict):
+            yield _finding(
+                "DP201",
+                where,
+                "no preStop hook: the kubelet sends this container SIGTERM at once, while "
+                "drainproxy is still draining, so requests in flight fail",
+                _prestop_hook_fix(ctx),
+            )
+            continue
+        if "httpGet" in hook:
+            yield from _check_http_prestop(ctx, pod, app, hook)
+            continue
+        call = _exec_url(_exec_words(hook), "/prestop")
+        if call is None:
+            what = "sleeps" if "sleep" in hook else "does not call drainproxy"
+            yield _finding(
+                "DP201",
+                where,
+                f"the preStop hook {what} instead of waiting on drainproxy's /prestop: the app "
+                "gets SIGTERM before the drain is over",
+                _prestop_hook_fix(ctx),
+            )
+            continue
+        url = urlsplit(call if "://" in call else f"http://{call}")
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        if port is not None and port != admin_port:
+            yield _finding(
+                "DP202",
+                where,
+                f"the preStop exec calls {call}, but drainproxy's admin port is {admin_port}",
+                f"call http://127.0.0.1:{admin_port}/prestop",
+            )
+
+
+def _check_http_prestop(
+    ctx: _Context, pod: Pod, app: Mapping[str, Any], hook: Mapping[str, Any]
+) -> Iterator[Finding]:
+    where = pod.where(app)
+    admin_port = ctx.config.admin.listen.port
+    http = hook["httpGet"] if isinstance(hook["httpGet"], dict) else {}
+    path = _http_path(hook)
+    if path != "/prestop":
+        yield _finding(
+            "DP201",
+            where,
+            f"the preStop hook calls GET {path}, not drainproxy's /prestop: the app gets SIGTERM "
+            "before the drain is over",
+            _prestop_hook_fix(ctx),
+        )
+        return
+    port = _resolve_port(http.get("port"), [app])
+    problems = []
+    if port != admin_port:
+        shown = http.get("port") if port is None else port
+        named = (
+            " (hook port names resolve in the app container's own ports)" if port is None else ""
+        )
+        problems.append(f"port {shown} is not drainproxy's admin port {admin_port}{named}")
+    if http.get("host"):
+        problems.append(f"host {http['host']} sends it away from the pod")
+    if str(http.get("scheme", "HTTP")).upper() != "HTTP":
+        problems.append(f"scheme {http['scheme']}: the admin listener speaks plain HTTP")
+    if problems:
+        yield _finding(
+            "DP202",
+            where,
+            "the preStop hook on /prestop misses drainproxy: " + "; ".join(problems),
+            f"use httpGet {{path: /prestop, port: {admin_port}}} with no host and scheme HTTP",
+        )
+    headers = {
+        str(h.get("name", "")).lower(): h.get("value") for h in _list(http.get("httpHeaders"))
+    }
+    token = ctx.config.admin.token
+    given = headers.get(TOKEN_HEADER.lower())
+    if token is None:
+        yield _finding(
+            "DP203",
+            where,
+            "admin.token is not set, so drainproxy answers 403 to /prestop from the kubelet "
+            "(httpGet hooks come from the node, not loopback) and the app gets SIGTERM at once",
+            f"set admin.token and send it in the hook's {TOKEN_HEADER} header",
+        )
+    elif given is None:
+        yield _finding(
+            "DP203",
+            where,
+            f"the hook has no {TOKEN_HEADER} header while admin.token is set: drainproxy "
+            "answers 403 and the app gets SIGTERM at once",
+            f"add httpHeaders: [{{name: {TOKEN_HEADER}, value: <admin.token>}}]",
+        )
+    elif given != token:
+        yield _finding(
+            "DP203",
+            where,
+            f"the hook's {TOKEN_HEADER} differs from admin.token in {ctx.config_source}: "
+            "drainproxy answers 403 and the app gets SIGTERM at once",
+            f"make the {TOKEN_HEADER} header value equal admin.token",
+        )
+
+
+def _check_probes(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    where = pod.where(pod.proxy)
+    admin_port = ctx.config.admin.listen.port
+    propagation = ctx.config.drain.propagation
+    probe = pod.proxy.get("readinessProbe")
+    aimed = (
+        isinstance(probe, dict)
+        and "httpGet" in probe
+        and _http_path(probe) == "/ready"
+        and _resolve_port(_get(probe, "httpGet", "port"), [pod.proxy]) == admin_port
+    )
+    if not aimed:
+        what = (
+            "has no readinessProbe"
+            if not isinstance(probe, dict)
+            else "has a readinessProbe that is not an httpGet of /ready on the admin port "
+            f"{admin_port}"
+        )
+        yield _finding(
+            "DP301",
+            where,
+            f"drainproxy's container {what}: the pod stays an endpoint while drainproxy drains",
+            f"readinessProbe: {{httpGet: {{path: /ready, port: {admin_port}}}, periodSeconds: 1, "
+            "failureThreshold: 2}",
+        )
+    elif isinstance(probe, dict):
+        period = int(probe.get("periodSeconds", _PROBE_DEFAULT_PERIOD))
+        failures = int(probe.get("failureThreshold", _PROBE_DEFAULT_FAILURES))
+        if period * failures > propagation:
+            yield _finding(
+                "DP302",
+                where,
+                f"the readinessProbe needs up to periodSeconds {period} x failureThreshold "
+                f"{failures} = {period * failures}s to notice the drain, longer than "
+                f"drain.propagation {_seconds(propagation)}: the listener closes while the pod "
+                "is still an endpoint",
+                "set periodSeconds: 1 and failureThreshold: 2, or raise drain.propagation to at "
+                f"least {period * failures}s plus your endpoint propagation time",
+            )
+    liveness = pod.proxy.get("livenessProbe")
+    if isinstance(liveness, dict) and "httpGet" in liveness and _http_path(liveness) == "/ready":
+        yield _finding(
+            "DP303",
+            where,
+            "the livenessProbe checks /ready, which fails from the start of every drain (and "
+            "while the app is down): the kubelet restarts drainproxy mid-drain",
+            f"point the livenessProbe at /live on port {admin_port}",
+        )
+
+
+def _selects(service: ManifestDoc, pod: Pod) -> bool:
+    selector = _get(service.body, "spec", "selector")
+    if not isinstance(selector, dict) or not selector:
+        return False
+    if service.namespace != pod.template.doc.namespace:
+        return False
+    return all(pod.template.labels.get(key) == value for key, value in selector.items())
+
+
+def _check_services(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    listen_port = ctx.config.listen.port
+    allowed = {listen_port, ctx.config.admin.listen.port}
+    for service in (d for d in ctx.docs if d.kind == "Service" and _selects(d, pod)):
+        for port in _list(_get(service.body, "spec", "ports")):
+            target = port.get("targetPort", port.get("port"))
+            resolved = _resolve_port(target, pod.running)
+            if resolved in allowed:
+                continue
+            why = (
+                f"names no container port of {pod.where()}"
+                if resolved is None
+                else f"is not drainproxy's listen port {listen_port}: traffic bypasses the drain"
+            )
+            yield _finding(
+                "DP401",
+                service.where,
+                f"port {port.get('port')} has targetPort {target}, which {why}",
+                f"set targetPort: {listen_port} (or the name of drainproxy's container port "
+                f"{listen_port})",
+            )
+
+
+def _check_ports(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    listen, admin, upstream = ctx.config.listen, ctx.config.admin.listen, ctx.config.upstream
+    owners: dict[tuple[int, str], list[str]] = {}
+    for port, role in ((listen.port, "listen"), (admin.port, "admin.listen")):
+        owners.setdefault((port, "TCP"), []).append(f"drainproxy's {role}")
+    for container in pod.running:
+        name = str(container.get("name", "?"))
+        for declared in _list(container.get("ports")):
+            key = (declared.get("containerPort", 0), str(declared.get("protocol", "TCP")))
+            if container is pod.proxy and key in ((listen.port, "TCP"), (admin.port, "TCP")):
+                continue
+            owners.setdefault(key, []).append(f"container {name}")
+    for (port, protocol), claimants in owners.items():
+        if len(claimants) > 1:
+            yield _finding(
+                "DP402",
+                pod.where(),
+                f"{protocol} port {port} is claimed by {' and '.join(claimants)}: containers of a "
+                "pod share one network namespace",
+                "give each container its own port (and change listen, admin.listen or the "
+                "app's port to match)",
+            )
+    if upstream.host in _LOOPBACK_HOSTS and upstream.port in (listen.port, admin.port):
+        yield _finding(
+            "DP402",
+            pod.where(),
+            f"upstream.url {upstream.url} is drainproxy's own port: it would proxy to itself",
+            "point upstream.url at the port the app listens on",
+        )
+
+
+def _user(pod: Pod, container: Mapping[str, Any]) -> object:
+    own = _get(container, "securityContext", "runAsUser")
+    return own if own is not None else _get(pod.spec, "securityContext", "runAsUser")
+
+
+def _check_signal_mode(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    if str(ctx.config.app.stop) != "signal" or pod.style is Style.WRAP:
+        return
+    if not pod.spec.get("shareProcessNamespace"):
+        yield _finding(
+            "DP501",
+            pod.where(),
+            "app.stop is signal, but without shareProcessNamespace drainproxy cannot see the "
+            "app's process: the stop fails at start-up",
+            "set spec.shareProcessNamespace: true (or use app.stop: prestop)",
+        )
+        return
+    capabilities = _get(pod.proxy, "securityContext", "capabilities", "add") or []
+    if "KILL" in capabilities or "CAP_KILL" in capabilities:
+        return
+    proxy_user = _user(pod, pod.proxy)
+    for app in pod.apps:
+        app_user = _user(pod, app)
+        if proxy_user is not None and app_user is not None and proxy_user != app_user:
+            yield _finding(
+                "DP502",
+                pod.where(app),
+                f"runs as user {app_user}, drainproxy as {proxy_user}: sending it a signal "
+                "fails with EPERM",
+                "run both with the same runAsUser, or add capability KILL to drainproxy",
+            )
+
+
+def _check_launch(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    where = pod.where(pod.proxy)
+    if pod.launch.under_shell:
+        yield _finding(
+            "DP505",
+            where,
+            "drainproxy is started by a shell (sh -c) without exec: the shell is the "
+            "container's main process, gets the SIGTERM and does not pass it on, so nothing drains",
+            "put exec before drainproxy in the script, or run drainproxy as the command itself",
+        )
+    if pod.style is Style.BLOCKING_INIT:
+        yield _finding(
+            "DP504",
+            where,
+            "drainproxy is an init container without restartPolicy: Always; it never exits, "
+            "so the app containers never start",
+            "add restartPolicy: Always (a native sidecar, Kubernetes 1.29+) or move it to "
+            "containers",
+        )
+    if pod.style is Style.WRAP:
+        from drainproxy.wrapper import check_wrapper_config
+
+        try:
+            check_wrapper_config(ctx.config)
+        except ConfigError as exc:
+            yield _finding(
+                "DP506",
+                where,
+                f"the container runs drainproxy wrap, which refuses {ctx.config_source}: {exc}",
+                "change the config as the message says",
+            )
+    if pod.style is not Style.NATIVE:
+        return
+    hook = _get(pod.proxy, "lifecycle", "preStop")
+    words = _exec_words(hook) if isinstance(hook, dict) else []
+    if _runs_drainproxy_drain(words) or _exec_url(words, "/drain"):
+        return
+    if isinstance(hook, dict) and "httpGet" in hook and _http_path(hook) == "/prestop":
+        why = (
+            "its preStop is GET /prestop, which counts as the app's hook: after releasing the app "
+            "drainproxy returns to serving, and its late SIGTERM starts a second drain"
+        )
+    else:
+        why = (
+            "its preStop does not start the drain; a native sidecar gets SIGTERM only after the "
+            "app has exited, so drainproxy would release the app and then drain a second time"
+        )
+    yield _finding(
+        "DP503",
+        where,
+        f"drainproxy runs as a native sidecar, but {why}",
+        "lifecycle.preStop.exec.command: [drainproxy, drain, --config, "
+        f"{pod.launch.config_path or IMAGE_DEFAULT_ARGS[2]}]",
+    )
+
+
+def _mounted_file(pod: Pod, path: str) -> tuple[dict[str, Any] | None, str] | None:
+    """The volume a file path of the proxy container lives on, and the path inside it."""
+    best: tuple[int, str, str] | None = None
+    for mount in _list(pod.proxy.get("volumeMounts")):
+        mount_path = str(mount.get("mountPath", "")).rstrip("/")
+        sub_path = mount.get("subPath")
+        if sub_path:
+            inner = str(sub_path) if path == mount_path else None
+        elif path.startswith(mount_path + "/"):
+            inner = path[len(mount_path) + 1 :]
+        else:
+            inner = None
+        if inner is not None and (best is None or len(mount_path) > best[0]):
+            best = (len(mount_path), str(mount.get("name")), inner)
+    if best is None:
+        return None
+    volume = next((v for v in _list(pod.spec.get("volumes")) if v.get("name") == best[1]), None)
+    return volume, best[2]
+
+
+def _shown(value: object) -> str:
+    """A config value as a user wrote it: every float in Config is a duration in seconds."""
+    return _seconds(value) if isinstance(value, float) else str(value)
+
+
+def _differences(given: object, other: object, prefix: str = "") -> list[str]:
+    if given == other:
+        return []
+    if not (is_dataclass(given) and is_dataclass(other)):
+        return [f"{prefix} ({_shown(given)} given, {_shown(other)} in the pod)"]
+    found: list[str] = []
+    for item in fields(given):
+        dotted = f"{prefix}.{item.name}" if prefix else item.name
+        found += _differences(getattr(given, item.name), getattr(other, item.name), dotted)
+    return found
+
+
+def _check_config_source(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    where = pod.where(pod.proxy)
+    path = pod.launch.config_path
+    if path is None:
+        differences = _differences(ctx.config, load_config(None))
+        if differences:
+            yield _finding(
+                "DP601",
+                where,
+                f"drainproxy runs without --config, on its embedded defaults, which differ from "
+                f"{ctx.config_source} at " + ", ".join(differences),
+                f"mount {ctx.config_source} from a ConfigMap and pass --config",
+            )
+        return
+    mounted = _mounted_file(pod, path)
+    volume, inner = mounted if mounted else (None, path)
+    config_map = _get(volume, "configMap")
+    if not isinstance(config_map, dict):
+        source = "the image" if mounted is None else f"volume {_get(volume, 'name')}"
+        yield _finding(
+            "DP602",
+            where,
+            f"drainproxy reads {path} from {source}, not from a ConfigMap in the manifests: "
+            f"cannot compare it with {ctx.config_source}",
+            "mount the config from a ConfigMap listed in the manifests given to check",
+        )
+        return
+    name = config_map.get("name")
+    items = _list(config_map.get("items"))
+    key = next((i.get("key") for i in items if i.get("path") == inner), None) if items else inner
+    namespace = pod.template.doc.namespace
+    config_maps = (d for d in ctx.docs if d.kind == "ConfigMap" and d.namespace == namespace)
+    doc = next((d for d in config_maps if d.name == name), None)
+    if doc is None:
+        yield _finding(
+            "DP602",
+            where,
+            f"drainproxy reads {path} from ConfigMap {name}, which is not in the manifests given: "
+            f"cannot compare it with {ctx.config_source}",
+            f"pass the manifest holding ConfigMap {name} to check as well",
+        )
+        return
+    data = _get(doc.body, "data")
+    text = data.get(key) if isinstance(data, dict) and key is not None else None
+    if not isinstance(text, str):
+        yield _finding(
+            "DP603",
+            doc.where,
+            f"has no key {key or inner!r}, which drainproxy's --config {path} needs: the file "
+            "does not exist in the container and drainproxy will not start",
+            f"add data.{inner} holding the config (or fix the volume's items)",
+        )
+        return
+    try:
+        in_pod = config_from_mapping(yaml.safe_load(text) or {})
+    except (ConfigError, yaml.YAMLError) as exc:
+        yield _finding(
+            "DP604",
+            doc.where,
+            f"data.{key} does not load: {exc}",
+            f"put the content of {ctx.config_source} there",
+        )
+        return
+    differences = _differences(ctx.config, in_pod)
+    if differences:
+        yield _finding(
+            "DP601",
+            doc.where,
+            f"data.{key} differs from {ctx.config_source} at " + ", ".join(differences),
+            f"regenerate the ConfigMap from {ctx.config_source} "
+            "(kubectl create configmap --from-file ... --dry-run=client -o yaml)",
+        )
+
+
+_POD_RULES = (
+    _check_grace_period,
+    _check_app_hooks,
+    _check_probes,
+    _check_services,
+    _check_ports,
+    _check_signal_mode,
+    _check_launch,
+    _check_config_source,
+)
+
+
+def check_manifests(
+    config: Config, docs: Sequence[ManifestDoc], config_source: str = "the config"
+) -> list[Finding]:
+    """Every finding for the pods in ``docs`` that run drainproxy, in manifest order."""
+    ctx = _Context(config, config_source, docs)
+    findings: list[Finding] = []
+    pods = [pod for t in pod_templates(docs) if (pod := find_pod(t, config)) is not None]
+    if not pods:
+        sources = ", ".join(sorted({doc.source for doc in docs})) or "the manifests"
+        return [
+            _finding(
+                "DP100",
+                sources,
+                "no Pod, Deployment, StatefulSet, DaemonSet, Job or CronJob here has a container "
+                "running drainproxy serve or drainproxy wrap",
+                "add the drainproxy container (see k8s/ for each style)",
+            )
+        ]
+    for pod in pods:
+        for rule in _POD_RULES:
+            findings.extend(rule(ctx, pod))
+    return findings

@@ -1,0 +1,625 @@
+"""`drainproxy check --manifest`: every rule fires on a manifest broken in its way, and only then.
+
+Each case starts from a shipped manifest (which passes clean, see test_k8s_manifests.py), breaks
+one thing, and expects the rule's code with the telling part of its message.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest.mock import ANY
+
+import pytest
+import yaml
+
+from drainproxy.cli import main
+from drainproxy.config import config_from_mapping, load_config
+from drainproxy.k8scheck import RULES, ManifestDoc, check_manifests, parse_manifests
+
+REPO = Path(__file__).resolve().parent.parent
+STYLES = {
+    "classic": ("k8s/classic-sidecar.yaml", "config/k8s-classic.yaml"),
+    "native": ("k8s/native-sidecar.yaml", "config/k8s-native.yaml"),
+    "shared-pid": ("k8s/shared-process-namespace.yaml", "config/k8s-shared-pid.yaml"),
+    "wrap": ("k8s/wrapper.yaml", "config/k8s-wrap.yaml"),
+}
+TOKEN = "replace-me-with-a-random-token"
+
+Docs = list[dict[str, Any]]
+
+
+def shipped(style: str) -> Docs:
+    manifest, _ = STYLES[style]
+    return [doc for doc in yaml.safe_load_all((REPO / manifest).read_text()) if doc]
+
+
+def config_text(style: str) -> str:
+    return (REPO / STYLES[style][1]).read_text()
+
+
+def find(docs: Docs, kind: str) -> dict[str, Any]:
+    return next(doc for doc in docs if doc["kind"] == kind)
+
+
+def pod_spec(docs: Docs) -> dict[str, Any]:
+    spec: dict[str, Any] = find(docs, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(docs: Docs, name: str) -> dict[str, Any]:
+    spec = pod_spec(docs)
+    return next(c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == name)
+
+
+def config_map_data(docs: Docs) -> dict[str, Any]:
+    data: dict[str, Any] = find(docs, "ConfigMap")["data"]
+    return data
+
+
+def lint(style: str, docs: Docs, config_overrides: str = "") -> list[tuple[str, str]]:
+    config_path = STYLES[style][1]
+    config = config_from_mapping(yaml.safe_load(config_text(style) + config_overrides))
+    parsed = [ManifestDoc("test.yaml", doc) for doc in docs]
+    return [(f.rule.code, f.line()) for f in check_manifests(config, parsed, config_path)]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    style: str
+    code: str
+    expect: str  # a piece of the finding's line that shows it names the real problem
+    breaks: Callable[[Docs], None]
+    #: Extra YAML appended to the style's config (later keys override earlier ones).
+    config: str = ""
+
+
+def _set(getter: Callable[[Docs], dict[str, Any]], **values: Any) -> Callable[[Docs], None]:
+    def apply(docs: Docs) -> None:
+        getter(docs).update(values)
+
+    return apply
+
+
+def _drop(getter: Callable[[Docs], dict[str, Any]], key: str) -> Callable[[Docs], None]:
+    def apply(docs: Docs) -> None:
+        del getter(docs)[key]
+
+    return apply
+
+
+def _app(docs: Docs) -> dict[str, Any]:
+    return container(docs, "app")
+
+
+def _proxy(docs: Docs) -> dict[str, Any]:
+    """The container running drainproxy: its own, or the app's in wrapper mode."""
+    spec = pod_spec(docs)
+    return next(
+        c
+        for c in spec["containers"] + spec.get("initContainers", [])
+        if c["name"] == "drainproxy" or "drainproxy" in c.get("command", [])
+    )
+
+
+def _app_hook(docs: Docs) -> dict[str, Any]:
+    hook: dict[str, Any] = _app(docs)["lifecycle"]["preStop"]["httpGet"]
+    return hook
+
+
+def _remove_drainproxy(docs: Docs) -> None:
+    spec = pod_spec(docs)
+    spec["containers"] = [c for c in spec["containers"] if c["name"] != "drainproxy"]
+
+
+def _keep_only_services(docs: Docs) -> None:
+    docs[:] = [doc for doc in docs if doc["kind"] == "Service"]
+
+
+def _service_target(target: object) -> Callable[[Docs], None]:
+    def apply(docs: Docs) -> None:
+        find(docs, "Service")["spec"]["ports"][0]["targetPort"] = target
+
+    return apply
+
+
+def _app_declares(port: int) -> Callable[[Docs], None]:
+    def apply(docs: Docs) -> None:
+        _app(docs)["ports"].append({"name": "extra", "containerPort": port})
+
+    return apply
+
+
+def _config_map_text(edit: Callable[[str], str]) -> Callable[[Docs], None]:
+    def apply(docs: Docs) -> None:
+        data = config_map_data(docs)
+        data["drainproxy.yaml"] = edit(data["drainproxy.yaml"])
+
+    return apply
+
+
+def _rename_config_map_key(docs: Docs) -> None:
+    data = config_map_data(docs)
+    data["config.yaml"] = data.pop("drainproxy.yaml")
+
+
+def _drop_config_map(docs: Docs) -> None:
+    docs[:] = [doc for doc in docs if doc["kind"] != "ConfigMap"]
+
+
+def _under_shell(script: str) -> Callable[[Docs], None]:
+    def apply(docs: Docs) -> None:
+        proxy = _proxy(docs)
+        proxy.pop("args", None)
+        proxy["command"] = ["/bin/sh", "-c", script]
+
+    return apply
+
+
+CASES = [
+    Case("no drainproxy container", "classic", "DP100", "no Pod, Deployment", _remove_drainproxy),
+    Case("only a Service given", "classic", "DP100", "running drainproxy", _keep_only_services),
+    Case(
+        "grace period shorter than the drain",
+        "classic",
+        "DP101",
+        "drain.readiness_fail_delay 0s + drain.propagation 5s + drain.timeout 15s + "
+        "app.stop_timeout 5s + margin 2s = 27s, more than terminationGracePeriodSeconds 20",
+        _set(pod_spec, terminationGracePeriodSeconds=20),
+    ),
+    Case(
+        "grace period left at Kubernetes' default",
+        "classic",
+        "DP101",
+        "= 42s, more than terminationGracePeriodSeconds (not set: Kubernetes' default) 30",
+        _drop(pod_spec, "terminationGracePeriodSeconds"),
+        config="drain: {propagation: 5s, timeout: 30s}\ntermination_grace_period: 45s\n",
+    ),
+    Case(
+        "grace period differs from the config's",
+        "native",
+        "DP102",
+        "termination_grace_period 30s but the pod's terminationGracePeriodSeconds is 60",
+        _set(pod_spec, terminationGracePeriodSeconds=60),
+    ),
+    Case(
+        "classic app without a preStop hook",
+        "classic",
+        "DP201",
+        "container app: error DP201 app-prestop-missing: no preStop hook",
+        _drop(_app, "lifecycle"),
+    ),
+    Case(
+        "native sidecar's app without its own hook",
+        "native",
+        "DP201",
+        "container app: error DP201 app-prestop-missing: no preStop hook",
+        _drop(_app, "lifecycle"),
+    ),
+    Case(
+        "app hook sleeps instead",
+        "shared-pid",
+        "DP201",
+        "the preStop hook sleeps instead of waiting",
+        _set(_app, lifecycle={"preStop": {"sleep": {"seconds": 20}}}),
+    ),
+    Case(
+        "app hook calls another path",
+        "classic",
+        "DP201",
+        "calls GET /shutdown, not drainproxy's /prestop",
+        _set(_app_hook, path="/shutdown"),
+    ),
+    Case(
+        "app hook on the proxy port",
+        "classic",
+        "DP202",
+        "port 8080 is not drainproxy's admin port 9901",
+        _set(_app_hook, port=8080),
+    ),
+    Case(
+        "app hook on a port name of another container",
+        "classic",
+        "DP202",
+        "port admin is not drainproxy's admin port 9901 (hook port names resolve in the app",
+        _set(_app_hook, port="admin"),
+    ),
+    Case(
+        "app exec hook curls the wrong port",
+        "classic",
+        "DP202",
+        "calls http://127.0.0.1:8080/prestop, but drainproxy's admin port is 9901",
+        _set(
+            _app,
+            lifecycle={
+                "preStop": {"exec": {"command": ["curl", "-fsS", "http://127.0.0.1:8080/prestop"]}}
+            },
+        ),
+    ),
+    Case(
+        "app hook without the token",
+        "classic",
+        "DP203",
+        "no X-Drainproxy-Token header while admin.token is set",
+        _drop(_app_hook, "httpHeaders"),
+    ),
+    Case(
+        "app hook with a wrong token",
+        "native",
+        "DP203",
+        "X-Drainproxy-Token differs from admin.token",
+        _set(_app_hook, httpHeaders=[{"name": "x-drainproxy-token", "value": "stale"}]),
+    ),
+    Case(
+        "app hook while the config sets no token",
+        "classic",
+        "DP203",
+        "admin.token is not set, so drainproxy answers 403",
+        lambda docs: None,
+        config="admin: {listen: 0.0.0.0:9901, token: null}\n",
+    ),
+    Case(
+        "readiness probe on the app's health path",
+        "classic",
+        "DP301",
+        "not an httpGet of /ready on the admin port 9901",
+        _set(_proxy, readinessProbe={"httpGet": {"path": "/healthz", "port": 8000}}),
+    ),
+    Case(
+        "no readiness probe",
+        "wrap",
+        "DP301",
+        "has no readinessProbe: the pod stays an endpoint",
+        _drop(_proxy, "readinessProbe"),
+    ),
+    Case(
+        "readiness probe with Kubernetes' default timing",
+        "classic",
+        "DP302",
+        "periodSeconds 10 x failureThreshold 3 = 30s to notice the drain, longer than "
+        "drain.propagation 5s",
+        _set(_proxy, readinessProbe={"httpGet": {"path": "/ready", "port": "admin"}}),
+    ),
+    Case(
+        "liveness probe on /ready",
+        "native",
+        "DP303",
+        "the livenessProbe checks /ready",
+        _set(_proxy, livenessProbe={"httpGet": {"path": "/ready", "port": 9901}}),
+    ),
+    Case(
+        "Service straight to the app",
+        "classic",
+        "DP401",
+        "port 80 has targetPort 8000, which is not drainproxy's listen port 8080",
+        _service_target(8000),
+    ),
+    Case(
+        "Service to the app's port name",
+        "native",
+        "DP401",
+        "targetPort app, which is not drainproxy's listen port",
+        _service_target("app"),
+    ),
+    Case(
+        "Service to an undeclared port name",
+        "wrap",
+        "DP401",
+        "targetPort web, which names no container port",
+        _service_target("web"),
+    ),
+    Case(
+        "app claims the admin port",
+        "classic",
+        "DP402",
+        "TCP port 9901 is claimed by drainproxy's admin.listen and container app",
+        _app_declares(9901),
+    ),
+    Case(
+        "upstream is drainproxy itself",
+        "wrap",
+        "DP402",
+        "upstream.url http://127.0.0.1:8080 is drainproxy's own port",
+        lambda docs: None,
+        config="upstream: http://127.0.0.1:8080\n",
+    ),
+    Case(
+        "signal stop without a shared process namespace",
+        "shared-pid",
+        "DP501",
+        "app.stop is signal, but without shareProcessNamespace",
+        _drop(pod_spec, "shareProcessNamespace"),
+    ),
+    Case(
+        "signal stop across users",
+        "shared-pid",
+        "DP502",
+        "runs as user 0, drainproxy as 10001",
+        _set(_app, securityContext={"runAsUser": 0}),
+    ),
+    Case(
+        "native sidecar without a preStop",
+        "native",
+        "DP503",
+        "its preStop does not start the drain",
+        _drop(_proxy, "lifecycle"),
+    ),
+    Case(
+        "native sidecar's preStop is GET /prestop",
+        "native",
+        "DP503",
+        "its preStop is GET /prestop, which counts as the app's hook",
+        _set(
+            _proxy,
+            lifecycle={"preStop": {"httpGet": {"path": "/prestop", "port": 9901}}},
+        ),
+    ),
+    Case(
+        "init container without restartPolicy Always",
+        "native",
+        "DP504",
+        "init container without restartPolicy: Always",
+        _drop(_proxy, "restartPolicy"),
+    ),
+    Case(
+        "drainproxy under sh -c",
+        "classic",
+        "DP505",
+        "started by a shell (sh -c) without exec",
+        _under_shell("drainproxy serve --config /etc/drainproxy/drainproxy.yaml"),
+    ),
+    Case(
+        "wrap under sh -c",
+        "wrap",
+        "DP505",
+        "started by a shell (sh -c) without exec",
+        _under_shell("drainproxy wrap --config /etc/drainproxy/drainproxy.yaml -- /app/run.sh"),
+    ),
+    Case(
+        "wrap with a stop method of the sidecar styles",
+        "wrap",
+        "DP506",
+        "runs drainproxy wrap, which refuses config/k8s-wrap.yaml: app.stop: 'http' is not used",
+        lambda docs: None,
+        config="app: {stop: http, url: 'http://127.0.0.1:8000/quit'}\n",
+    ),
+    Case(
+        "ConfigMap drifted from the config",
+        "classic",
+        "DP601",
+        "differs from config/k8s-classic.yaml at drain.propagation (5s given, 4s in the pod)",
+        _config_map_text(lambda text: text.replace("propagation: 5s", "propagation: 4s")),
+    ),
+    Case(
+        "drainproxy started without --config",
+        "classic",
+        "DP601",
+        "runs without --config, on its embedded defaults, which differ",
+        _set(_proxy, args=["serve"]),
+    ),
+    Case(
+        "ConfigMap not among the manifests",
+        "native",
+        "DP602",
+        "from ConfigMap web-drainproxy, which is not in the manifests given",
+        _drop_config_map,
+    ),
+    Case(
+        "config path not on a mounted volume",
+        "shared-pid",
+        "DP602",
+        "reads /etc/drainproxy/drainproxy.yaml from the image",
+        _drop(_proxy, "volumeMounts"),
+    ),
+    Case(
+        "ConfigMap key renamed",
+        "wrap",
+        "DP603",
+        "has no key 'drainproxy.yaml'",
+        _rename_config_map_key,
+    ),
+    Case(
+        "ConfigMap holds an invalid config",
+        "classic",
+        "DP604",
+        "drain.propagation: 'soon' must be a duration",
+        _config_map_text(lambda text: text.replace("propagation: 5s", "propagation: soon")),
+    ),
+]
+
+
+def test_every_rule_has_a_broken_manifest_case() -> None:
+    assert {case.code for case in CASES} == set(RULES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_rule_fires_on_its_broken_manifest(case: Case) -> None:
+    docs = shipped(case.style)
+    assert lint(case.style, docs) == [], "the shipped manifest must pass clean"
+    broken = copy.deepcopy(docs)
+    case.breaks(broken)
+    findings = lint(case.style, broken, case.config)
+    lines = [line for code, line in findings if code == case.code]
+    assert lines, f"{case.code} not reported; got:\n" + "\n".join(line for _, line in findings)
+    assert any(case.expect in line for line in lines), "\n".join(lines)
+    assert all(" fix: " in line for _, line in findings)
+
+
+def test_exec_drainproxy_drain_as_a_native_sidecar_hook_is_accepted_in_a_shell() -> None:
+    docs = shipped("native")
+    script = "exec drainproxy drain --config /etc/drainproxy/drainproxy.yaml"
+    _proxy(docs)["lifecycle"] = {"preStop": {"exec": {"command": ["sh", "-c", script]}}}
+    assert lint("native", docs) == []
+
+
+def test_exec_into_drainproxy_from_a_shell_is_pid1_and_passes() -> None:
+    docs = shipped("classic")
+    _under_shell("exec drainproxy serve --config /etc/drainproxy/drainproxy.yaml")(docs)
+    assert lint("classic", docs) == []
+
+
+def test_admin_port_service_for_metrics_is_allowed() -> None:
+    docs = shipped("classic")
+    metrics = copy.deepcopy(find(docs, "Service"))
+    metrics["metadata"]["name"] = "web-metrics"
+    metrics["spec"]["ports"] = [{"name": "metrics", "port": 9901, "targetPort": "admin"}]
+    assert lint("classic", [*docs, metrics]) == []
+
+
+def test_a_service_selecting_other_pods_is_not_judged() -> None:
+    docs = shipped("classic")
+    other = copy.deepcopy(find(docs, "Service"))
+    other["spec"]["selector"] = {"app.kubernetes.io/name": "other"}
+    other["spec"]["ports"][0]["targetPort"] = 5432
+    assert lint("classic", [*docs, other]) == []
+
+
+def _as_kind(kind: str, docs: Docs) -> Docs:
+    deployment = find(docs, "Deployment")
+    template = deployment["spec"]["template"]
+    meta = {"name": "web"}
+    if kind == "Pod":
+        workload = {"apiVersion": "v1", "kind": "Pod", "metadata": {**meta, **template["metadata"]}}
+        workload["spec"] = template["spec"]
+    elif kind == "Job":
+        template["spec"]["restartPolicy"] = "Never"
+        workload = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta}
+        workload["spec"] = {"template": template}
+    elif kind == "CronJob":
+        template["spec"]["restartPolicy"] = "Never"
+        workload = {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": meta}
+        workload["spec"] = {"schedule": "@hourly", "jobTemplate": {"spec": {"template": template}}}
+    else:
+        workload = {"apiVersion": "apps/v1", "kind": kind, "metadata": meta}
+        workload["spec"] = {"selector": deployment["spec"]["selector"], "template": template}
+    return [workload if doc is deployment else doc for doc in docs]
+
+
+@pytest.mark.parametrize("kind", ["Pod", "StatefulSet", "DaemonSet", "Job", "CronJob"])
+def test_every_workload_kind_is_read(kind: str) -> None:
+    docs = _as_kind(kind, shipped("classic"))
+    assert lint("classic", docs) == []
+    next(c for c in _pod_spec_of(docs[1])["containers"] if c["name"] == "app").pop("lifecycle")
+    findings = lint("classic", docs)
+    assert [code for code, _ in findings] == ["DP201"]
+    assert f"test.yaml: {kind}/web container app:" in findings[0][1]
+
+
+def _pod_spec_of(workload: dict[str, Any]) -> dict[str, Any]:
+    if workload["kind"] == "Pod":
+        spec: dict[str, Any] = workload["spec"]
+    elif workload["kind"] == "CronJob":
+        spec = workload["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    else:
+        spec = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def test_a_kubectl_list_is_read_item_by_item() -> None:
+    listed = {"apiVersion": "v1", "kind": "List", "items": shipped("native")}
+    docs = parse_manifests(yaml.safe_dump(listed), "list.yaml")
+    assert [doc.kind for doc in docs] == [doc["kind"] for doc in shipped("native")]
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def write_manifest(tmp_path: Path, docs: Docs) -> str:
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    return str(path)
+
+
+def test_cli_exits_1_on_errors_with_one_line_per_finding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = shipped("classic")
+    pod_spec(docs)["terminationGracePeriodSeconds"] = 20
+    _app(docs).pop("lifecycle")
+    manifest = write_manifest(tmp_path, docs)
+    assert main(["check", "--config", STYLES["classic"][1], "--manifest", manifest]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    codes = [re.search(r": (?:error|warning) (DP\d+) ", line) for line in lines[:-1]]
+    assert [code.group(1) if code else line for code, line in zip(codes, lines, strict=False)] == [
+        "DP101",
+        "DP102",
+        "DP201",
+    ]
+    assert lines[-1] == f"config/k8s-classic.yaml with {manifest}: 2 error(s), 1 warning(s)"
+
+
+def test_cli_exits_0_on_warnings_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = [doc for doc in shipped("classic") if doc["kind"] != "ConfigMap"]
+    manifest = write_manifest(tmp_path, docs)
+    assert main(["check", "--config", STYLES["classic"][1], "--manifest", manifest]) == 0
+    assert ": warning DP602 config-unverifiable: " in capsys.readouterr().out
+
+
+def test_cli_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = shipped("native")
+    _proxy(docs).pop("lifecycle")
+    manifest = write_manifest(tmp_path, docs)
+    argv = ["check", "--config", STYLES["native"][1], "--manifest", manifest, "--format", "json"]
+    assert main(argv) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["errors"] == 1 and report["warnings"] == 0
+    (finding,) = report["findings"]
+    assert finding["code"] == "DP503"
+    assert finding["severity"] == "error"
+    assert finding["where"] == f"{manifest}: Deployment/web container drainproxy"
+    assert finding["fix"].startswith("lifecycle.preStop.exec.command: [drainproxy, drain")
+
+
+def test_cli_without_manifests_still_just_validates_the_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "--config", "config/drainproxy.yaml"]) == 0
+    assert capsys.readouterr().out == "config/drainproxy.yaml: ok\n"
+
+
+def test_cli_unreadable_manifest_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: [unclosed\n")
+    assert main(["check", "--config", "config/drainproxy.yaml", "--manifest", str(bad)]) == 2
+    assert f"drainproxy: manifest error: {bad}: not valid YAML" in capsys.readouterr().err
+    missing = tmp_path / "missing.yaml"
+    argv = ["check", "--config", "config/drainproxy.yaml", "--manifest", str(missing)]
+    assert main([*argv, "--format", "json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["error"].startswith(f"manifest error: {missing}: cannot be read")
+
+
+def test_cli_bad_config_exits_2_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("drain: {timeout: 40s}\n")
+    manifest = STYLES["classic"][0]
+    assert main(["check", "--config", str(config), "--manifest", manifest]) == 2
+    assert "config error: termination_grace_period: 30.0 is shorter" in capsys.readouterr().err
+
+
+def test_grace_budget_sum_is_the_config_budget() -> None:
+    config = load_config(REPO / STYLES["classic"][1])
+    total = sum(seconds for _, seconds in config.shutdown_budget())
+    docs = shipped("classic")
+    pod_spec(docs)["terminationGracePeriodSeconds"] = int(total)
+    assert lint("classic", docs) == [("DP102", ANY)]
+    pod_spec(docs)["terminationGracePeriodSeconds"] = int(total) - 1
+    parsed = [ManifestDoc("t.yaml", doc) for doc in docs]
+    (line,) = [f.line() for f in check_manifests(config, parsed) if f.rule.code == "DP101"]
+    assert f"= {total:g}s, more than terminationGracePeriodSeconds {int(total) - 1}:" in line
+
+
+def test_every_rule_is_documented_with_its_name_and_severity() -> None:
+    docs = (REPO / "docs" / "kubernetes.md").read_text()
+    for rule in RULES.values():
+        assert f"| {rule.code} | `{rule.name}` | {rule.severity.value} |" in docs, rule.code
