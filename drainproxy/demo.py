@@ -230,13 +230,18 @@ async def _one_run(
         _show_progress(out, started, counts, replicas),
         _watch_balancer(balancers, states),
     ):
-        result = await run_rollout(
-            plan,
-            workdir,
-            balancer_factory=make_balancer,
-            on_progress=lambda message: _say(out, f"  {message}"),
-            on_outcome=count,
-        )
+        try:
+            result = await run_rollout(
+                plan,
+                workdir,
+                balancer_factory=make_balancer,
+                on_progress=lambda message: _say(out, f"  {message}"),
+                on_outcome=count,
+            )
+        except (TimeoutError, AssertionError) as exc:
+            # A stage that never came (a replica that did not start, load that never flowed).
+            why = str(exc) or type(exc).__name__
+            raise DemoError(f"the run {label} stopped: {why}") from exc
     report = RunReport(label, with_drainproxy, result)
     deleted = result.deleted.name
     report.balancer_down_at = next(

@@ -22,6 +22,14 @@ if TYPE_CHECKING:
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "retried", "invalid")
 CLOSE_REASONS = ("idle", "after_response", "forced", "client")
+TIMEOUT_KINDS = (
+    "request_head",
+    "client_idle",
+    "client_body",
+    "connect",
+    "response_head",
+    "upstream_idle",
+)
 
 
 def _counter(
@@ -59,7 +67,7 @@ class _ServerCollector(Collector):
             "drainproxy_phase_transitions",
             "Phase changes, by the phase entered",
             "phase",
-            (),
+            (phase.value for phase in Phase),
             server.phases_entered,
         )
         yield _gauge(
@@ -169,6 +177,32 @@ class _ServerCollector(Collector):
         yield CounterMetricFamily(
             "drainproxy_bad_requests", "Malformed requests answered 400", value=stats.bad_requests
         )
+        yield _counter(
+            "drainproxy_requests_rejected",
+            "Requests drainproxy refused itself (limits, timeouts), by status",
+            "status",
+            (),
+            stats.requests_rejected,
+        )
+        yield _counter(
+            "drainproxy_timeouts",
+            "Expired timeouts, by kind",
+            "kind",
+            TIMEOUT_KINDS,
+            stats.timeouts,
+        )
+        yield CounterMetricFamily(
+            "drainproxy_connections_refused",
+            "Connections answered 503 and closed at limits.max_connections",
+            value=stats.connections_refused,
+        )
+        if stats.last_connection_at:
+            yield _gauge(
+                "drainproxy_last_connection_age_seconds",
+                "Seconds since the last client connection was accepted: how long ago anyone "
+                "still routed here (absent before the first)",
+                server.loop.time() - stats.last_connection_at,
+            )
         yield CounterMetricFamily(
             "drainproxy_tunnels_opened", "Upgraded connections relayed", value=stats.tunnels_opened
         )

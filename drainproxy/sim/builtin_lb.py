@@ -15,14 +15,11 @@ It behaves like kube-proxy or a cloud L4 balancer, which is what makes it a fair
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 from drainproxy.sim.haproxy import Backend
-
-_CHUNK = 65536
 
 
 class _Replica:
@@ -54,7 +51,7 @@ class BuiltinBalancer:
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._sides: set[_Side] = set()
 
     def start(self) -> None:
         self._spawn(self._listen())
@@ -79,8 +76,8 @@ class BuiltinBalancer:
             task.cancel()
         if self._server is not None:
             self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
+        for side in list(self._sides):
+            side.abort()
 
     # --- health checks --------------------------------------------------------------------
 
@@ -117,7 +114,10 @@ class BuiltinBalancer:
     # --- traffic ------------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Side(self, client=True), "127.0.0.1", self.port
+        )
 
     def _pick(self) -> Backend | None:
         for _ in self._replicas:
@@ -126,27 +126,19 @@ class BuiltinBalancer:
                 return replica.backend
         return None
 
-    async def _relay(
-        self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
-    ) -> None:
-        self._writers.add(client)
-        backend = self._pick()
+    async def _connect(self, client: _Side, backend: Backend) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            if backend is None:
-                return
-            try:
-                upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", backend.port)
-            except OSError:
-                return  # no retry: the client sees its connection end without a response
-            self._writers.add(upstream)
-            try:
-                await _splice(client_reader, upstream, upstream_reader, client)
-            finally:
-                self._writers.discard(upstream)
-                upstream.transport.abort()
-        finally:
-            self._writers.discard(client)
-            client.close()
+            _, upstream = await loop.create_connection(
+                lambda: _Side(self, client=False), "127.0.0.1", backend.port
+            )
+        except OSError:
+            client.abort()  # no retry: the client sees its connection end without a response
+            return
+        if client.closed:
+            upstream.abort()
+        else:
+            client.splice(upstream)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -154,35 +146,64 @@ class BuiltinBalancer:
         task.add_done_callback(self._tasks.discard)
 
 
-async def _splice(
-    client_reader: asyncio.StreamReader,
-    upstream: asyncio.StreamWriter,
-    upstream_reader: asyncio.StreamReader,
-    client: asyncio.StreamWriter,
-) -> None:
-    """Copy both ways until either side ends; a reset on one side resets the other."""
-    reset = False
+class _Side(asyncio.Protocol):
+    """One side of a relayed connection: what it receives, its peer sends. A graceful close
+    passes through as a close, a reset as a reset; a full buffer pauses the other side."""
 
-    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal reset
-        try:
-            while data := await reader.read(_CHUNK):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            reset = True
+    def __init__(self, balancer: BuiltinBalancer, client: bool) -> None:
+        self.balancer = balancer
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        self.closed = False
+        #: Client bytes that arrive before the replica's connection is up.
+        self.early: list[bytes] = []
 
-    tasks = [
-        asyncio.ensure_future(copy(client_reader, upstream)),
-        asyncio.ensure_future(copy(upstream_reader, client)),
-    ]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if reset:
-        client.transport.abort()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.balancer._sides.add(self)
+        if not self.client:
+            return
+        backend = self.balancer._pick()
+        if backend is None:
+            self.abort()
+        else:
+            self.balancer._spawn(self.balancer._connect(self, backend))
+
+    def splice(self, upstream: _Side) -> None:
+        self.peer, upstream.peer = upstream, self
+        for data in self.early:
+            upstream.write(data)
+        self.early.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self.early.append(data)
+        else:
+            self.peer.write(data)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.balancer._sides.discard(self)
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.closed:
+            if exc is None:
+                peer.transport.close()
+            else:
+                peer.transport.abort()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
