@@ -50,3 +50,28 @@ async def test_deleting_a_replica_under_load_loses_no_request(tmp_path: Path) ->
 async def test_without_drainproxy_the_same_deletion_fails_requests(tmp_path: Path) -> None:
     result = await run_rollout(RolloutPlan(with_drainproxy=False), tmp_path)
     assert len(result.failures) > 0, describe(result)
+
+
+EVIDENCE_DRAIN = {
+    "propagation": "10s",
+    "timeout": "5s",
+    "propagation_mode": "evidence",
+    "propagation_min": "200ms",
+    "propagation_margin": "300ms",
+    "quiet": "300ms",
+    # HAProxy marks a server down after `fall 2` failed checks (drainproxy.sim.haproxy).
+    "default_failure_threshold": 2,
+}
+
+
+async def test_evidence_based_propagation_leaves_early_and_loses_no_request(tmp_path: Path) -> None:
+    plan = RolloutPlan(drain=EVIDENCE_DRAIN, grace_period=20.0)
+    result = await run_rollout(plan, tmp_path)
+    assert result.failures == [], describe(result)
+    assert result.deleted.proxy_log is not None
+    ended = await result.deleted.proxy_log.wait(r"propagating -> draining \((.*)\)")
+    assert ended.group(1).startswith("evidence: 1 prober(s): 127.0.0.1"), describe(result)
+    # It left on evidence: long before the fixed 10 s propagation alone would have ended.
+    assert result.gone_at - result.deleted_at < 10.0, describe(result)
+    proxy = next(c for c in result.containers if c.name == "drainproxy")
+    assert proxy.returncode == 0
