@@ -33,6 +33,8 @@ _PROBE_DEFAULT_PERIOD = 10
 _PROBE_DEFAULT_FAILURES = 3
 _SHELLS = frozenset({"sh", "bash", "dash", "ash", "busybox"})
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+#: The User-Agent of the kubelet's probes (``kube-probe/<major>.<minor>``).
+_KUBELET_USER_AGENT = "kube-probe/1.29"
 
 #: Where each workload kind keeps its pod template.
 _TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -112,6 +114,12 @@ _RULE_LIST = (
         "liveness-probe-on-ready",
         Severity.ERROR,
         "a livenessProbe on /ready restarts drainproxy during every drain",
+    ),
+    Rule(
+        "DP304",
+        "evidence-threshold-mismatch",
+        Severity.ERROR,
+        "evidence-based propagation assumes fewer kubelet probe failures than failureThreshold",
     ),
     Rule(
         "DP401",
@@ -689,6 +697,7 @@ def _check_probes(ctx: _Context, pod: Pod) -> Iterator[Finding]:
                 "set periodSeconds: 1 and failureThreshold: 2, or raise drain.propagation to at "
                 f"least {period * failures}s plus your endpoint propagation time",
             )
+        yield from _check_evidence_threshold(ctx, where, failures)
     liveness = pod.proxy.get("livenessProbe")
     if isinstance(liveness, dict) and "httpGet" in liveness and _http_path(liveness) == "/ready":
         yield _finding(
@@ -697,6 +706,29 @@ def _check_probes(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             "the livenessProbe checks /ready, which fails from the start of every drain (and "
             "while the app is down): the kubelet restarts drainproxy mid-drain",
             f"point the livenessProbe at /live on port {admin_port}",
+        )
+
+
+def _check_evidence_threshold(ctx: _Context, where: str, failures: int) -> Iterator[Finding]:
+    """In evidence mode drainproxy ends the propagation once each prober has seen its threshold
+    of 503s: for the kubelet that must be the readinessProbe's failureThreshold."""
+    drain = ctx.config.drain
+    if drain.propagation_mode != "evidence":
+        return
+    from drainproxy.probers import ProberTracker
+
+    assumed = ProberTracker(drain.probers, drain.default_failure_threshold).threshold_for(
+        "", _KUBELET_USER_AGENT
+    )
+    if failures > assumed:
+        yield _finding(
+            "DP304",
+            where,
+            f"drain.propagation_mode is evidence and drainproxy counts the kubelet as done after "
+            f"{assumed} failed probe(s), but the readinessProbe's failureThreshold is {failures}: "
+            "the listener can close while the pod is still an endpoint",
+            f"add drain.probers: [{{user_agent: '^kube-probe/', failure_threshold: {failures}}}] "
+            f"or set failureThreshold: {assumed}",
         )
 
 

@@ -294,6 +294,16 @@ CASES = [
         _set(_proxy, livenessProbe={"httpGet": {"path": "/ready", "port": 9901}}),
     ),
     Case(
+        "evidence mode assumes fewer kubelet failures than the probe needs",
+        "classic",
+        "DP304",
+        "counts the kubelet as done after 1 failed probe(s), but the readinessProbe's "
+        "failureThreshold is 2",
+        lambda docs: None,
+        config="drain: {propagation: 5s, timeout: 15s, propagation_mode: evidence,\n"
+        "  default_failure_threshold: 1}\n",
+    ),
+    Case(
         "Service straight to the app",
         "classic",
         "DP401",
