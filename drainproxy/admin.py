@@ -69,7 +69,11 @@ async def live(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     server = _server(request)
-    if server.is_ready():
+    is_ready = server.is_ready()
+    server.note_readiness_probe(
+        request.remote or "-", request.headers.get("User-Agent", ""), is_ready
+    )
+    if is_ready:
         return web.Response(text="ready\n")
     reason = server.lifecycle.phase.value if not server.lifecycle.is_ready() else "app unreachable"
     return web.Response(status=503, text=f"not ready: {reason}\n")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -49,6 +49,17 @@ class AppCheck:
 
 
 @dataclass(frozen=True)
+class UpstreamTLSConfig:
+    """TLS to the app (an ``https://`` upstream URL). Without ``ca_file`` the system CAs apply."""
+
+    ca_file: str | None = None
+    verify: bool = True
+    server_name: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     url: str = "http://127.0.0.1:8000"
     host: str = "127.0.0.1"
@@ -58,6 +69,44 @@ class UpstreamConfig:
     max_idle_connections: int = 64
     idle_timeout: float = 30.0
     check: AppCheck = field(default_factory=AppCheck)
+    #: Set exactly when the URL is https://.
+    tls: UpstreamTLSConfig | None = None
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    """Client-side timeouts (the app's are in ``upstream``); 0 turns one off."""
+
+    request_head: float = 10.0
+    client_idle: float = 75.0
+    client_body: float = 30.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Sizes and counts that bound what one client may make drainproxy hold."""
+
+    max_request_line: int = 8192
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    #: None: no limit on request bodies.
+    max_body_bytes: int | None = None
+    #: None: ``auto``, half the open-file limit (each connection may need one to the app too).
+    max_connections: int | None = None
+
+
+ClientCertMode = Literal["none", "optional", "required"]
+
+
+@dataclass(frozen=True)
+class ListenerTLSConfig:
+    """TLS termination on ``listen``; the files are re-read when they change."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    client_cert: ClientCertMode = "none"
+    reload_interval: float = 10.0
 
 
 ForwardedMode = Literal["preserve", "overwrite", "off"]
@@ -79,12 +128,29 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class ProberRule:
+    """How many consecutive failed readiness checks make one prober mark the pod unready."""
+
+    failure_threshold: int
+    address: str | None = None
+    user_agent: re.Pattern[str] | None = None
+
+
+@dataclass(frozen=True)
 class DrainConfig:
     readiness_fail_delay: float = 0.0
     propagation: float = 5.0
     min: float = 0.0
     timeout: float = 20.0
     idle_grace: float = 0.5
+    close_spread: float = 0.0
+    #: ``fixed`` waits all of ``propagation``; ``evidence`` may end it early (see docs/drain.md).
+    propagation_mode: Literal["fixed", "evidence"] = "fixed"
+    propagation_min: float = 1.0
+    propagation_margin: float = 1.0
+    quiet: float = 1.0
+    default_failure_threshold: int = 3
+    probers: tuple[ProberRule, ...] = ()
 
 
 AppStopMethod = Literal["prestop", "signal", "http", "exec", "none"]
@@ -123,6 +189,9 @@ class Config:
     app: AppConfig = field(default_factory=AppConfig)
     log: LogConfig = field(default_factory=LogConfig)
     termination_grace_period: float = 30.0
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tls: ListenerTLSConfig | None = None
 
     def shutdown_budget(self) -> list[tuple[str, float]]:
         """The terms that must fit in the termination grace period, in the order they elapse."""
@@ -227,13 +296,128 @@ def _upstream_url(name: str, value: object) -> dict[str, Any]:
     if not isinstance(value, str):
         raise ConfigError(name, value, "must be an http://host:port URL")
     parts = urlsplit(value)
-    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-        raise ConfigError(name, value, "must be an http://host:port URL with no path")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(name, value, "must be an http:// or https://host:port URL with no path")
     try:
-        port = parts.port or 80
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise ConfigError(name, value, "port must be a number from 1 to 65535") from None
     return {"url": value, "host": parts.hostname, "port": port}
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_size(name: str, value: object) -> int:
+    """Bytes from a whole number or a string such as ``64KiB`` or ``1MiB``; at least 1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise ConfigError(name, value, "must be a size in bytes such as 8192, 64KiB or 1MiB")
+    if size < 1:
+        raise ConfigError(name, value, "must be at least 1 byte")
+    return size
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(name, value, "must be a whole number, 1 or more")
+    return value
+
+
+def _readable_file(name: str, value: object) -> str:
+    path = _string(name, value)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(name, value, f"cannot be read: {exc.strerror}") from None
+    return path
+
+
+def _upstream_tls(name: str, raw: object) -> UpstreamTLSConfig:
+    tls = UpstreamTLSConfig(
+        **_section(
+            name,
+            raw,
+            {
+                "ca_file": _readable_file,
+                "verify": _boolean,
+                "server_name": _string,
+                "cert_file": _readable_file,
+                "key_file": _readable_file,
+            },
+        )
+    )
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError(f"{name}.cert_file", tls.cert_file, f"and {name}.key_file go together")
+    return tls
+
+
+def _timeouts(name: str, raw: object) -> TimeoutsConfig:
+    return TimeoutsConfig(
+        **_section(
+            name,
+            raw,
+            {
+                "request_head": parse_duration,
+                "client_idle": parse_duration,
+                "client_body": parse_duration,
+            },
+        )
+    )
+
+
+def _connections_limit(name: str, value: object) -> int | None:
+    return None if value == "auto" else _count(name, value)
+
+
+def _limits(name: str, raw: object) -> LimitsConfig:
+    return LimitsConfig(
+        **_section(
+            name,
+            raw,
+            {
+                "max_request_line": parse_size,
+                "max_header_bytes": parse_size,
+                "max_headers": _count,
+                "max_body_bytes": _optional(parse_size),
+                "max_connections": _connections_limit,
+            },
+        )
+    )
+
+
+def _listener_tls(name: str, raw: object) -> ListenerTLSConfig | None:
+    if raw is None:
+        return None
+    values = _section(
+        name,
+        raw,
+        {
+            "cert_file": _readable_file,
+            "key_file": _readable_file,
+            "client_ca_file": _readable_file,
+            "client_cert": _choice("none", "optional", "required"),
+            "reload_interval": parse_duration,
+        },
+    )
+    for key in ("cert_file", "key_file"):
+        if key not in values:
+            raise ConfigError(f"{name}.{key}", None, "is required when tls is set")
+    tls = ListenerTLSConfig(**values)
+    if (tls.client_cert != "none") != (tls.client_ca_file is not None):
+        raise ConfigError(
+            f"{name}.client_cert",
+            tls.client_cert,
+            f"must be optional or required exactly when {name}.client_ca_file is set",
+        )
+    if tls.reload_interval <= 0:
+        raise ConfigError(f"{name}.reload_interval", tls.reload_interval, "must be more than 0")
+    return tls
 
 
 def _app_check(name: str, raw: object) -> AppCheck:
@@ -257,7 +441,7 @@ def _app_check(name: str, raw: object) -> AppCheck:
 
 def _upstream(name: str, raw: object) -> UpstreamConfig:
     if isinstance(raw, str):
-        return UpstreamConfig(**_upstream_url(name, raw))
+        return _upstream(name, {"url": raw})
     values = _section(
         name,
         raw,
@@ -268,11 +452,18 @@ def _upstream(name: str, raw: object) -> UpstreamConfig:
             "max_idle_connections": _positive_int,
             "idle_timeout": parse_duration,
             "check": _app_check,
+            "tls": _optional(_upstream_tls),
         },
     )
     if "url" not in values:
         raise ConfigError(f"{name}.url", None, "is required (the app's http://host:port)")
     values.update(values.pop("url"))
+    https = values["url"].startswith("https:")
+    if values.get("tls") is not None and not https:
+        given = cast(dict[str, Any], raw)["tls"]
+        raise ConfigError(f"{name}.tls", given, f"needs an https:// {name}.url")
+    if https and values.get("tls") is None:
+        values["tls"] = UpstreamTLSConfig()
     return UpstreamConfig(**values)
 
 
@@ -308,9 +499,49 @@ def _drain(name: str, raw: object) -> DrainConfig:
                 "min": parse_duration,
                 "timeout": parse_duration,
                 "idle_grace": parse_duration,
+                "close_spread": parse_duration,
+                "propagation_mode": _choice("fixed", "evidence"),
+                "propagation_min": parse_duration,
+                "propagation_margin": parse_duration,
+                "quiet": parse_duration,
+                "default_failure_threshold": _threshold,
+                "probers": _probers,
             },
         )
     )
+
+
+def _threshold(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(name, value, "must be a whole number, 1 or more")
+    return value
+
+
+def _regex(name: str, value: object) -> re.Pattern[str]:
+    text = _string(name, value)
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ConfigError(name, value, f"is not a valid regular expression: {exc}") from None
+
+
+def _probers(name: str, raw: object) -> tuple[ProberRule, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(name, raw, "must be a list of {address, user_agent, failure_threshold}")
+    rules = []
+    for index, item in enumerate(raw):
+        dotted = f"{name}[{index}]"
+        values = _section(
+            dotted,
+            item,
+            {"address": _string, "user_agent": _regex, "failure_threshold": _threshold},
+        )
+        if "failure_threshold" not in values:
+            raise ConfigError(f"{dotted}.failure_threshold", None, "is required")
+        if "address" not in values and "user_agent" not in values:
+            raise ConfigError(dotted, item, "needs an address or a user_agent to match probers")
+        rules.append(ProberRule(**values))
+    return tuple(rules)
 
 
 def _signal_name(name: str, value: object) -> str:
@@ -411,6 +642,9 @@ _TOP_LEVEL: dict[str, Callable[[str, object], Any]] = {
     "app": _app,
     "log": _log,
     "termination_grace_period": parse_duration,
+    "timeouts": _timeouts,
+    "limits": _limits,
+    "tls": _listener_tls,
 }
 
 
@@ -427,6 +661,13 @@ def check_cross_field_rules(config: Config) -> None:
     if config.drain.min > config.drain.timeout:
         raise ConfigError(
             "drain.min", config.drain.min, f"must not exceed drain.timeout ({config.drain.timeout}s)"
+        )
+    evidence = config.drain.propagation_mode == "evidence"
+    if evidence and config.drain.propagation_min > config.drain.propagation:
+        raise ConfigError(
+            "drain.propagation_min",
+            config.drain.propagation_min,
+            f"must not exceed drain.propagation ({config.drain.propagation:g}s)",
         )
     terms = config.shutdown_budget()
     total = sum(seconds for _, seconds in terms)

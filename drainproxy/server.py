@@ -11,9 +11,18 @@ from collections.abc import Awaitable, Callable
 
 from drainproxy import __version__
 from drainproxy.appcheck import AppProbe
+from drainproxy.appstop import AppStopError, StopMethod, release_then_stop, stop_method_for
 from drainproxy.config import Config
-from drainproxy.lifecycle import DrainLifecycle, DrainSource, DrainTimings, Phase, Transition
+from drainproxy.lifecycle import (
+    DrainLifecycle,
+    DrainSource,
+    DrainTimings,
+    Evidence,
+    Phase,
+    Transition,
+)
 from drainproxy.logs import bind_log_context
+from drainproxy.probers import ProberTracker
 from drainproxy.proxy import ClientConnection, ProxyContext
 from drainproxy.stats import Stats
 from drainproxy.upstream import UpstreamPool
@@ -35,10 +44,15 @@ class Server:
                 propagation=config.drain.propagation,
                 min=config.drain.min,
                 timeout=config.drain.timeout,
+                evidence=config.drain.propagation_mode == "evidence",
+                propagation_min=config.drain.propagation_min,
+                propagation_margin=config.drain.propagation_margin,
+                quiet=config.drain.quiet,
             ),
             clock=self.loop.time,
         )
         self.stats = Stats()
+        self.probers = ProberTracker(config.drain.probers, config.drain.default_failure_threshold)
         self.pool = UpstreamPool(config.upstream, self.loop)
         self.proxy = ProxyContext(
             config=config,
@@ -48,9 +62,14 @@ class Server:
             loop=self.loop,
             on_connection_closed=self._connection_closed,
         )
-        self.probe = AppProbe(config.upstream, on_change=self._app_check_changed)
+        self.probe = AppProbe(config.upstream, on_checked=self._app_checked)
         self.app_released = asyncio.Event()
-        self.app_stopper: AppStopper = self._release_prestop_hooks
+        #: app.stop's method; the preStop calls are released first in every mode.
+        self.app_stop: StopMethod = stop_method_for(config.app)
+        self.app_stopper: AppStopper = lambda: release_then_stop(
+            self._release_prestop_hooks, self.app_stop
+        )
+        self._app_stop_checked = False
         self.exit_code = 0
         self.forced_closes = 0
         #: For /metrics: phase changes by the phase entered, and how the last app stop went.
@@ -61,6 +80,9 @@ class Server:
         self._signals: list[signal.Signals] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop_admin: Callable[[], Awaitable[None]] | None = None
+        #: While RECOVERING: the restarted app must be seen down first, unless this passes.
+        self._app_seen_down = False
+        self._old_app_gone_by = 0.0
         bind_log_context(self)
 
     # --- the one entry point for every drain trigger --------------------------------------------
@@ -70,8 +92,32 @@ class Server:
         self._wake.set()
         return started
 
+    def shutdown_now(self, reason: str, exit_code: int) -> None:
+        """Exit at once, without a drain: the app is gone, or cannot be stopped as configured."""
+        if self.lifecycle.phase is not Phase.STOPPED:
+            self.exit_code = exit_code
+            self.lifecycle.shutdown_now(reason)
+            self._wake.set()
+
     def is_ready(self) -> bool:
         return self.lifecycle.is_ready() and self.probe.reachable
+
+    def note_readiness_probe(self, address: str, user_agent: str, ready: bool) -> None:
+        """A prober asked /ready; its answers are the evidence of evidence-based propagation."""
+        self.probers.record(address, user_agent, ready, self.loop.time())
+        if not ready and self.lifecycle.phase is Phase.PROPAGATING:
+            self._wake.set()
+
+    def _evidence(self) -> Evidence:
+        now = self.loop.time()
+        last_connection = self.stats.last_connection_at
+        return Evidence(
+            probers_satisfied_at=self.probers.all_satisfied_at(now),
+            last_connection_at=(
+                last_connection if last_connection >= self.lifecycle.phase_entered_at else None
+            ),
+            summary=self.probers.describe(now),
+        )
 
     def in_flight(self) -> int:
         return sum(1 for conn in self.proxy.connections if not conn.is_idle())
@@ -97,6 +143,7 @@ class Server:
             self._wake.clear()
             self._handle_signals()
             self.lifecycle.poll()
+            self.lifecycle.consider_evidence(self._evidence())
             for transition in self.lifecycle.pop_transitions():
                 self._enter(transition)
             if self.lifecycle.phase is Phase.STOPPED:
@@ -147,9 +194,7 @@ class Server:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        grace = self.config.drain.idle_grace
-        for conn in list(self.proxy.connections):
-            conn.close_when_idle(grace)
+        self._close_idle_connections()
         log.info(
             "listener closed; %d connection(s) open, %d request(s) in flight; timeout in %gs",
             len(self.proxy.connections),
@@ -157,6 +202,19 @@ class Server:
             self.config.drain.timeout,
         )
         self._connection_closed()
+
+    def _close_idle_connections(self) -> None:
+        """Close idle keep-alive connections, spread over drain.close_spread so their clients
+        do not all reconnect to the other replicas in the same instant."""
+        grace = self.config.drain.idle_grace
+        idle = [conn for conn in self.proxy.connections if conn.is_idle()]
+        spread = self.config.drain.close_spread
+        for index, conn in enumerate(idle):
+            delay = spread * index / len(idle)
+            if delay:
+                self.loop.call_later(delay, conn.close_when_idle, grace)
+            else:
+                conn.close_when_idle(grace)
 
     def _stop_app(self) -> None:
         self._force_close_remaining()
@@ -168,7 +226,9 @@ class Server:
 
     def _recover(self) -> None:
         self._log_summary()
-        self.probe.require_fresh_success()
+        # Right after the release the old app still answers; the kubelet is about to stop it.
+        self._app_seen_down = False
+        self._old_app_gone_by = self.loop.time() + self.config.app.stop_timeout
         self._spawn(self._open_listener())
 
     def _serve_again(self) -> None:
@@ -220,10 +280,25 @@ class Server:
             self.lifecycle.note_quiescent()
             self._wake.set()
 
-    def _app_check_changed(self, reachable: bool) -> None:
-        if reachable and self.lifecycle.phase is Phase.RECOVERING:
+    def _app_checked(self, reachable: bool) -> None:
+        if reachable and not self._app_stop_checked:
+            self._check_app_stop()
+        if self.lifecycle.phase is not Phase.RECOVERING:
+            return
+        if not reachable:
+            self._app_seen_down = True
+        elif self._app_seen_down or self.loop.time() >= self._old_app_gone_by:
             self.lifecycle.note_app_ready()
             self._wake.set()
+
+    def _check_app_stop(self) -> None:
+        """Once the app answers it must be possible to stop it: fail now, not at the rollout."""
+        self._app_stop_checked = True
+        try:
+            log.info("app stop plan: %s", self.app_stop.check(), extra={"event": "app_stop_plan"})
+        except AppStopError as exc:
+            log.error("%s", exc, extra={"event": "app_stop_check_failed"})
+            self.shutdown_now("the app cannot be stopped as configured", 1)
 
     def _log_summary(self) -> None:
         drain = self.lifecycle.drain
@@ -258,6 +333,10 @@ class Server:
             listen.port,
             reuse_address=True,
             backlog=1024,
+            ssl=self.proxy.listener_ssl,
+            ssl_handshake_timeout=(self.config.timeouts.request_head or None)
+            if self.proxy.listener_ssl is not None
+            else None,
         )
 
     # --- signals --------------------------------------------------------------------------------
