@@ -5,6 +5,9 @@ Per connection, one exchange is active at a time; pipelined requests queue behin
 paused, so responses go out in order. Bodies stream both ways; a full write buffer on one side
 pauses reading on the other (back-pressure), so memory does not grow with the body.
 
+Timeouts cost a request no timer: each connection keeps the time of its last progress (``mark``)
+and one periodic sweep per process compares it with the limit of the state the connection is in.
+
 Connection code never looks at drain phases: it asks ``lifecycle.should_close_connection()``.
 """
 
@@ -12,6 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
+import socket
+import ssl
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +31,10 @@ from drainproxy.http1 import (
     BODYLESS_STATUSES,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
-    HeadInfo,
+    FramingError,
     Headers,
-    chunk,
+    HeadInfo,
+    chunk_size_line,
     end_to_end,
     inspect_head,
     plain_response,
@@ -37,6 +45,7 @@ from drainproxy.http1 import (
 from drainproxy.lifecycle import DrainLifecycle
 from drainproxy.logs import AccessRecord
 from drainproxy.stats import Stats
+from drainproxy.tls import ListenerTLS
 from drainproxy.upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("drainproxy.proxy")
@@ -48,13 +57,30 @@ _PAUSE_BUFFER = 4  # body bytes are buffered while no upstream connection is att
 
 #: Request body bytes held while connecting to the app, before reading pauses.
 _BUFFER_LIMIT = 64 * 1024
+#: Requests parsed ahead of the one being answered; more are refused (503) after those.
+_MAX_PIPELINED = 64
+#: How long a connection closed with unread request bytes keeps reading (and discarding) them,
+#: so that closing does not reset the connection before the client has read our answer.
+_LINGER_SECONDS = 2.0
 
 _BODY_NONE, _BODY_LENGTH, _BODY_CHUNKED = 0, 1, 2
 _FRAME_NONE, _FRAME_RAW, _FRAME_CHUNKED = 0, 1, 2
+_CRLF = b"\r\n"
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+_STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
 _XFH = b"x-forwarded-host"
+
+
+class Rejection(Exception):
+    """A request drainproxy refuses itself (raised inside parser callbacks)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 @dataclass
@@ -72,16 +98,101 @@ class ProxyContext:
     connections: set[ClientConnection] = field(default_factory=set)
     #: ``log.access_log``, read once: when off, an exchange pays one test of this flag.
     access_log: bool = field(init=False, default=False)
+    #: TLS on the listener (``tls:``): its reloading context, and what the listener is given.
+    tls: ListenerTLS | None = field(init=False, default=None)
+    listener_ssl: ssl.SSLContext | None = field(init=False, default=None)
+    max_connections: int = field(init=False, default=0)
+    #: Seconds between sweeps for timeouts, idle app connections and certificate files.
+    tick: float = field(init=False, default=1.0)
+    # Forwarded headers, decided once from ``forwarded:``.
+    request_drop: frozenset[bytes] = field(init=False, default=frozenset())
+    default_host: bytes = field(init=False, default=b"")
+    xff_append: bool = field(init=False, default=True)
+    set_xfp: bool = field(init=False, default=True)
+    overwrite_xfp: bool = field(init=False, default=False)
+    set_xfh: bool = field(init=False, default=True)
+    overwrite_xfh: bool = field(init=False, default=False)
+    _refused_unlogged: int = field(init=False, default=0)
+    _refusals_logged_at: float = field(init=False, default=float("-inf"))
+    _next_tls_check: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        self.access_log = self.config.log.access_log
+        config = self.config
+        self.access_log = config.log.access_log
+        if config.tls is not None:
+            self.tls = ListenerTLS(config.tls)
+            self.listener_ssl = self.tls.context
+            self.scheme = b"https"
+        self.max_connections = config.limits.max_connections or _auto_connection_limit()
+        forwarded = config.forwarded
+        self.xff_append = forwarded.x_forwarded_for == "append"
+        self.set_xfp = forwarded.x_forwarded_proto != "off"
+        self.overwrite_xfp = forwarded.x_forwarded_proto == "overwrite"
+        self.set_xfh = forwarded.x_forwarded_host != "off"
+        self.overwrite_xfh = forwarded.x_forwarded_host == "overwrite"
+        drop = {_XFF} if self.xff_append else set()
+        if self.overwrite_xfp:
+            drop.add(_XFP)
+        if self.overwrite_xfh:
+            drop.add(_XFH)
+        self.request_drop = frozenset(drop)
+        self.default_host = f"{config.upstream.host}:{config.upstream.port}".encode()
+        timeouts = config.timeouts
+        limits = [
+            timeouts.request_head,
+            timeouts.client_idle,
+            timeouts.client_body,
+            config.upstream.response_timeout,
+            config.upstream.idle_timeout,
+        ]
+        shortest = min((seconds for seconds in limits if seconds > 0), default=1.0)
+        self.tick = min(1.0, max(0.02, shortest / 10))
+        self.loop.call_soon(self._sweep)
+
+    def _sweep(self) -> None:
+        """Expire what has waited too long; runs every ``tick`` for the life of the process."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        expired = self.pool.expire_idle(now)
+        if expired:
+            self.stats.timeouts["upstream_idle"] = (
+                self.stats.timeouts.get("upstream_idle", 0) + expired
+            )
+        if self._refused_unlogged and now - self._refusals_logged_at >= 10.0:
+            log.warning(
+                "refused %d connection(s) over limits.max_connections (%d) with 503",
+                self._refused_unlogged,
+                self.max_connections,
+                extra={"event": "connections_refused"},
+            )
+            self._refused_unlogged = 0
+            self._refusals_logged_at = now
+        if self.tls is not None and now >= self._next_tls_check:
+            self._next_tls_check = now + self.tls.config.reload_interval
+            self.tls.check_files()
+        self.loop.call_later(self.tick, self._sweep)
+
+    def note_refused(self) -> None:
+        self.stats.connections_refused += 1
+        self._refused_unlogged += 1
+
+
+def _auto_connection_limit() -> int:
+    """Half the open-file limit: each client connection may hold one to the app as well."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, (soft - 32) // 2)
 
 
 class Request:
     __slots__ = (
         "access",
         "body_mode",
+        "body_size",
         "complete",
+        "head_done",
         "head_sent",
         "headers",
         "info",
@@ -104,18 +215,55 @@ class Request:
         self.keep_alive = True
         self.upgrade = False
         self.body_mode = _BODY_NONE
+        self.body_size = 0
         self.pending: list[bytes] = []
         self.pending_size = 0
+        self.head_done = False
         self.complete = False
         self.head_sent = False
         self.retried = False
         self.access: AccessRecord | None = None
 
     def describe(self) -> str:
+        if not self.head_done:
+            return "a request"
         return f"{self.method.decode('latin-1')} {self.target.decode('latin-1')}"
 
 
 class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "active",
+        "close_after",
+        "close_delimited_to_client",
+        "close_reason",
+        "closing",
+        "connect_task",
+        "ctx",
+        "current",
+        "fresh",
+        "head_bytes",
+        "header_bytes",
+        "idle_since",
+        "idle_timer",
+        "lingering",
+        "mark",
+        "must_close",
+        "parser",
+        "paused",
+        "peer",
+        "pending_reject",
+        "queue",
+        "refused",
+        "response_close_delimited",
+        "response_frame",
+        "response_started",
+        "transport",
+        "tunnel",
+        "upgrade_buffer",
+        "upstream",
+        "write_paused",
+    )
+
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
@@ -123,32 +271,49 @@ class ClientConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.current: Request | None = None  # being parsed
         self.active: Request | None = None  # being exchanged with the app
-        self.queue: deque[Request] = deque()
+        self.queue: deque[Request] | None = None  # parsed, waiting for the active one
         self.upstream: UpstreamConnection | None = None
         self.tunnel: UpstreamConnection | None = None
         self.upgrade_buffer: list[bytes] | None = None
         self.paused = 0
+        self.write_paused = False
         self.closing = False
+        self.refused = False
+        self.lingering = False
         self.close_reason = "client"
+        #: When the connection last made progress in its current state (see ``check_timeouts``).
+        self.mark = 0.0
+        #: No request has begun yet: the head timeout applies to the silence.
+        self.fresh = True
+        self.head_bytes = 0
+        self.header_bytes = 0
         self.idle_since: float | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
-        self.response_timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.response_started = False
         self.response_frame = _FRAME_NONE
         self.response_close_delimited = False
+        self.close_delimited_to_client = False
         self.close_after = False
+        #: Read no further requests: answer those already parsed, then close.
         self.must_close = False
+        #: An error to answer, in order, once the requests parsed before it are answered.
+        self.pending_reject: tuple[int, str] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        ctx = self.ctx
+        ctx.stats.connections_accepted += 1
+        ctx.stats.last_connection_at = ctx.loop.time()
+        if len(ctx.connections) >= ctx.max_connections:
+            self._refuse()
+            return
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "-"
-        self.idle_since = self.ctx.loop.time()
-        self.ctx.connections.add(self)
-        self.ctx.stats.connections_accepted += 1
+        self.idle_since = self.mark = ctx.loop.time()
+        ctx.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -158,50 +323,90 @@ class ClientConnection(asyncio.Protocol):
             self.upgrade_buffer.append(data)
             self._pause(_PAUSE_BUFFER)
             return
-        if self.closing or self.must_close:
-            return
+        if self.must_close or self.closing:
+            return  # nothing more is parsed (and a lingering close discards)
+        current = self.current
+        in_head = current is not None and not current.head_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.upgrade_buffer = [data[upgrade.args[0] :]]
+            self._pause(_PAUSE_BUFFER)
+            return
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, Rejection):
+                self._reject(cause.status, cause.reason)
+            else:
+                log.error("internal error on a request from %s", self.peer, exc_info=cause)
+                self._reject(500, "internal error")
+            return
         except httptools.HttpParserError as exc:
-            self._bad_request(str(exc))
+            self._reject(400, f"malformed request: {exc}")
+            return
+        if in_head and current is self.current:
+            # The whole read belonged to one unfinished head: llhttp holds it, so count it.
+            self.head_bytes += len(data)
+            if self.head_bytes > self.ctx.config.limits.max_header_bytes:
+                self._reject(431, "request head larger than limits.max_header_bytes")
 
     def eof_received(self) -> bool | None:
-        # A half-close from the client: let the active exchange finish, then close.
-        if self.active is None and self.tunnel is None:
+        """The client closed its side. TCP cannot tell a half-close from a disconnect, so, as
+        nginx does, an exchange still waiting for the app is aborted (the app should not work
+        for nobody). A response already on its way is finished; nothing more is read."""
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.close_tunnel()
+            return False
+        transport = self.transport
+        if (
+            self.lingering
+            or self.active is None
+            or not self.response_started
+            or transport is None
+            or not transport.can_write_eof()
+        ):
             return False
         self.must_close = True
+        self.current = self.queue = None
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.ctx.connections.discard(self)
-        self.ctx.stats.count(self.ctx.stats.connections_closed, self.close_reason)
-        self._cancel_timers()
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-        for conn in (self.upstream, self.tunnel):
-            if conn is not None:
-                conn.abort()
-        req = self.active
-        if req is not None and req.access is not None:
-            req.access.emit(req.method, req.target, self.ctx.loop.time(), self.close_reason)
-        if self.active is not None and self.close_reason == "client":
-            log.info(
-                "client %s closed the connection during %s; upstream request aborted",
-                self.peer,
-                self.active.describe(),
-            )
+        ctx = self.ctx
+        ctx.stats.count(ctx.stats.connections_closed, self.close_reason)
+        if self.refused:
+            return
+        ctx.connections.discard(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.upstream is not None:
+            self.upstream.abort()
+        if self.tunnel is not None:
+            self.tunnel.close_tunnel()
         self.upstream = self.tunnel = None
-        self.ctx.on_connection_closed()
+        req = self.active
+        if req is not None:
+            if req.access is not None:
+                req.access.emit(req.method, req.target, ctx.loop.time(), self.close_reason)
+            if self.close_reason == "client":
+                log.info(
+                    "client %s closed the connection during %s; upstream request aborted",
+                    self.peer,
+                    req.describe(),
+                )
+        ctx.on_connection_closed()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         conn = self.upstream or self.tunnel
         if conn is not None:
             conn.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         conn = self.upstream or self.tunnel
         if conn is not None:
             conn.resume_reading()
@@ -211,93 +416,148 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.current = Request()
         self.idle_since = None
+        self.fresh = False
+        self.head_bytes = self.header_bytes = 0
+        if self.active is None:
+            self.mark = self.ctx.loop.time()
 
     def on_url(self, url: bytes) -> None:
-        assert self.current is not None
-        self.current.target += url
+        req = self.current
+        assert req is not None
+        req.target += url
+        self.header_bytes += len(url)
+        if len(req.target) > self.ctx.config.limits.max_request_line:
+            raise Rejection(414, "request target longer than limits.max_request_line")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.current
         assert req is not None
-        if not req.head_sent and req.method == b"":  # later calls are trailer fields: dropped
-            req.headers.append((name, value))
+        if req.head_done:
+            return  # a trailer field: dropped
+        req.headers.append((name, value))
+        self.header_bytes += len(name) + len(value)
+        limits = self.ctx.config.limits
+        if self.header_bytes > limits.max_header_bytes:
+            raise Rejection(431, "request head larger than limits.max_header_bytes")
+        if len(req.headers) > limits.max_headers:
+            raise Rejection(431, "more header fields than limits.max_headers")
 
     def on_headers_complete(self) -> None:
         req = self.current
         assert req is not None
         parser = self.parser
+        req.head_done = True
         req.method = parser.get_method()
-        req.version = parser.get_http_version()
+        req.version = version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise Rejection(505, f"HTTP/{version} is not supported")
         req.keep_alive = parser.should_keep_alive()
         req.upgrade = parser.should_upgrade()
-        req.info = info = inspect_head(req.headers)
+        try:
+            req.info = info = inspect_head(req.headers, request=True)
+        except FramingError as exc:
+            raise Rejection(400, f"malformed request: {exc}") from None
+        if info.host is None and version == "1.1":
+            raise Rejection(400, "malformed request: HTTP/1.1 without Host")
+        max_body = self.ctx.config.limits.max_body_bytes
         if info.chunked:
+            if version == "1.0":
+                raise Rejection(400, "malformed request: Transfer-Encoding in HTTP/1.0")
             req.body_mode = _BODY_CHUNKED
-        elif info.content_length not in (None, b"0"):
-            req.body_mode = _BODY_LENGTH
+        elif info.content_length is not None:
+            length = int(info.content_length)
+            if max_body is not None and length > max_body:
+                raise Rejection(413, "request body larger than limits.max_body_bytes")
+            if length:
+                req.body_mode = _BODY_LENGTH
         if self.active is None:
             self._start(req)
-        else:
-            self.queue.append(req)
-            self._pause(_PAUSE_PIPELINE)
+            return
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
+        elif len(queue) >= _MAX_PIPELINED:
+            raise Rejection(503, "too many pipelined requests; send the rest on a new connection")
+        queue.append(req)
+        self._pause(_PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
         req = self.current
         assert req is not None
-        if req is self.active and req.head_sent and self.upstream is not None:
-            self.upstream.write(chunk(body) if req.body_mode == _BODY_CHUNKED else body)
-        else:
-            req.pending.append(body)
-            req.pending_size += len(body)
-            if req.pending_size > _BUFFER_LIMIT:
-                self._pause(_PAUSE_BUFFER)
+        max_body = self.ctx.config.limits.max_body_bytes
+        if max_body is not None:
+            req.body_size += len(body)
+            if req.body_size > max_body:
+                raise Rejection(413, "request body larger than limits.max_body_bytes")
+        if req is self.active:
+            self.mark = self.ctx.loop.time()
+            conn = self.upstream
+            if req.head_sent and conn is not None:
+                if req.body_mode == _BODY_CHUNKED:
+                    conn.writelines((chunk_size_line(len(body)), body, _CRLF))
+                else:
+                    conn.write(body)
+                return
+        req.pending.append(body)
+        req.pending_size += len(body)
+        if req.pending_size > _BUFFER_LIMIT:
+            self._pause(_PAUSE_BUFFER)
 
     def on_message_complete(self) -> None:
         req = self.current
         assert req is not None
         req.complete = True
         self.current = None
-        if req is self.active and req.head_sent and self.upstream is not None:
+        conn = self.upstream
+        if req is self.active and req.head_sent and conn is not None:
             if req.body_mode == _BODY_CHUNKED:
-                self.upstream.write(LAST_CHUNK)
+                conn.write(LAST_CHUNK)
             self._request_sent()
 
     # --- the exchange with the app -----------------------------------------------------------
 
     def _start(self, req: Request) -> None:
+        ctx = self.ctx
         self.active = req
         self.idle_since = None
+        self.mark = ctx.loop.time()
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
-        stats = self.ctx.stats
+        stats = ctx.stats
         stats.requests_total += 1
-        stats.count(stats.requests_by_phase, self.ctx.lifecycle.phase.value)
-        if self.ctx.access_log:
-            req.access = AccessRecord(self.ctx.loop.time(), self.ctx.lifecycle.phase.value)
+        stats.count(stats.requests_by_phase, ctx.lifecycle.phase.value)
+        if ctx.access_log:
+            req.access = AccessRecord(self.mark, ctx.lifecycle.phase.value)
         if req.method == b"CONNECT":
-            self._fail(405, "method", "CONNECT is not supported by a reverse proxy", log_level=logging.INFO)
+            self._fail(405, "method", "CONNECT is not supported by a reverse proxy", logging.INFO)
             return
-        conn = self.ctx.pool.take_idle()
+        conn = ctx.pool.take_idle()
         if conn is not None:
             self._attach(conn)
         else:
-            self.connect_task = self.ctx.loop.create_task(self._connect_and_attach(req))
+            self.connect_task = ctx.loop.create_task(self._connect_and_attach(req))
 
     async def _connect_and_attach(self, req: Request) -> None:
-        upstream = self.ctx.config.upstream
+        ctx = self.ctx
+        upstream = ctx.config.upstream
         try:
-            conn = await self.ctx.pool.connect()
+            conn = await ctx.pool.connect()
         except TimeoutError:
-            self._fail(504, "timeout", f"no connection to the app within {upstream.connect_timeout:g}s")
+            if self.active is req and not self.closing:
+                ctx.stats.count(ctx.stats.timeouts, "connect")
+                self._fail(
+                    504, "timeout", f"no connection to the app within {upstream.connect_timeout:g}s"
+                )
             return
         except OSError as exc:
-            self._fail(502, "refused", f"cannot connect to the app: {exc.strerror or exc}")
+            if self.active is req and not self.closing:
+                self._fail(502, "refused", f"cannot connect to the app: {exc.strerror or exc}")
             return
         finally:
             self.connect_task = None
         if self.active is not req or self.closing:
-            self.ctx.pool.release(conn)
+            ctx.pool.release(conn)
             return
         self._attach(conn)
 
@@ -306,14 +566,23 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         self.upstream = conn
         conn.bind(self)
-        body = req.pending
-        req.pending = []
-        req.pending_size = 0
-        if req.body_mode == _BODY_CHUNKED:
-            body = [chunk(part) for part in body]
-            if req.complete:
-                body.append(LAST_CHUNK)
-        conn.write(b"".join([self._upstream_head(req), *body]))
+        if self.write_paused:
+            conn.pause_reading()
+        head = self._upstream_head(req)
+        if not req.pending and not (req.complete and req.body_mode == _BODY_CHUNKED):
+            conn.write(head)
+        else:
+            parts = [head]
+            if req.body_mode == _BODY_CHUNKED:
+                for part in req.pending:
+                    parts += (chunk_size_line(len(part)), part, _CRLF)
+                if req.complete:
+                    parts.append(LAST_CHUNK)
+            else:
+                parts += req.pending
+            conn.writelines(tuple(parts))
+            req.pending = []
+            req.pending_size = 0
         req.head_sent = True
         if req.access is not None:
             req.access.upstream_sent = self.ctx.loop.time()
@@ -322,66 +591,56 @@ class ClientConnection(asyncio.Protocol):
             self._request_sent()
 
     def _upstream_head(self, req: Request) -> bytes:
-        forwarded = self.ctx.config.forwarded
+        ctx = self.ctx
         info = req.info
-        drop: set[bytes] = set()
-        headers: Headers
-        if forwarded.x_forwarded_for == "append":
-            drop.add(_XFF)
-        if forwarded.x_forwarded_proto == "overwrite":
-            drop.add(_XFP)
-        if forwarded.x_forwarded_host == "overwrite":
-            drop.add(_XFH)
-        headers = end_to_end(req.headers, info, frozenset(drop))
+        headers = end_to_end(req.headers, info, ctx.request_drop)
         if info.host is None:
-            upstream = self.ctx.config.upstream
-            headers.append((b"Host", f"{upstream.host}:{upstream.port}".encode()))
+            headers.append((b"Host", ctx.default_host))
         if req.body_mode == _BODY_CHUNKED:
             headers.append((b"Transfer-Encoding", b"chunked"))
         if req.upgrade and info.upgrade is not None:
             headers.append((b"Connection", b"upgrade"))
             headers.append((b"Upgrade", info.upgrade))
-        if forwarded.x_forwarded_for == "append":
-            previous = [value for name, value in req.headers if name.lower() == _XFF]
-            headers.append((b"X-Forwarded-For", b", ".join([*previous, self.peer.encode()])))
-        present = {name.lower() for name, _ in headers}
-        if forwarded.x_forwarded_proto != "off" and _XFP not in present:
-            headers.append((b"X-Forwarded-Proto", self.ctx.scheme))
-        if forwarded.x_forwarded_host != "off" and _XFH not in present and info.host:
+        if ctx.xff_append:
+            peer = self.peer.encode()
+            prior = info.forwarded_for
+            headers.append(
+                (b"X-Forwarded-For", peer if prior is None else b", ".join([*prior, peer]))
+            )
+        if ctx.set_xfp and (ctx.overwrite_xfp or not info.has_forwarded_proto):
+            headers.append((b"X-Forwarded-Proto", ctx.scheme))
+        if (
+            ctx.set_xfh
+            and info.host is not None
+            and (ctx.overwrite_xfh or not info.has_forwarded_host)
+        ):
             headers.append((b"X-Forwarded-Host", info.host))
         return serialize_head(req.method + b" " + req.target + b" HTTP/1.1", headers)
 
     def _request_sent(self) -> None:
-        if self.response_started:
-            return
-        timeout = self.ctx.config.upstream.response_timeout
-        if timeout > 0:
-            self.response_timer = self.ctx.loop.call_later(timeout, self._response_timed_out)
-
-    def _response_timed_out(self) -> None:
-        self.response_timer = None
-        timeout = self.ctx.config.upstream.response_timeout
-        self._fail(504, "timeout", f"no response head from the app within {timeout:g}s")
+        if not self.response_started:
+            self.mark = self.ctx.loop.time()  # the response head timeout runs from here
 
     # --- called by the UpstreamConnection -----------------------------------------------------
 
     def response_interim(self, status: int, reason: bytes, headers: Headers) -> None:
         req = self.active
         if req is not None and req.version == "1.1":
-            info = inspect_head(headers)
+            info = inspect_head(headers, request=False)
             self._write(serialize_head(status_line(status, reason), end_to_end(headers, info)))
 
     def response_head(
-        self, conn: UpstreamConnection, status: int, reason: bytes, headers: Headers, version: str
+        self, conn: UpstreamConnection, status: int, reason: bytes, headers: Headers
     ) -> None:
         req = self.active
         assert req is not None
-        if self.response_timer is not None:
-            self.response_timer.cancel()
-            self.response_timer = None
         if req.access is not None:
             req.access.response_head(status, self.ctx.loop.time())
-        info = inspect_head(headers)
+        try:
+            info = inspect_head(headers, request=False)
+        except FramingError as exc:
+            self.upstream_failed("invalid", f"invalid response from the app: {exc}")
+            return
         if status == 101:
             if req.upgrade and info.upgrade is not None:
                 self._start_tunnel(conn, reason, headers, info)
@@ -398,9 +657,10 @@ class ClientConnection(asyncio.Protocol):
             or self.ctx.lifecycle.should_close_connection()
         )
         self.response_close_delimited = False
+        self.close_delimited_to_client = False
         if bodyless:
             frame = _FRAME_NONE
-        elif info.content_length is not None and not info.chunked:
+        elif info.content_length is not None:
             frame = _FRAME_RAW
         else:
             self.response_close_delimited = not info.chunked
@@ -410,6 +670,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 frame = _FRAME_RAW
                 close = True
+                self.close_delimited_to_client = True
         if close:
             out.append((b"Connection", b"close"))
         elif req.version == "1.0":
@@ -417,7 +678,8 @@ class ClientConnection(asyncio.Protocol):
         self.response_frame = frame
         self.close_after = close
         self.response_started = True
-        self.ctx.stats.count(self.ctx.stats.responses_by_class, _status_class(status))
+        stats = self.ctx.stats
+        stats.count(stats.responses_by_class, _STATUS_CLASSES[status // 100])
         self._write(serialize_head(status_line(status, reason or reason_phrase(status)), out))
         if req.method == b"HEAD":
             # llhttp cannot know this response has no body; the exchange ends with its head.
@@ -427,10 +689,13 @@ class ClientConnection(asyncio.Protocol):
         req = self.active
         if req is not None and req.access is not None:
             req.access.body_bytes += len(body)
+        transport = self.transport
+        if self.closing or transport is None:
+            return
         if self.response_frame == _FRAME_CHUNKED:
-            self._write(chunk(body))
+            transport.writelines((chunk_size_line(len(body)), body, _CRLF))
         elif self.response_frame == _FRAME_RAW:
-            self._write(body)
+            transport.write(body)
 
     def response_complete(self, conn: UpstreamConnection) -> None:
         req = self.active
@@ -439,7 +704,12 @@ class ClientConnection(asyncio.Protocol):
         if self.response_frame == _FRAME_CHUNKED:
             self._write(LAST_CHUNK)
         self.upstream = None
-        if conn.keep_alive and req.complete and not conn.closed and not self.response_close_delimited:
+        if (
+            conn.keep_alive
+            and req.complete
+            and not conn.closed
+            and not self.response_close_delimited
+        ):
             self.ctx.pool.release(conn)
         else:
             conn.abort()
@@ -462,7 +732,6 @@ class ClientConnection(asyncio.Protocol):
                 # The keep-alive race: the app closed an idle pooled connection as we sent.
                 req.retried = True
                 self.ctx.stats.count(self.ctx.stats.upstream_errors, "retried")
-                self._cancel_response_timer()
                 self.connect_task = self.ctx.loop.create_task(self._connect_and_attach(req))
                 return
             self._fail(502, kind, f"the app {kind} the connection before responding")
@@ -510,6 +779,54 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = None
         self.close("after_response")
 
+    # --- timeouts -----------------------------------------------------------------------------
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the sweep: act on the one timeout that applies to the current state."""
+        if self.closing or self.tunnel is not None:
+            return
+        elapsed = now - self.mark
+        if self.lingering:
+            if elapsed >= _LINGER_SECONDS:
+                self.close("after_response")
+            return
+        config = self.ctx.config
+        timeouts = config.timeouts
+        active = self.active
+        if active is None:
+            head = timeouts.request_head
+            if self.current is not None:
+                if head and elapsed >= head:
+                    self._timed_out("request_head")
+                    self._reject(408, f"request head not received within {head:g}s")
+            elif self.fresh:
+                if head and elapsed >= head:
+                    self._timed_out("request_head")
+                    self.close("idle")
+            elif timeouts.client_idle and elapsed >= timeouts.client_idle:
+                self._timed_out("client_idle")
+                self.close("idle")
+            return
+        if not active.complete:
+            body = timeouts.client_body
+            if body and not self.paused and elapsed >= body:
+                self._timed_out("client_body")
+                self._reject(408, f"no request body bytes for {body:g}s")
+            return
+        response = config.upstream.response_timeout
+        if (
+            response
+            and self.upstream is not None
+            and not self.response_started
+            and elapsed >= response
+        ):
+            self._timed_out("response_head")
+            self._fail(504, "timeout", f"no response head from the app within {response:g}s")
+
+    def _timed_out(self, kind: str) -> None:
+        stats = self.ctx.stats
+        stats.count(stats.timeouts, kind)
+
     # --- drain --------------------------------------------------------------------------------
 
     def is_idle(self) -> bool:
@@ -538,6 +855,18 @@ class ClientConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.abort()
 
+    def _reset(self) -> None:
+        """Close with a TCP reset (a plain close could look like the end of the body)."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_reason = "cut"
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        self.transport.abort()
+
     def close(self, reason: str) -> None:
         if self.closing:
             return
@@ -550,32 +879,42 @@ class ClientConnection(asyncio.Protocol):
 
     def _finish_exchange(self) -> None:
         req = self.active
+        ctx = self.ctx
         if req is not None and req.access is not None:
-            req.access.emit(req.method, req.target, self.ctx.loop.time())
+            req.access.emit(req.method, req.target, ctx.loop.time())
         self.active = None
         self.response_started = False
         self.response_frame = _FRAME_NONE
-        self._cancel_response_timer()
-        if self.close_after or self.must_close:
-            self.close("after_response")
+        self._resume(_PAUSE_UPSTREAM)
+        if self.close_after:
+            self._close_after_response(linger=req is not None and not req.complete)
             return
-        if self.queue:
-            following = self.queue.popleft()
-            if not self.queue:
+        queue = self.queue
+        if queue:
+            following = queue.popleft()
+            if not queue:
                 self._resume(_PAUSE_PIPELINE)
             self._start(following)
             return
-        self.idle_since = self.ctx.loop.time()
+        if self.must_close:
+            if self.pending_reject is not None:
+                status, reason = self.pending_reject
+                self._write(plain_response(status, reason, close=True))
+                ctx.stats.count(ctx.stats.responses_by_class, _STATUS_CLASSES[status // 100])
+            self._close_after_response(linger=self.pending_reject is not None)
+            return
+        self.idle_since = self.mark = ctx.loop.time()
         self._resume(_PAUSE_PIPELINE)
-        if not self.ctx.lifecycle.accepts_connections():
-            self.close_when_idle(self.ctx.config.drain.idle_grace)
+        if not ctx.lifecycle.accepts_connections():
+            self.close_when_idle(ctx.config.drain.idle_grace)
 
     def _fail(self, status: int, kind: str, message: str, log_level: int = logging.WARNING) -> None:
+        """Answer the active request with an error of drainproxy's own (no response began)."""
         req = self.active
         assert req is not None
+        ctx = self.ctx
         if status >= 500:
-            self.ctx.stats.count(self.ctx.stats.upstream_errors, kind)
-        self._cancel_response_timer()
+            ctx.stats.count(ctx.stats.upstream_errors, kind)
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.abort()
@@ -584,38 +923,92 @@ class ClientConnection(asyncio.Protocol):
             not req.complete
             or not req.keep_alive
             or req.upgrade
-            or self.ctx.lifecycle.should_close_connection()
+            or self.must_close
+            or ctx.lifecycle.should_close_connection()
         )
-        self.ctx.stats.count(self.ctx.stats.responses_by_class, _status_class(status))
+        ctx.stats.count(ctx.stats.responses_by_class, _STATUS_CLASSES[status // 100])
         if req.access is not None:
-            req.access.response_head(status, self.ctx.loop.time())
+            req.access.response_head(status, ctx.loop.time())
             req.access.body_bytes = len(message.encode()) + 1
         self._write(plain_response(status, message, close=self.close_after))
         self._finish_exchange()
 
     def _cut(self, kind: str, message: str) -> None:
-        """A response already begun cannot be answered with an error: close so the client sees
-        a truncated message, never a complete-looking one."""
+        """A response already begun cannot be answered with an error: end the connection so the
+        client sees a truncated message, never a complete-looking one. A body the client can
+        only delimit by the close (HTTP/1.0, no length) is cut with a reset."""
         req = self.active
         assert req is not None
-        self.ctx.stats.count(self.ctx.stats.upstream_errors, kind)
+        ctx = self.ctx
+        if kind != "client":
+            ctx.stats.count(ctx.stats.upstream_errors, kind)
         log.warning("response to %s from %s cut: %s", req.describe(), self.peer, message)
         if req.access is not None:
-            req.access.emit(req.method, req.target, self.ctx.loop.time(), "cut")
+            req.access.emit(req.method, req.target, ctx.loop.time(), "cut")
         self.active = None
-        self._cancel_response_timer()
-        self.close("after_response")
-
-    def _bad_request(self, reason: str) -> None:
-        self.ctx.stats.bad_requests += 1
-        log.info("400 for a malformed request from %s: %s", self.peer, reason)
-        if self.active is None:
-            self.ctx.stats.count(self.ctx.stats.responses_by_class, "4xx")
-            self._write(plain_response(400, f"bad request: {reason}", close=True))
-            self.close("after_response")
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.abort()
+        if self.close_delimited_to_client:
+            self._reset()
         else:
-            # The active exchange finishes; nothing after the malformed bytes is forwarded.
-            self.must_close = True
+            self.close("cut")
+
+    def _reject(self, status: int, reason: str) -> None:
+        """Refuse the request being parsed: nothing from it or after it reaches the app. Requests
+        parsed before it are still answered, in order, then the error, then the close."""
+        ctx = self.ctx
+        stats = ctx.stats
+        if status == 400:
+            stats.bad_requests += 1
+        stats.count(stats.requests_rejected, str(status))
+        self.must_close = True
+        current, active = self.current, self.active
+        self.current = None
+        if active is not None and current is active:
+            # The active request itself broke mid-body.
+            if self.response_started:
+                self._cut("client", f"{status} {reason}")
+            else:
+                self._fail(status, "client", reason, logging.INFO)
+            return
+        if current is not None and self.queue is not None and current in self.queue:
+            self.queue.remove(current)
+        desc = current.describe() if current is not None else "a request"
+        log.info("%d for %s from %s: %s", status, desc, self.peer, reason)
+        if active is None:
+            stats.count(stats.responses_by_class, _STATUS_CLASSES[status // 100])
+            self._write(plain_response(status, reason, close=True))
+            self._close_after_response(linger=True)
+        else:
+            self.pending_reject = (status, reason)
+
+    def _refuse(self) -> None:
+        """Over ``limits.max_connections``: a 503 and a close, before reading anything."""
+        self.refused = self.closing = True
+        self.close_reason = "refused"
+        self.ctx.note_refused()
+        assert self.transport is not None
+        self.transport.write(plain_response(503, "too many connections", close=True))
+        self.transport.close()
+
+    def _close_after_response(self, *, linger: bool) -> None:
+        """Close once the answer is written. With ``linger``, the client may still be sending:
+        closing a socket with unread bytes sends a reset that can destroy our answer before the
+        client reads it, so shut down our side and discard input for a moment first."""
+        transport = self.transport
+        if self.closing or transport is None:
+            return
+        if not linger or not transport.can_write_eof():
+            self.close("after_response")
+            return
+        self.lingering = self.must_close = True
+        self.close_reason = "after_response"
+        self.mark = self.ctx.loop.time()
+        transport.write_eof()
+        if self.paused:
+            self.paused = 0
+            transport.resume_reading()
 
     def _write(self, data: bytes) -> None:
         if not self.closing:
@@ -633,24 +1026,12 @@ class ClientConnection(asyncio.Protocol):
         self.paused &= ~reason
         if not self.paused and self.transport is not None and not self.closing:
             self.transport.resume_reading()
+            active = self.active
+            if active is not None and not active.complete:
+                self.mark = self.ctx.loop.time()  # a body stall counts only while reading
 
     def pause_reading_for_upstream(self) -> None:
         self._pause(_PAUSE_UPSTREAM)
 
     def resume_reading_for_upstream(self) -> None:
         self._resume(_PAUSE_UPSTREAM)
-
-    def _cancel_response_timer(self) -> None:
-        if self.response_timer is not None:
-            self.response_timer.cancel()
-            self.response_timer = None
-
-    def _cancel_timers(self) -> None:
-        self._cancel_response_timer()
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
-
-
-def _status_class(status: int) -> str:
-    return f"{status // 100}xx"

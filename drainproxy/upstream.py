@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -12,6 +13,7 @@ import httptools
 
 from drainproxy.config import UpstreamConfig
 from drainproxy.http1 import Headers
+from drainproxy.tls import upstream_context
 
 if TYPE_CHECKING:
     from drainproxy.proxy import ClientConnection
@@ -21,6 +23,25 @@ log = logging.getLogger("drainproxy.upstream")
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to the app, bound to at most one client exchange at a time."""
+
+    __slots__ = (
+        "client",
+        "closed",
+        "got_response_bytes",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "parser",
+        "pool",
+        "reading_paused",
+        "reason",
+        "response_head_done",
+        "reused",
+        "status",
+        "transport",
+        "tunnel",
+        "write_paused",
+    )
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -36,27 +57,31 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: Headers = []
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         self.reading_paused = False
+        self.write_paused = False
 
     # --- binding to a client exchange -------------------------------------------------------
 
     def bind(self, client: ClientConnection) -> None:
         """Start a new exchange: a fresh parser, so a HEAD response's unread body state or an
         interim 1xx never leaks into the next exchange."""
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         self.client = client
         self.parser = httptools.HttpResponseParser(self)
         self.got_response_bytes = False
         self.response_head_done = False
         self.headers = []
         self.reason = b""
+        if self.write_paused:
+            client.pause_reading_for_upstream()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(parts)
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None and not self.closed:
@@ -69,10 +94,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def abort(self) -> None:
+        """Drop the connection now; the app sees a reset, and no callback reaches a client."""
         self.client = None
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+    def close_tunnel(self) -> None:
+        """End a tunnel after writing what the client sent last."""
+        self.client = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -81,11 +114,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.open_connections += 1
 
     def data_received(self, data: bytes) -> None:
+        client = self.client
         if self.tunnel:
-            if self.client is not None:
-                self.client.tunnel_data_from_upstream(data)
+            if client is not None:
+                client.tunnel_data_from_upstream(data)
             return
-        client, parser = self.client, self.parser
+        parser = self.parser
         if client is None or parser is None:
             # Bytes from the app while no request is outstanding: the connection is unusable.
             self.abort()
@@ -95,9 +129,12 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             tail = data[upgrade.args[0] :]
-            if self.client is not None and self.tunnel and tail:
+            if self.tunnel and tail and self.client is not None:
                 self.client.tunnel_data_from_upstream(tail)
         except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if cause is not None:
+                log.error("internal error on a response from the app", exc_info=cause)
             if self.client is not None:
                 self.client.upstream_failed("invalid", f"invalid response from the app: {exc}")
             self.abort()
@@ -109,24 +146,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.pool.open_connections -= 1
         self.pool.forget(self)
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
         client, self.client = self.client, None
         if client is None:
             return
         if self.tunnel:
             client.tunnel_closed_by_upstream()
-        elif self.response_head_done and self.is_close_delimited():
+        elif self.response_head_done and exc is None and client.response_close_delimited:
+            # The app's close is the end of a body framed by the close.
             client.response_complete(self)
         else:
-            kind = "reset" if exc is not None else "closed"
-            client.upstream_lost(self, kind)
+            client.upstream_lost(self, "reset" if exc is not None else "closed")
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.client is not None:
             self.client.pause_reading_for_upstream()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.client is not None:
             self.client.resume_reading_for_upstream()
 
@@ -153,7 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.reason = b""
             return
         self.response_head_done = True
-        client.response_head(self, self.status, self.reason, self.headers, parser.get_http_version())
+        client.response_head(self, self.status, self.reason, self.headers)
 
     def on_body(self, body: bytes) -> None:
         if self.client is not None:
@@ -163,20 +200,22 @@ class UpstreamConnection(asyncio.Protocol):
         if self.response_head_done and self.client is not None:
             self.client.response_complete(self)
 
-    def is_close_delimited(self) -> bool:
-        client = self.client
-        return client is not None and client.response_close_delimited
-
 
 class UpstreamPool:
     """Idle keep-alive connections to the app, most recently used first (the warmest socket,
-    and the least likely to have been closed by the app's own idle timeout)."""
+    and the least likely to have been closed by the app's own idle timeout). Idle expiry is
+    checked by the proxy's periodic sweep, so a request pays no timer."""
 
     def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.loop = loop
         self.idle: deque[UpstreamConnection] = deque()
         self.open_connections = 0
+        self.ssl: ssl.SSLContext | None = None
+        self.server_hostname: str | None = None
+        if config.tls is not None:
+            self.ssl = upstream_context(config.tls)
+            self.server_hostname = config.tls.server_name or config.host
 
     def take_idle(self) -> UpstreamConnection | None:
         while self.idle:
@@ -190,7 +229,11 @@ class UpstreamPool:
         """A fresh connection; raises OSError or TimeoutError."""
         _, protocol = await asyncio.wait_for(
             self.loop.create_connection(
-                lambda: UpstreamConnection(self), self.config.host, self.config.port
+                lambda: UpstreamConnection(self),
+                self.config.host,
+                self.config.port,
+                ssl=self.ssl,
+                server_hostname=self.server_hostname,
             ),
             self.config.connect_timeout or None,
         )
@@ -206,19 +249,23 @@ class UpstreamPool:
         if len(self.idle) >= self.config.max_idle_connections:
             conn.abort()
             return
+        conn.idle_since = self.loop.time()
         self.idle.append(conn)
-        if self.config.idle_timeout > 0:
-            conn.idle_timer = self.loop.call_later(self.config.idle_timeout, self._expire, conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
         if conn in self.idle:
             self.idle.remove(conn)
 
-    def _expire(self, conn: UpstreamConnection) -> None:
-        conn.idle_timer = None
-        if conn.client is None:
-            self.forget(conn)
-            conn.abort()
+    def expire_idle(self, now: float) -> int:
+        """Close connections idle longer than ``upstream.idle_timeout``; the oldest are first."""
+        timeout = self.config.idle_timeout
+        expired = 0
+        if timeout <= 0:
+            return expired
+        while self.idle and now - self.idle[0].idle_since >= timeout:
+            self.idle.popleft().abort()
+            expired += 1
+        return expired
 
     def close_all(self) -> None:
         while self.idle:
