@@ -1,0 +1,107 @@
+"""Upgrade: after the app's 101, bytes are tunnelled both ways until either side closes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from tests.conftest import StartApp
+from tests.proxy_support import AppRequest, RawApp, launch_proxy, parse_responses
+
+
+async def test_websocket_through_the_proxy(start_app: StartApp, tmp_path: Path) -> None:
+    closed_by_client = asyncio.Event()
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str("echo " + message.data)
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(message.data[::-1])
+        closed_by_client.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    proxy = await launch_proxy(await start_app(app), tmp_path)
+    try:
+        big = bytes(range(256)) * 4096
+        async with aiohttp.ClientSession() as session, session.ws_connect(proxy.url + "/ws") as ws:
+            for index in range(3):
+                await ws.send_str(f"hello {index}")
+                assert await ws.receive_str(timeout=10) == f"echo hello {index}"
+            await ws.send_bytes(big)
+            assert await ws.receive_bytes(timeout=10) == big[::-1]
+            await ws.close()
+        await asyncio.wait_for(closed_by_client.wait(), 10)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(proxy.admin_url + "/metrics") as response,
+        ):
+            assert "drainproxy_tunnels_opened_total 1.0" in await response.text()
+    finally:
+        proxy.stop()
+
+
+async def test_raw_tunnel_carries_early_bytes_and_ends_on_either_close(tmp_path: Path) -> None:
+    app = RawApp()
+
+    @app.route(b"/tunnel")
+    async def tunnel(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        assert request.header(b"upgrade") == [b"echo/1"]
+        assert request.header(b"connection") == [b"upgrade"]
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo/1\r\nConnection: Upgrade\r\n\r\n"
+            b"hello from the app;"
+        )
+        while data := await request.reader.read(65536):
+            writer.write(data.upper())
+        return False
+
+    await app.start()
+    proxy = await launch_proxy(app.port, tmp_path)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(
+            b"GET /tunnel HTTP/1.1\r\nHost: h\r\nUpgrade: echo/1\r\nConnection: Upgrade\r\n\r\n"
+            b"early bytes;"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"\r\nUpgrade: echo/1\r\n" in head
+        assert b"\r\nConnection: upgrade\r\n" in head
+        assert await reader.readexactly(len(b"hello from the app;")) == b"hello from the app;"
+        assert await reader.readexactly(len(b"early bytes;")) == b"EARLY BYTES;"
+        writer.write(b"more")
+        assert await reader.readexactly(4) == b"MORE"
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        await app.wait_for(lambda: app.open_connections == 0)
+    finally:
+        proxy.stop()
+        await app.stop()
+
+
+async def test_upgrade_declined_by_the_app_is_a_plain_response(tmp_path: Path) -> None:
+    app = RawApp()
+    await app.start()
+    proxy = await launch_proxy(app.port, tmp_path)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(
+            b"GET /no-upgrade HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+        )
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        (response,) = parse_responses(raw, [b"GET"])
+        assert (response.status, response.body) == (200, b"/no-upgrade")
+        assert response.header(b"connection") == [b"close"]
+    finally:
+        proxy.stop()
+        await app.stop()
