@@ -27,6 +27,8 @@ from drainproxy.errors import ConfigError, DrainproxyError
 TOKEN_HEADER = "X-Drainproxy-Token"
 #: The image's ``CMD`` (see the Dockerfile): what a container that sets no ``args`` runs.
 IMAGE_DEFAULT_ARGS = ("serve", "--config", "/etc/drainproxy/drainproxy.yaml")
+#: The image's ``USER`` (see the Dockerfile), when a pod spec sets no ``runAsUser``.
+IMAGE_USER = 10001
 #: Kubernetes' default when ``terminationGracePeriodSeconds`` is not set.
 DEFAULT_GRACE_SECONDS = 30
 _PROBE_DEFAULT_PERIOD = 10
@@ -812,10 +814,13 @@ def _check_signal_mode(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             "set spec.shareProcessNamespace: true (or use app.stop: prestop)",
         )
         return
-    capabilities = _get(pod.proxy, "securityContext", "capabilities", "add") or []
-    if "KILL" in capabilities or "CAP_KILL" in capabilities:
-        return
     proxy_user = _user(pod, pod.proxy)
+    if proxy_user is None and _is_drainproxy_image(pod.proxy.get("image")):
+        proxy_user = IMAGE_USER
+    capabilities = _get(pod.proxy, "securityContext", "capabilities", "add") or []
+    # Kubernetes grants added capabilities to root only (no ambient capabilities for others).
+    if proxy_user == 0 and ("KILL" in capabilities or "CAP_KILL" in capabilities):
+        return
     for app in pod.apps:
         app_user = _user(pod, app)
         if proxy_user is not None and app_user is not None and proxy_user != app_user:
@@ -824,7 +829,8 @@ def _check_signal_mode(ctx: _Context, pod: Pod) -> Iterator[Finding]:
                 pod.where(app),
                 f"runs as user {app_user}, drainproxy as {proxy_user}: sending it a signal "
                 "fails with EPERM",
-                "run both with the same runAsUser, or add capability KILL to drainproxy",
+                f"run both with runAsUser: {proxy_user} (capability KILL would help only a "
+                "drainproxy running as root)",
             )
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from drainproxy import __version__
 from drainproxy.config import load_config
-from drainproxy.k8scheck import IMAGE_DEFAULT_ARGS
+from drainproxy.k8scheck import IMAGE_DEFAULT_ARGS, IMAGE_USER
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -101,6 +101,7 @@ def test_final_stage_runs_drainproxy_as_non_root_and_stops_on_sigterm() -> None:
     assert final[0].text == "${PYTHON_IMAGE}"
     user = only(final, "USER").split(":")[0]
     assert user.isdigit() and int(user) != 0, "numeric, so runAsNonRoot can verify it"
+    assert int(user) == IMAGE_USER, "check assumes this user when a pod sets none"
     assert only(final, "STOPSIGNAL") == "SIGTERM"
     assert json.loads(only(final, "ENTRYPOINT")) == ["drainproxy"]
     assert json.loads(only(final, "CMD")) == list(IMAGE_DEFAULT_ARGS)

@@ -153,6 +153,12 @@ def _drop_config_map(docs: Docs) -> None:
     docs[:] = [doc for doc in docs if doc["kind"] != "ConfigMap"]
 
 
+def _root_app_and_image_user_with_cap_kill(docs: Docs) -> None:
+    _app(docs)["securityContext"] = {"runAsUser": 0}
+    del pod_spec(docs)["securityContext"]["runAsUser"]
+    _proxy(docs)["securityContext"]["capabilities"]["add"] = ["KILL"]
+
+
 def _under_shell(script: str) -> Callable[[Docs], None]:
     def apply(docs: Docs) -> None:
         proxy = _proxy(docs)
@@ -352,6 +358,13 @@ CASES = [
         "DP502",
         "runs as user 0, drainproxy as 10001",
         _set(_app, securityContext={"runAsUser": 0}),
+    ),
+    Case(
+        "signal stop to a root app from the image's user, CAP_KILL notwithstanding",
+        "shared-pid",
+        "DP502",
+        "runs as user 0, drainproxy as 10001",
+        _root_app_and_image_user_with_cap_kill,
     ),
     Case(
         "native sidecar without a preStop",
