@@ -271,3 +271,28 @@ async def test_kubelet_sends_native_sidecars_sigterm_after_the_app_exits() -> No
     assert app_outcome.exited_after is not None and sidecar_outcome.sigterm_after is not None
     assert sidecar_outcome.sigterm_after >= app_outcome.exited_after
     _reap(watchers, app, sidecar)
+
+
+async def test_close_spread_closes_idle_connections_one_after_another(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(
+        await start_app(slow_app(asyncio.Event(), asyncio.Event())),
+        {"drain": {"propagation": "100ms", "idle_grace": "0s", "close_spread": "3s"}},
+    )
+    connections = []
+    for _ in range(3):
+        reader, writer = await raw_request(proxy.port)
+        await read_head(reader)
+        await reader.readexactly(4)
+        connections.append((reader, writer))
+    proxy.send(signal.SIGTERM)
+    reads = [asyncio.ensure_future(reader.read()) for reader, _ in connections]
+    done, pending = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1, "one connection closed first; the others wait their turn"
+    assert len(pending) == 2
+    assert [await read for read in reads] == [b"", b"", b""]
+    summary = await proxy.log.wait(r"closed idle (\d+)")
+    assert summary.group(1) == "3"
+    for _, writer in connections:
+        writer.close()
