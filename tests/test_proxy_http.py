@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
+import h11
 import pytest
 import pytest_asyncio
 
@@ -510,3 +513,73 @@ async def test_malformed_request_gets_400_and_others_are_served(
     assert (await client.request(b"GET", b"/after-bad")).body == b"/after-bad"
     await client.close()
     assert not [r for r in app.requests if r.path == b"/bad"]
+
+
+async def test_a_strict_app_accepts_everything_the_proxy_sends(tmp_path: Path) -> None:
+    """h11 as the app: every request the proxy writes (keep-alive, bodies re-framed, HEAD,
+    HTTP/1.0 clients) must parse strictly; aiohttp is the client."""
+    errors: list[str] = []
+    bodies: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: Writer) -> None:
+        conn = h11.Connection(h11.SERVER)
+        body = bytearray()
+        method = b""
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    conn.receive_data(data)
+                    if not data:
+                        return
+                elif isinstance(event, h11.Request):
+                    method = event.method
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    bodies.append(bytes(body))
+                    reply = b"%d bytes" % len(body)
+                    body.clear()
+                    writer.write(
+                        conn.send(
+                            h11.Response(
+                                status_code=200, headers=[(b"Content-Length", b"%d" % len(reply))]
+                            )
+                        )
+                    )
+                    if method != b"HEAD":
+                        writer.write(conn.send(h11.Data(data=reply)))
+                    writer.write(conn.send(h11.EndOfMessage()))
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        except h11.ProtocolError as exc:
+            errors.append(repr(exc))
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await launch_proxy(port, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for data in (b"", b"small", b"x" * 300_000):
+                async with session.post(proxy.url + "/len", data=data) as response:
+                    assert await response.read() == b"%d bytes" % len(data)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for part in (b"a" * 10, b"b" * 70_000, b"c"):
+                    yield part
+
+            async with session.put(proxy.url + "/chunked", data=chunks()) as response:
+                assert await response.read() == b"70011 bytes"
+            async with session.head(proxy.url + "/head") as response:
+                assert response.status == 200
+        raw = await exchange(proxy.port, b"GET /ten HTTP/1.0\r\n\r\n")
+        assert parse_responses(raw, [b"GET"])[0].body == b"0 bytes"
+    finally:
+        proxy.stop()
+        server.close()
+    assert errors == []
+    assert bodies[:3] == [b"", b"small", b"x" * 300_000]
