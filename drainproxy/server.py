@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 from collections.abc import Awaitable, Callable
 
 from drainproxy import __version__
 from drainproxy.appcheck import AppProbe
 from drainproxy.appstop import AppStopError, StopMethod, release_then_stop, stop_method_for
-from drainproxy.config import Config
+from drainproxy.config import Address, Config
 from drainproxy.lifecycle import (
     DrainLifecycle,
     DrainSource,
@@ -143,7 +144,8 @@ class Server:
             self._wake.clear()
             self._handle_signals()
             self.lifecycle.poll()
-            self.lifecycle.consider_evidence(self._evidence())
+            if self.lifecycle.phase is Phase.PROPAGATING:
+                self.lifecycle.consider_evidence(self._evidence())
             for transition in self.lifecycle.pop_transitions():
                 self._enter(transition)
             if self.lifecycle.phase is Phase.STOPPED:
@@ -355,16 +357,14 @@ class Server:
             log.info("received %s", signum.name, extra={"event": "signal"})
             repeated_interrupt = signum is signal.SIGINT and self.lifecycle.is_draining()
             if signum is signal.SIGQUIT or repeated_interrupt:
-                if self.lifecycle.phase is not Phase.STOPPED:
-                    self.exit_code = 128 + signum
-                    self.lifecycle.shutdown_now(f"{signum.name}: immediate shutdown")
+                self.shutdown_now(f"{signum.name}: immediate shutdown", 128 + signum)
             else:
                 self.request_drain(DrainSource.SIGNAL)
 
     # --- start and end ------------------------------------------------------------------------
 
     def _log_start(self) -> None:
-        effective = json.dumps(_plain(self.config), separators=(",", ":"))
+        effective = json.dumps(_plain(self.config), separators=(",", ":"), default=str)
         log.info(
             "drainproxy %s on %s loop: proxy %s -> %s, admin %s; config %s",
             __version__,
@@ -394,6 +394,12 @@ class Server:
 
 def _plain(value: object) -> object:
     """Config dataclasses as JSON-able data, with the admin token hidden."""
+    if isinstance(value, Address):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, re.Pattern):
+        return value.pattern
     if hasattr(value, "__dataclass_fields__"):
         fields = value.__dataclass_fields__
         return {
