@@ -653,7 +653,7 @@ class ClientConnection(asyncio.Protocol):
             not req.keep_alive
             or not req.complete
             or req.upgrade
-            or self.must_close
+            or self._last_exchange()
             or self.ctx.lifecycle.should_close_connection()
         )
         self.response_close_delimited = False
@@ -923,7 +923,7 @@ class ClientConnection(asyncio.Protocol):
             not req.complete
             or not req.keep_alive
             or req.upgrade
-            or self.must_close
+            or self._last_exchange()
             or ctx.lifecycle.should_close_connection()
         )
         ctx.stats.count(ctx.stats.responses_by_class, _STATUS_CLASSES[status // 100])
@@ -1009,6 +1009,10 @@ class ClientConnection(asyncio.Protocol):
         if self.paused:
             self.paused = 0
             transport.resume_reading()
+
+    def _last_exchange(self) -> bool:
+        """No more requests will be read, and none is waiting: the answer ends the connection."""
+        return self.must_close and not self.queue and self.pending_reject is None
 
     def _write(self, data: bytes) -> None:
         if not self.closing:
