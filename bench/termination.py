@@ -19,8 +19,8 @@ from pathlib import Path
 
 from drainproxy.sim.rollout import RolloutPlan, run_rollout
 
-FIXED = {"propagation": "5s", "timeout": "10s"}
-EVIDENCE = {
+FIXED: dict[str, object] = {"propagation": "5s", "timeout": "10s"}
+EVIDENCE: dict[str, object] = {
     **FIXED,
     "propagation_mode": "evidence",
     "propagation_min": "200ms",

@@ -92,9 +92,7 @@ TRANSITIONS: dict[tuple[Phase, Event], frozenset[Phase]] = {
 #: Phases in which /ready answers 200 (given the app is reachable).
 _READY_PHASES = frozenset({Phase.SERVING, Phase.DELAYING})
 #: Phases in which the listener accepts new connections.
-_ACCEPTING_PHASES = frozenset(
-    {Phase.SERVING, Phase.DELAYING, Phase.PROPAGATING, Phase.RECOVERING}
-)
+_ACCEPTING_PHASES = frozenset({Phase.SERVING, Phase.DELAYING, Phase.PROPAGATING, Phase.RECOVERING})
 #: Phases in which every response carries ``Connection: close``.
 _CLOSING_PHASES = frozenset(
     {Phase.PROPAGATING, Phase.DRAINING, Phase.STOPPING_APP, Phase.DRAINED, Phase.STOPPED}
@@ -239,7 +237,9 @@ class DrainLifecycle:
         elif self.phase is Phase.DRAINING:
             assert self.drain is not None
             if self.drain.quiescent_at is not None:
-                self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "quiescent, drain.min over", due)
+                self._move(
+                    Event.DEADLINE_REACHED, Phase.STOPPING_APP, "quiescent, drain.min over", due
+                )
             else:
                 self.drain.forced = True
                 self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "drain.timeout reached", due)
@@ -329,7 +329,9 @@ class DrainLifecycle:
     def _move(self, event: Event, target: Phase, reason: str, at: float | None = None) -> None:
         allowed = TRANSITIONS.get((self.phase, event), frozenset())
         if target not in allowed:
-            raise LifecycleError(f"{event.value} cannot lead from {self.phase.value} to {target.value}")
+            raise LifecycleError(
+                f"{event.value} cannot lead from {self.phase.value} to {target.value}"
+            )
         now = self._clock() if at is None else at
         if self.drain is not None and self.phase not in (Phase.SERVING, Phase.RECOVERING):
             spent = self.drain.phase_seconds.get(self.phase, 0.0)
@@ -337,6 +339,6 @@ class DrainLifecycle:
         self._pending.append(Transition(self.phase, target, now, reason))
         self.phase = target
         self.phase_entered_at = now
-        if target in (Phase.STOPPED, Phase.DRAINED, Phase.RECOVERING) and self.drain is not None:
-            if self.drain not in self.completed_drains:
-                self.completed_drains.append(self.drain)
+        drain_over = target in (Phase.STOPPED, Phase.DRAINED, Phase.RECOVERING)
+        if drain_over and self.drain is not None and self.drain not in self.completed_drains:
+            self.completed_drains.append(self.drain)

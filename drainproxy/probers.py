@@ -9,6 +9,7 @@ sends ``kube-probe/<version>``). Pure bookkeeping: the caller passes the time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ class ProberTracker:
         for rule in self.rules:
             if rule.address is not None and rule.address != address:
                 continue
-            if rule.user_agent is not None and not rule.user_agent.search(user_agent):
+            if rule.user_agent is not None and not re.search(rule.user_agent, user_agent):
                 continue
             return rule.failure_threshold
         return self.default_threshold

@@ -4,9 +4,9 @@ lifecycle and carries out each phase's effects, in order, from one place (``_ent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import re
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -153,10 +153,8 @@ class Server:
             if self._wake.is_set():
                 continue
             timeout = self.lifecycle.time_until_deadline()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
 
     # --- phase effects, in the order of the drain --------------------------------------------
 
@@ -242,7 +240,10 @@ class Server:
         self.app_released.set()
         if self.lifecycle.immediate:
             log.warning("immediate shutdown")
-        elif self.lifecycle.completed_drains and self.lifecycle.completed_drains[-1] is self.lifecycle.drain:
+        elif (
+            self.lifecycle.completed_drains
+            and self.lifecycle.completed_drains[-1] is self.lifecycle.drain
+        ):
             self._log_summary()
 
     # --- helpers for the effects -------------------------------------------------------------
@@ -307,9 +308,13 @@ class Server:
         if drain is None:
             return
         closed = self.stats.connections_closed
-        phases = ", ".join(f"{phase.value} {seconds:.3f}s" for phase, seconds in drain.phase_seconds.items())
+        phases = ", ".join(
+            f"{phase.value} {seconds:.3f}s" for phase, seconds in drain.phase_seconds.items()
+        )
         during = sum(
-            count for phase, count in self.stats.requests_by_phase.items() if phase != Phase.SERVING.value
+            count
+            for phase, count in self.stats.requests_by_phase.items()
+            if phase != Phase.SERVING.value
         )
         log.info(
             "drain summary: %s; requests served during the drain %d; connections closed idle %d, "
@@ -398,12 +403,12 @@ def _plain(value: object) -> object:
         return str(value)
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
-    if isinstance(value, re.Pattern):
-        return value.pattern
     if hasattr(value, "__dataclass_fields__"):
         fields = value.__dataclass_fields__
         return {
-            name: ("***" if name == "token" and getattr(value, name) else _plain(getattr(value, name)))
+            name: (
+                "***" if name == "token" and getattr(value, name) else _plain(getattr(value, name))
+            )
             for name in fields
         }
     return value

@@ -65,8 +65,7 @@ class ProxyProcess:
         self.config = dict(config)
         self.config_path = workdir / f"drainproxy-{id(self)}.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
-        host, _, port = str(config["listen"]).rpartition(":")
-        self.port = int(port)
+        self.port = int(str(config["listen"]).rpartition(":")[2])
         self.url = f"http://127.0.0.1:{self.port}"
         admin_port = int(str(config["admin"]["listen"]).rpartition(":")[2])
         self.admin_url = f"http://127.0.0.1:{admin_port}"
@@ -81,7 +80,11 @@ class ProxyProcess:
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
             start_new_session=True,
         )
         assert self.proc.stdout is not None

@@ -35,7 +35,9 @@ def slow_app(release: asyncio.Event, started: asyncio.Event) -> web.Application:
     return app
 
 
-async def raw_request(port: int, path: str = "/") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def raw_request(
+    port: int, path: str = "/"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
     return reader, writer
@@ -77,8 +79,10 @@ async def test_after_propagation_new_connections_are_refused_and_idle_ones_close
     release, slow_started = asyncio.Event(), asyncio.Event()
     proxy = await start_proxy(
         await start_app(slow_app(release, slow_started)),
-        {"drain": {"propagation": "300ms", "timeout": "30s", "idle_grace": "100ms"},
-         "termination_grace_period": "60s"},
+        {
+            "drain": {"propagation": "300ms", "timeout": "30s", "idle_grace": "100ms"},
+            "termination_grace_period": "60s",
+        },
     )
     idle_reader, idle_writer = await raw_request(proxy.port)
     await read_head(idle_reader)
@@ -98,7 +102,9 @@ async def test_after_propagation_new_connections_are_refused_and_idle_ones_close
     assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head
     assert await busy_reader.readexactly(4) == b"slow"
     busy_writer.close()
-    summary = await proxy.log.wait(r"drain summary: .* closed idle (\d+), after a response (\d+), by force (\d+)")
+    summary = await proxy.log.wait(
+        r"drain summary: .* closed idle (\d+), after a response (\d+), by force (\d+)"
+    )
     assert summary.groups() == ("1", "1", "0")
     assert await proxy.exited() == 0
 
@@ -154,7 +160,13 @@ async def test_liveness_restart_prestop_without_sigterm_recovers(
         proxy = await start_proxy(app_port, {"drain": {"propagation": "200ms"}})
         # The kubelet restarts only the app container: its preStop hook, then SIGTERM to it.
         outcomes = await terminate_pod(
-            [Container("app", first_app, HttpGetHook(int(proxy.admin_url.rsplit(":", 1)[1]), "/prestop"))],
+            [
+                Container(
+                    "app",
+                    first_app,
+                    HttpGetHook(int(proxy.admin_url.rsplit(":", 1)[1]), "/prestop"),
+                )
+            ],
             grace_period=10,
         )
         assert outcomes[0].hook_result == "httpGet /prestop: 200"
@@ -206,9 +218,11 @@ async def test_status_reports_phase_counts_and_deadlines(
     await slow_started.wait()
     proxy.send(signal.SIGTERM)
     await proxy.log.wait(PHASE.format("propagating"))
-    async with aiohttp.ClientSession() as session:
-        async with session.get(proxy.admin_url + "/status") as response:
-            status = await response.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(proxy.admin_url + "/status") as response,
+    ):
+        status = await response.json()
     assert status["phase"] == "propagating"
     assert status["in_flight"] == 1
     assert status["open_connections"] == 1
@@ -266,7 +280,9 @@ async def test_kubelet_runs_the_hook_then_sigterm_and_kills_at_the_grace_period(
 async def test_kubelet_sends_native_sidecars_sigterm_after_the_app_exits() -> None:
     app, sidecar = _sleeper(ignore_term=False), _sleeper(ignore_term=False)
     watchers = await _started(app, sidecar)
-    outcomes = await terminate_pod([Container("app", app)], 5.0, sidecars=[Container("proxy", sidecar)])
+    outcomes = await terminate_pod(
+        [Container("app", app)], 5.0, sidecars=[Container("proxy", sidecar)]
+    )
     app_outcome, sidecar_outcome = outcomes
     assert app_outcome.exited_after is not None and sidecar_outcome.sigterm_after is not None
     assert sidecar_outcome.sigterm_after >= app_outcome.exited_after

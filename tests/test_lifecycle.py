@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
 from drainproxy.errors import LifecycleError
 from drainproxy.lifecycle import (
-    Evidence,
     TRANSITIONS,
     DrainLifecycle,
     DrainSource,
     DrainTimings,
     Event,
+    Evidence,
     Phase,
 )
 
@@ -41,41 +42,35 @@ def phases(lifecycle: DrainLifecycle) -> list[Phase]:
     return [t.phase for t in lifecycle.pop_transitions()]
 
 
+def _step(lifecycle: DrainLifecycle, clock: FakeClock) -> None:
+    """Move one phase further along the drain, by its deadline or its event."""
+    if lifecycle.phase in (Phase.DELAYING, Phase.PROPAGATING):
+        wait = lifecycle.time_until_deadline()
+        assert wait is not None
+        clock.advance(wait)
+        lifecycle.poll()
+    elif lifecycle.phase is Phase.DRAINING:
+        lifecycle.note_quiescent()
+    elif lifecycle.phase is Phase.STOPPING_APP:
+        lifecycle.note_app_stopped()
+    else:
+        raise AssertionError(f"no step from {lifecycle.phase}")
+
+
 def drive_to(phase: Phase, timings: DrainTimings = TIMINGS) -> tuple[DrainLifecycle, FakeClock]:
     """A lifecycle brought to ``phase`` by the shortest legal route."""
     if phase is Phase.DELAYING:
-        timings = DrainTimings(readiness_fail_delay=1.0, propagation=5.0, timeout=20.0)
+        timings = replace(timings, readiness_fail_delay=1.0)
     lifecycle, clock = make(timings)
-    routes: dict[Phase, list[Callable[[], None]]] = {
-        Phase.SERVING: [],
-        Phase.DELAYING: [lambda: lifecycle.request_drain(DrainSource.SIGNAL) and None],
-        Phase.PROPAGATING: [lambda: lifecycle.request_drain(DrainSource.PRESTOP) and None],
-        Phase.DRAINING: [
-            lambda: lifecycle.request_drain(DrainSource.PRESTOP) and None,
-            lambda: (clock.advance(5.0), lifecycle.poll()) and None,
-        ],
-        Phase.STOPPING_APP: [
-            lambda: lifecycle.request_drain(DrainSource.PRESTOP) and None,
-            lambda: (clock.advance(5.0), lifecycle.poll()) and None,
-            lifecycle.note_quiescent,
-        ],
-        Phase.RECOVERING: [
-            lambda: lifecycle.request_drain(DrainSource.PRESTOP) and None,
-            lambda: (clock.advance(5.0), lifecycle.poll()) and None,
-            lifecycle.note_quiescent,
-            lifecycle.note_app_stopped,
-        ],
-        Phase.DRAINED: [
-            lambda: lifecycle.request_drain(DrainSource.ADMIN) and None,
-            lambda: (clock.advance(5.0), lifecycle.poll()) and None,
-            lifecycle.note_quiescent,
-            lifecycle.note_app_stopped,
-        ],
-        Phase.STOPPED: [lambda: lifecycle.shutdown_now("test")],
-    }
-    for step in routes[phase]:
-        step()
-    assert lifecycle.phase is phase
+    if phase is Phase.STOPPED:
+        lifecycle.shutdown_now("test")
+    elif phase is not Phase.SERVING:
+        # An admin drain ends DRAINED; a preStop-only drain ends RECOVERING.
+        lifecycle.request_drain(
+            DrainSource.ADMIN if phase is Phase.DRAINED else DrainSource.PRESTOP
+        )
+        while lifecycle.phase is not phase:
+            _step(lifecycle, clock)
     lifecycle.pop_transitions()
     return lifecycle, clock
 
@@ -138,7 +133,9 @@ def test_late_poll_applies_every_passed_deadline_in_order() -> None:
 
 
 def test_quiescent_before_drain_min_waits_for_it() -> None:
-    lifecycle, clock = drive_to(Phase.DRAINING, DrainTimings(propagation=5.0, min=3.0, timeout=20.0))
+    lifecycle, clock = drive_to(
+        Phase.DRAINING, DrainTimings(propagation=5.0, min=3.0, timeout=20.0)
+    )
     clock.advance(1.0)
     lifecycle.note_quiescent()
     assert lifecycle.phase is Phase.DRAINING
@@ -258,7 +255,11 @@ def test_every_transition_target_is_reachable_in_the_table() -> None:
 # --- evidence-based propagation ----------------------------------------------------------------
 
 EVIDENCE = DrainTimings(
-    propagation=10.0, timeout=20.0, evidence=True, propagation_min=1.0, propagation_margin=0.5,
+    propagation=10.0,
+    timeout=20.0,
+    evidence=True,
+    propagation_min=1.0,
+    propagation_margin=0.5,
     quiet=0.3,
 )
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import re
-
 from drainproxy.config import ProberRule
 from drainproxy.probers import RECENT, ProberTracker
 
@@ -10,7 +8,7 @@ KUBELET = "kube-probe/1.31"
 
 def tracker() -> ProberTracker:
     rules = [
-        ProberRule(failure_threshold=1, user_agent=re.compile(r"^kube-probe/")),
+        ProberRule(failure_threshold=1, user_agent=r"^kube-probe/"),
         ProberRule(failure_threshold=2, address="10.0.0.9"),
     ]
     return ProberTracker(rules, default_threshold=3)

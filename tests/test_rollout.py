@@ -21,7 +21,10 @@ pytestmark = [
 def describe(result: RolloutResult) -> str:
     failures = result.failures
     lines = [f"{len(result.outcomes)} requests, {len(failures)} failed"]
-    lines += [f"  {o.path} at +{o.started - result.deleted_at:.3f}s: {o.status} {o.error}" for o in failures[:10]]
+    lines += [
+        f"  {o.path} at +{o.started - result.deleted_at:.3f}s: {o.status} {o.error}"
+        for o in failures[:10]
+    ]
     lines += [f"  {c}" for c in result.containers]
     if result.deleted.proxy_log is not None:
         lines += ["drainproxy log:", result.deleted.proxy_log.text()]
@@ -34,12 +37,16 @@ async def test_deleting_a_replica_under_load_loses_no_request(tmp_path: Path) ->
     assert result.failures == [], describe(result)
     # The slow requests in flight at deletion were answered by the deleted replica.
     slow_after = [
-        o for o in result.served_by(result.deleted)
+        o
+        for o in result.served_by(result.deleted)
         if o.path.startswith("/slow") and o.finished > result.deleted_at
     ]
     assert slow_after, describe(result)
     # The kubelet never had to kill anything, and drainproxy exited cleanly.
-    assert [(c.name, c.killed) for c in result.containers] == [("app", False), ("drainproxy", False)]
+    assert [(c.name, c.killed) for c in result.containers] == [
+        ("app", False),
+        ("drainproxy", False),
+    ]
     proxy = next(c for c in result.containers if c.name == "drainproxy")
     assert proxy.returncode == 0, describe(result)
     app = next(c for c in result.containers if c.name == "app")

@@ -6,7 +6,9 @@ from aiohttp import web
 from tests.conftest import StartApp, StartProxy
 
 
-async def test_proxies_a_request_and_reports_ready(start_app: StartApp, start_proxy: StartProxy) -> None:
+async def test_proxies_a_request_and_reports_ready(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text=f"hello {request.path_qs}")
 

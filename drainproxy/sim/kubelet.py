@@ -15,6 +15,7 @@ What the kubelet does on pod deletion (and what this module does, no more, no le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -112,9 +113,7 @@ class _Termination:
         if container.pre_stop is None:
             return
         try:
-            outcome.hook_result = await asyncio.wait_for(
-                container.pre_stop.run(), self.remaining()
-            )
+            outcome.hook_result = await asyncio.wait_for(container.pre_stop.run(), self.remaining())
         except TimeoutError:
             outcome.hook_result = "preStop still running at the grace period"
         except (aiohttp.ClientError, OSError) as exc:
@@ -138,15 +137,11 @@ class _Termination:
         await self.stop(container, outcome)
         return outcome
 
-    async def sidecar(
-        self, container: Container, regulars_done: asyncio.Event
-    ) -> ContainerOutcome:
+    async def sidecar(self, container: Container, regulars_done: asyncio.Event) -> ContainerOutcome:
         outcome = ContainerOutcome(container.name)
         await self.run_hook(container, outcome)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(regulars_done.wait(), self.remaining())
-        except TimeoutError:
-            pass
         await self.stop(container, outcome)
         return outcome
 
@@ -165,9 +160,7 @@ async def terminate_pod(
         regulars_done.set()
         return list(outcomes)
 
-    results = await asyncio.gather(
-        regulars(), *(termination.sidecar(c, regulars_done) for c in sidecars)
+    regular_outcomes, sidecar_outcomes = await asyncio.gather(
+        regulars(), asyncio.gather(*(termination.sidecar(c, regulars_done) for c in sidecars))
     )
-    regular_outcomes: list[ContainerOutcome] = results[0]
-    sidecar_outcomes: list[ContainerOutcome] = list(results[1:])
-    return regular_outcomes + sidecar_outcomes
+    return regular_outcomes + list(sidecar_outcomes)

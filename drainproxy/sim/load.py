@@ -123,7 +123,7 @@ class LoadClient:
                     reader, writer = await asyncio.wait_for(
                         asyncio.open_connection(self.host, self.port), self.timeout
                     )
-                assert reader is not None
+                assert reader is not None and writer is not None
                 status, body, keep = await asyncio.wait_for(
                     self._exchange(reader, writer, path), self.timeout
                 )

@@ -59,7 +59,10 @@ class Replica:
     def proxy_config(self) -> dict[str, Any]:
         return {
             "listen": f"127.0.0.1:{self.proxy_port}",
-            "upstream": {"url": f"http://127.0.0.1:{self.app_port}", "check": {"interval": "100ms"}},
+            "upstream": {
+                "url": f"http://127.0.0.1:{self.app_port}",
+                "check": {"interval": "100ms"},
+            },
             "admin": {"listen": f"127.0.0.1:{self.admin_port}", "token": TOKEN},
             "drain": dict(self.drain),
             "termination_grace_period": self.grace_period,
@@ -68,8 +71,15 @@ class Replica:
 
     def start(self) -> None:
         self.app = subprocess.Popen(
-            [sys.executable, "-m", "drainproxy.sim.sample_app", "--port", str(self.app_port),
-             "--name", self.name],
+            [
+                sys.executable,
+                "-m",
+                "drainproxy.sim.sample_app",
+                "--port",
+                str(self.app_port),
+                "--name",
+                self.name,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
