@@ -134,7 +134,8 @@ class ProberRule:
 
     failure_threshold: int
     address: str | None = None
-    user_agent: re.Pattern[str] | None = None
+    #: A regular expression searched in the prober's User-Agent.
+    user_agent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -536,14 +537,6 @@ def _threshold(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(name, value, "must be a whole number, 1 or more")
     return value
-
-
-def _regex(name: str, value: object) -> re.Pattern[str]:
-    text = _string(name, value)
-    try:
-        return re.compile(text)
-    except re.error as exc:
-        raise ConfigError(name, value, f"is not a valid regular expression: {exc}") from None
 
 
 def _probers(name: str, raw: object) -> tuple[ProberRule, ...]:
