@@ -27,6 +27,10 @@ BODYLESS_STATUSES = frozenset({204, 304})
 #: Methods a proxy may retry after a connection failure with no response (RFC 9110 §9.2.2).
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
+#: Connection may name fields to drop at this hop, but never these: dropping Content-Length or
+#: Host while the body is still framed by it would let the next hop read the body as a request.
+_NEVER_CONNECTION_OPTIONS = frozenset({b"", b"content-length", b"host"})
+
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
 _XFH = b"x-forwarded-host"
@@ -81,7 +85,7 @@ def inspect_head(headers: Headers, *, request: bool) -> HeadInfo:
             )
         elif lower == b"connection":
             tokens = frozenset(token.strip().lower() for token in value.split(b","))
-            info.connection_tokens |= tokens - {b""}
+            info.connection_tokens |= tokens - _NEVER_CONNECTION_OPTIONS
         elif lower == b"host":
             if info.host is not None:
                 raise FramingError("several Host fields")
