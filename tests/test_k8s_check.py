@@ -310,6 +310,15 @@ CASES = [
         "  default_failure_threshold: 1}\n",
     ),
     Case(
+        "evidence mode with a kube-probe rule below the probe's threshold",
+        "native",
+        "DP304",
+        "counts the kubelet as done after 1 failed probe(s)",
+        lambda docs: None,
+        config="drain: {propagation: 5s, timeout: 15s, propagation_mode: evidence,\n"
+        "  probers: [{user_agent: '^kube-probe/', failure_threshold: 1}]}\n",
+    ),
+    Case(
         "Service straight to the app",
         "classic",
         "DP401",
