@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from drainproxy.config import UpstreamConfig
+from drainproxy.tls import upstream_context
 
 log = logging.getLogger("drainproxy.appcheck")
 
@@ -18,6 +19,10 @@ class AppProbe:
         self.reachable = False
         self.last_error = "not checked yet"
         self._task: asyncio.Task[None] | None = None
+        # An HTTP check of an https app speaks TLS, as the data path does.
+        tls = config.tls if config.check.kind == "http" else None
+        self._ssl = upstream_context(tls) if tls is not None else None
+        self._server_hostname = (tls.server_name or config.host) if tls is not None else None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -41,7 +46,13 @@ class AppProbe:
         check = self.config.check
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.config.host, self.config.port), check.timeout
+                asyncio.open_connection(
+                    self.config.host,
+                    self.config.port,
+                    ssl=self._ssl,
+                    server_hostname=self._server_hostname,
+                ),
+                check.timeout,
             )
         except (OSError, TimeoutError) as exc:
             return False, _describe(exc)

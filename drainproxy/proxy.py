@@ -26,7 +26,7 @@ from typing import cast
 
 import httptools
 
-from drainproxy.config import Config
+from drainproxy.config import Config, LimitsConfig
 from drainproxy.http1 import (
     BODYLESS_STATUSES,
     IDEMPOTENT_METHODS,
@@ -102,6 +102,7 @@ class ProxyContext:
     tls: ListenerTLS | None = field(init=False, default=None)
     listener_ssl: ssl.SSLContext | None = field(init=False, default=None)
     max_connections: int = field(init=False, default=0)
+    limits: LimitsConfig = field(init=False, default_factory=LimitsConfig)
     #: Seconds between sweeps for timeouts, idle app connections and certificate files.
     tick: float = field(init=False, default=1.0)
     # Forwarded headers, decided once from ``forwarded:``.
@@ -123,6 +124,7 @@ class ProxyContext:
             self.tls = ListenerTLS(config.tls)
             self.listener_ssl = self.tls.context
             self.scheme = b"https"
+        self.limits = config.limits
         self.max_connections = config.limits.max_connections or _auto_connection_limit()
         forwarded = config.forwarded
         self.xff_append = forwarded.x_forwarded_for == "append"
@@ -156,6 +158,7 @@ class ProxyContext:
             conn.check_timeouts(now)
         expired = self.pool.expire_idle(now)
         if expired:
+            log.debug("closed %d app connection(s) idle past upstream.idle_timeout", expired)
             self.stats.timeouts["upstream_idle"] = (
                 self.stats.timeouts.get("upstream_idle", 0) + expired
             )
@@ -347,7 +350,7 @@ class ClientConnection(asyncio.Protocol):
         if in_head and current is self.current:
             # The whole read belonged to one unfinished head: llhttp holds it, so count it.
             self.head_bytes += len(data)
-            if self.head_bytes > self.ctx.config.limits.max_header_bytes:
+            if self.head_bytes > self.ctx.limits.max_header_bytes:
                 self._reject(431, "request head larger than limits.max_header_bytes")
 
     def eof_received(self) -> bool | None:
@@ -426,7 +429,7 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         req.target += url
         self.header_bytes += len(url)
-        if len(req.target) > self.ctx.config.limits.max_request_line:
+        if len(req.target) > self.ctx.limits.max_request_line:
             raise Rejection(414, "request target longer than limits.max_request_line")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -436,7 +439,7 @@ class ClientConnection(asyncio.Protocol):
             return  # a trailer field: dropped
         req.headers.append((name, value))
         self.header_bytes += len(name) + len(value)
-        limits = self.ctx.config.limits
+        limits = self.ctx.limits
         if self.header_bytes > limits.max_header_bytes:
             raise Rejection(431, "request head larger than limits.max_header_bytes")
         if len(req.headers) > limits.max_headers:
@@ -459,7 +462,7 @@ class ClientConnection(asyncio.Protocol):
             raise Rejection(400, f"malformed request: {exc}") from None
         if info.host is None and version == "1.1":
             raise Rejection(400, "malformed request: HTTP/1.1 without Host")
-        max_body = self.ctx.config.limits.max_body_bytes
+        max_body = self.ctx.limits.max_body_bytes
         if info.chunked:
             if version == "1.0":
                 raise Rejection(400, "malformed request: Transfer-Encoding in HTTP/1.0")
@@ -484,7 +487,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.current
         assert req is not None
-        max_body = self.ctx.config.limits.max_body_bytes
+        max_body = self.ctx.limits.max_body_bytes
         if max_body is not None:
             req.body_size += len(body)
             if req.body_size > max_body:
@@ -802,9 +805,11 @@ class ClientConnection(asyncio.Protocol):
             elif self.fresh:
                 if head and elapsed >= head:
                     self._timed_out("request_head")
+                    log.debug("closing a connection from %s that sent nothing", self.peer)
                     self.close("idle")
             elif timeouts.client_idle and elapsed >= timeouts.client_idle:
                 self._timed_out("client_idle")
+                log.debug("closing a keep-alive connection from %s idle too long", self.peer)
                 self.close("idle")
             return
         if not active.complete:

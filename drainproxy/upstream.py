@@ -32,6 +32,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "keep_alive",
         "parser",
+        "parser_at_rest",
         "pool",
         "reading_paused",
         "reason",
@@ -48,6 +49,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client: ClientConnection | None = None
         self.parser: httptools.HttpResponseParser | None = None
+        #: The parser ended its last message itself, so it can read the next one.
+        self.parser_at_rest = False
         self.reused = False
         self.closed = False
         self.tunnel = False
@@ -64,10 +67,12 @@ class UpstreamConnection(asyncio.Protocol):
     # --- binding to a client exchange -------------------------------------------------------
 
     def bind(self, client: ClientConnection) -> None:
-        """Start a new exchange: a fresh parser, so a HEAD response's unread body state or an
-        interim 1xx never leaks into the next exchange."""
+        """Start a new exchange. The parser is reused only if it ended the last response itself:
+        after a HEAD response it still expects a body, so that one gets a fresh parser."""
         self.client = client
-        self.parser = httptools.HttpResponseParser(self)
+        if not self.parser_at_rest or self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)
+        self.parser_at_rest = False
         self.got_response_bytes = False
         self.response_head_done = False
         self.headers = []
@@ -197,8 +202,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.client.response_body(body)
 
     def on_message_complete(self) -> None:
-        if self.response_head_done and self.client is not None:
-            self.client.response_complete(self)
+        if self.response_head_done:
+            self.parser_at_rest = True
+            if self.client is not None:
+                self.client.response_complete(self)
 
 
 class UpstreamPool:
@@ -242,7 +249,6 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Keep ``conn`` for reuse, or close it when the pool is full."""
         conn.client = None
-        conn.parser = None
         if conn.closed:
             return
         conn.resume_reading()

@@ -14,6 +14,7 @@ import trustme
 from aiohttp import web
 
 from tests.proxy_support import RawApp, launch_proxy
+from tests.support import free_port
 
 HELLO = b"GET /tls HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
@@ -166,9 +167,8 @@ async def test_tls_to_the_app(tmp_path: Path) -> None:
     web_app.router.add_get("/{tail:.*}", hello)
     runner = web.AppRunner(web_app, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_context).start()
     ca_file = tmp_path / "app-ca.crt"
     ca.cert_pem.write_to_path(str(ca_file))
     wrong_ca = tmp_path / "wrong-ca.crt"
@@ -176,7 +176,14 @@ async def test_tls_to_the_app(tmp_path: Path) -> None:
     trusted = await launch_proxy(
         port,
         tmp_path,
-        {"upstream": {"url": f"https://localhost:{port}", "tls": {"ca_file": str(ca_file)}}},
+        {
+            "upstream": {
+                "url": f"https://localhost:{port}",
+                "tls": {"ca_file": str(ca_file)},
+                "check": {"kind": "http", "path": "/health"},
+            }
+        },
+        wait_ready=True,  # the HTTP check speaks TLS too
     )
     untrusted = await launch_proxy(
         port,
