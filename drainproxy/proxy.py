@@ -236,6 +236,7 @@ class Request:
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "active",
+        "batch",
         "close_after",
         "close_delimited_to_client",
         "close_reason",
@@ -278,6 +279,8 @@ class ClientConnection(asyncio.Protocol):
         self.upstream: UpstreamConnection | None = None
         self.tunnel: UpstreamConnection | None = None
         self.upgrade_buffer: list[bytes] | None = None
+        #: Writes held while one read from the app is parsed (see ``start_batch``).
+        self.batch: list[bytes] | None = None
         self.paused = 0
         self.write_paused = False
         self.closing = False
@@ -692,13 +695,14 @@ class ClientConnection(asyncio.Protocol):
         req = self.active
         if req is not None and req.access is not None:
             req.access.body_bytes += len(body)
-        transport = self.transport
-        if self.closing or transport is None:
+        if self.closing:
             return
+        batch = self.batch
+        assert batch is not None  # only called while the app's bytes are parsed
         if self.response_frame == _FRAME_CHUNKED:
-            transport.writelines((chunk_size_line(len(body)), body, _CRLF))
+            batch += (chunk_size_line(len(body)), body, _CRLF)
         elif self.response_frame == _FRAME_RAW:
-            transport.write(body)
+            batch.append(body)
 
     def response_complete(self, conn: UpstreamConnection) -> None:
         req = self.active
@@ -875,10 +879,25 @@ class ClientConnection(asyncio.Protocol):
     def close(self, reason: str) -> None:
         if self.closing:
             return
+        self.flush()
         self.closing = True
         self.close_reason = reason
         assert self.transport is not None
         self.transport.close()
+
+    def start_batch(self) -> None:
+        """Collect what is written to the client while one read from the app is parsed, so a
+        response head and its body leave in one system call."""
+        self.batch = []
+
+    def flush(self) -> None:
+        batch, self.batch = self.batch, None
+        if batch and not self.closing:
+            assert self.transport is not None
+            if len(batch) == 1:
+                self.transport.write(batch[0])
+            else:
+                self.transport.writelines(batch)
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -1010,6 +1029,7 @@ class ClientConnection(asyncio.Protocol):
         self.lingering = self.must_close = True
         self.close_reason = "after_response"
         self.mark = self.ctx.loop.time()
+        self.flush()
         transport.write_eof()
         if self.paused:
             self.paused = 0
@@ -1020,7 +1040,11 @@ class ClientConnection(asyncio.Protocol):
         return self.must_close and not self.queue and self.pending_reject is None
 
     def _write(self, data: bytes) -> None:
-        if not self.closing:
+        if self.closing:
+            return
+        if self.batch is not None:
+            self.batch.append(data)
+        else:
             assert self.transport is not None
             self.transport.write(data)
 

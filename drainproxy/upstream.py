@@ -130,6 +130,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self.got_response_bytes = True
+        client.start_batch()
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -143,6 +144,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.client is not None:
                 self.client.upstream_failed("invalid", f"invalid response from the app: {exc}")
             self.abort()
+        finally:
+            client.flush()
 
     def eof_received(self) -> bool | None:
         return False
