@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -130,6 +132,15 @@ async def test_idle_app_connections_are_closed(app: RawApp, proxy: ProxyProcess)
     assert (await client.request(b"GET", b"/pooled")).status == 200
     await client.close()
     await app.wait_for(lambda: app.open_connections == 0)
+
+
+async def test_expiries_and_refusals_are_counted(proxy: ProxyProcess) -> None:
+    """The tests above expired each client-side timeout at least once; /metrics says so."""
+    async with aiohttp.ClientSession() as session, session.get(proxy.admin_url + "/metrics") as r:
+        text = await r.text()
+    for kind in ("request_head", "client_idle", "client_body", "upstream_idle"):
+        assert re.search(rf'^drainproxy_timeouts_total{{kind="{kind}"}} [1-9]', text, re.M), kind
+    assert re.search(r'^drainproxy_requests_rejected_total{status="408"} [1-9]', text, re.M)
 
 
 async def test_connect_timeout_is_504(tmp_path: Path) -> None:
