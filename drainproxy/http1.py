@@ -158,10 +158,6 @@ def plain_response(status: int, message: str, *, close: bool) -> bytes:
     return serialize_head(status_line(status, reason_phrase(status)), headers) + body
 
 
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
 def chunk_size_line(size: int) -> bytes:
     """The line before a chunk of ``size`` bytes, for writing a chunk without copying it."""
     return b"%x\r\n" % size
