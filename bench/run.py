@@ -251,6 +251,10 @@ def _memory(target: Target, count: int) -> Memory:
 # Reporting
 
 
+def _rounds(count: int) -> str:
+    return f"{count} round" + ("" if count == 1 else "s")
+
+
 def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
@@ -270,7 +274,7 @@ def report(names: Sequence[str], plan: Plan, results: Results) -> tuple[str, boo
     r = results
     sections = [
         f"### Throughput: tiny responses, {CONNECTIONS} keep-alive connections, closed loop "
-        f"(median of {plan.rounds} rounds of {plan.seconds[THROUGHPUT]:g} s)",
+        f"(median of {_rounds(plan.rounds)} of {plan.seconds[THROUGHPUT]:g} s)",
         _table(
             ["target", "req/s", "range", "p50 ms", "p99 ms", "vs no proxy", "vs Envoy"],
             [
@@ -295,7 +299,7 @@ def report(names: Sequence[str], plan: Plan, results: Results) -> tuple[str, boo
             ],
         ),
         f"### Latency at about 1,000 req/s: {CONNECTIONS} connections, random 1-63 ms pause "
-        f"between requests (median of {plan.rounds} rounds of {plan.seconds[PACED]:g} s)",
+        f"between requests (median of {_rounds(plan.rounds)} of {plan.seconds[PACED]:g} s)",
         _table(
             ["target", "achieved req/s", "p50 ms", "p99 ms", "p99 vs Envoy"],
             [
@@ -310,7 +314,7 @@ def report(names: Sequence[str], plan: Plan, results: Results) -> tuple[str, boo
             ],
         ),
         f"### 1 MiB responses, {CONNECTIONS} connections "
-        f"(median of {plan.rounds} rounds of {plan.seconds[LARGE]:g} s)",
+        f"(median of {_rounds(plan.rounds)} of {plan.seconds[LARGE]:g} s)",
         _table(
             ["target", "MiB/s", "req/s", "p99 ms", "vs no proxy", "vs Envoy"],
             [
@@ -497,7 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit()
     cpus = Cpus.pick()
     os.sched_setaffinity(0, {cpus.load})
-    command = shlex.join([Path(sys.executable).name, "bench/run.py", *sys.argv[1:]])
+    repo = Path(__file__).resolve().parent.parent
+    python = Path(sys.executable)
+    shown = python.relative_to(repo) if python.is_relative_to(repo) else python
+    command = shlex.join([str(shown), "bench/run.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory(prefix="drainproxy-bench-") as tmp:
         processes = Processes(Path(tmp))
         try:
