@@ -299,9 +299,6 @@ class RawClient:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         return cls(reader, writer)
 
-    def send_raw(self, data: bytes) -> None:
-        self.writer.write(data)
-
     async def request(
         self,
         method: bytes = b"GET",
@@ -399,7 +396,3 @@ def proc_status_kib(pid: int, field_name: str) -> int:
         if line.startswith(field_name + ":"):
             return int(line.split()[1])
     raise KeyError(field_name)
-
-
-def open_fds(pid: int) -> int:
-    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
