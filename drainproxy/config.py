@@ -674,7 +674,9 @@ def check_cross_field_rules(config: Config) -> None:
         raise ConfigError("admin.listen", str(config.admin.listen), "must differ from listen")
     if config.drain.min > config.drain.timeout:
         raise ConfigError(
-            "drain.min", config.drain.min, f"must not exceed drain.timeout ({config.drain.timeout}s)"
+            "drain.min",
+            config.drain.min,
+            f"must not exceed drain.timeout ({config.drain.timeout:g}s)",
         )
     evidence = config.drain.propagation_mode == "evidence"
     if evidence and config.drain.propagation_min > config.drain.propagation:
