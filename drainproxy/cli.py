@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     drain.add_argument("--config", required=True, help="the running drainproxy's config file")
     drain.add_argument("--wait", action="store_true", help="return only once the drain is over")
+    wrap = commands.add_parser(
+        "wrap", help="start the app as a child (the container's PID 1) and proxy to it"
+    )
+    wrap.add_argument("--config", help="YAML config file (default: the embedded defaults)")
+    wrap.add_argument("app_command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
     _add_demo_command(commands)
     return parser
 
@@ -62,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "drain":
         return drain(config, args.wait)
+    if args.command == "wrap":
+        return wrap(config, args.app_command)
     return serve(config)
 
 
@@ -115,6 +122,33 @@ def serve(config: Config) -> int:
     loop_name = _install_uvloop()
     try:
         return asyncio.run(_serve(config, loop_name))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except DrainproxyError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def wrap(config: Config, command: list[str]) -> int:
+    from drainproxy.wrapper import ChildStartError, check_wrapper_config, run_wrapped
+
+    command = command[1:] if command[:1] == ["--"] else command
+    if not command:
+        print("drainproxy: wrap: the app's command is missing (wrap -- CMD ARGS)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        check_wrapper_config(config)
+    except ConfigError as exc:
+        print(f"drainproxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log.format, config.log.level)
+    loop_name = _install_uvloop()
+    try:
+        return asyncio.run(run_wrapped(config, command, loop_name))
+    except ChildStartError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
