@@ -78,6 +78,7 @@ async def run_wrapped(config: Config, command: Sequence[str], loop_name: str) ->
     app_exit = reaper.app_exit
     for signum in FORWARDED_SIGNALS:
         loop.add_signal_handler(signum, _forward, signum, pid, app_exit)
+    server_status: int | None = None
     try:
         server = Server(config, loop_name)
         server.app_stop = WrappedAppStop(
@@ -88,7 +89,7 @@ async def run_wrapped(config: Config, command: Sequence[str], loop_name: str) ->
             on_stop=lambda: server.request_drain(DrainSource.SIGNAL),
         )
         app_exit.add_done_callback(lambda done: _app_exited(server, pid, done.result()))
-        await server.run()
+        server_status = await server.run()
     finally:
         for signum in FORWARDED_SIGNALS:
             loop.remove_signal_handler(signum)
@@ -99,7 +100,8 @@ async def run_wrapped(config: Config, command: Sequence[str], loop_name: str) ->
     if not app_exit.done():
         raise DrainproxyError(f"the app (pid {pid}) did not exit after SIGKILL")
     status = app_exit.result()
-    log.info("exiting with the app's status %d", status, extra={"event": "exit"})
+    if status != server_status:  # the server has logged its own status already
+        log.info("exiting with the app's status %d", status, extra={"event": "exit"})
     return status
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from drainproxy.sim.haproxy import haproxy_binary
 from drainproxy.sim.rollout import RolloutPlan, RolloutResult, run_rollout
+from tests.rollout_replicas import signalled_replica, wrapped_replica
 
 pytestmark = [
     pytest.mark.haproxy,
@@ -82,3 +84,29 @@ async def test_evidence_based_propagation_leaves_early_and_loses_no_request(tmp_
     assert result.gone_at - result.deleted_at < 10.0, describe(result)
     proxy = next(c for c in result.containers if c.name == "drainproxy")
     assert proxy.returncode == 0
+
+
+async def test_wrapper_mode_rollout_loses_no_request(tmp_path: Path) -> None:
+    result = await run_rollout(RolloutPlan(replica_factory=wrapped_replica), tmp_path)
+    assert result.outcomes, "the load produced no requests"
+    assert result.failures == [], describe(result)
+    # One container: drainproxy drained, stopped its child with SIGTERM and exited with its status.
+    [container] = result.containers
+    assert (container.name, container.killed) == ("app", False), describe(result)
+    assert container.returncode == 128 + signal.SIGTERM, describe(result)
+    assert result.deleted.proxy_log is not None
+    await result.deleted.proxy_log.wait(r"app stop: preStop hooks released; app exited after")
+
+
+async def test_signal_mode_rollout_loses_no_request(tmp_path: Path) -> None:
+    result = await run_rollout(RolloutPlan(replica_factory=signalled_replica), tmp_path)
+    assert result.outcomes, "the load produced no requests"
+    assert result.failures == [], describe(result)
+    killed = [(c.name, c.killed) for c in result.containers]
+    assert killed == [("app", False), ("drainproxy", False)], describe(result)
+    proxy = next(c for c in result.containers if c.name == "drainproxy")
+    assert proxy.returncode == 0, describe(result)
+    deleted = result.deleted
+    assert deleted.proxy_log is not None and deleted.app is not None
+    await deleted.proxy_log.wait(rf"app stop plan: signal: SIGTERM to pid {deleted.app.pid} ")
+    await deleted.proxy_log.wait(r"app stop: preStop hooks released; app exited after SIGTERM")

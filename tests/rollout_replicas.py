@@ -1,0 +1,95 @@
+"""Replicas for the rollout test in the other two ways of stopping the app: wrapper mode (one
+container, drainproxy its main process with the app as its child) and ``app.stop: signal`` (a
+shared process namespace: drainproxy signals the app's process itself)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from drainproxy.appstop import command_line
+from drainproxy.sim.kubelet import Container
+from drainproxy.sim.process import LogWatcher
+from drainproxy.sim.replica import Replica
+from drainproxy.sim.rollout import RolloutPlan
+
+SAMPLE_APP = [sys.executable, "-m", "drainproxy.sim.sample_app"]
+
+
+def _sample_app_args(replica: Replica) -> list[str]:
+    return [*SAMPLE_APP, "--port", str(replica.app_port), "--name", replica.name]
+
+
+class WrappedReplica(Replica):
+    """One container, ``drainproxy wrap -- sample_app``: the kubelet's SIGTERM goes to drainproxy
+    alone (no preStop hook), which drains and then stops its child."""
+
+    def start(self) -> None:
+        config = self.workdir / f"{self.name}-drainproxy.yaml"
+        config.write_text(yaml.safe_dump(self.proxy_config()))
+        command = [sys.executable, "-m", "drainproxy", "wrap", "--config", str(config)]
+        self.proxy = subprocess.Popen(
+            [*command, "--", *_sample_app_args(self)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.proxy_log = LogWatcher(self.proxy.stdout)
+
+    async def started(self, timeout: float = 30.0) -> None:
+        assert self.proxy_log is not None
+        await self.proxy_log.wait(r"sample app .* listening on", timeout)  # passed through
+        await self.proxy_log.wait(r"app reachable", timeout)
+
+    def containers(self) -> list[Container]:
+        assert self.proxy is not None
+        return [Container("app", self.proxy)]
+
+    def stop(self) -> None:
+        # If drainproxy is killed first its child would live on, holding the output pipe open.
+        if self.proxy_log is not None and (
+            found := re.search(r"started the app, pid (\d+):", self.proxy_log.text())
+        ):
+            child = int(found.group(1))
+            if "drainproxy.sim.sample_app" in (command_line(child) or ""):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+        super().stop()
+
+
+class SignalledReplica(Replica):
+    """A pod with ``shareProcessNamespace: true``: the app container's preStop hook holds it as in
+    the classic sidecar; after the drain drainproxy signals the app process, found by its
+    command line (the port makes it unique among the replicas)."""
+
+    def proxy_config(self) -> dict[str, Any]:
+        pattern = rf"drainproxy\.sim\.sample_app --port {self.app_port} "
+        app = {"stop": "signal", "process": pattern, "stop_timeout": "2s"}
+        return {**super().proxy_config(), "app": app}
+
+
+def wrapped_replica(name: str, workdir: Path, plan: RolloutPlan) -> Replica:
+    return WrappedReplica(
+        name,
+        workdir,
+        drain=plan.drain,
+        grace_period=plan.grace_period,
+        extra_config=plan.extra_config,
+    )
+
+
+def signalled_replica(name: str, workdir: Path, plan: RolloutPlan) -> Replica:
+    return SignalledReplica(
+        name,
+        workdir,
+        drain=plan.drain,
+        grace_period=plan.grace_period,
+        extra_config=plan.extra_config,
+    )
