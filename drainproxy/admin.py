@@ -122,7 +122,9 @@ async def drain(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _forbidden(request)
     started = _server(request).request_drain(DrainSource.ADMIN)
-    return web.Response(status=202, text="drain started\n" if started else "drain already under way\n")
+    return web.Response(
+        status=202, text="drain started\n" if started else "drain already under way\n"
+    )
 
 
 async def prestop(request: web.Request) -> web.Response:

@@ -1,8 +1,9 @@
 """Stopping the app once the drain is over, in whatever way the pod allows (``app.stop``).
 
-Waiting ``GET /prestop`` calls are always released first (``release_then_stop``): whatever else
-stops the app, the app container's preStop hook must not hang until the grace period ends. Then
-one stop method runs. Each method answers two calls:
+One stop method runs first, then the waiting ``GET /prestop`` calls are always released
+(``stop_then_release``): the app gets the signal it understands (SIGQUIT for nginx...) before the
+kubelet's SIGTERM, which follows the release; and whatever happened, the app container's
+preStop hook must not hang until the grace period ends. Each method answers two calls:
 
 * ``check()`` once the app first answers: can the app be found, and may we stop it? A wrong
   pidfile, a regex matching nothing or several processes, or a missing permission must show up
@@ -54,15 +55,15 @@ class StopMethod(Protocol):
     async def stop(self) -> str: ...
 
 
-async def release_then_stop(release: Callable[[], Awaitable[str]], method: StopMethod) -> str:
-    """Release the waiting preStop calls, then run the configured method."""
-    released = await release()
+async def stop_then_release(release: Callable[[], Awaitable[str]], method: StopMethod) -> str:
+    """Run the configured method, then release the waiting preStop calls, whatever happened."""
     try:
         stopped = await method.stop()
     except AppStopError as exc:
         log.error("%s", exc, extra={"event": "app_stop_failed"})
-        return f"{released}; app not stopped"
-    return f"{released}; {stopped}" if stopped else released
+        stopped = "app not stopped"
+    released = await release()
+    return f"{stopped}; {released}" if stopped else released
 
 
 def stop_method_for(config: AppConfig) -> StopMethod:

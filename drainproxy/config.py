@@ -160,7 +160,7 @@ AppStopMethod = Literal["prestop", "signal", "http", "exec", "none"]
 
 @dataclass(frozen=True)
 class AppConfig:
-    """How the app is told to stop after the drain (waiting preStop calls are released first)."""
+    """How the app is told to stop after the drain (waiting preStop calls are released after it)."""
 
     stop: AppStopMethod = "prestop"
     stop_timeout: float = 3.0

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from drainproxy import __version__
 from drainproxy.appcheck import AppProbe
-from drainproxy.appstop import AppStopError, StopMethod, release_then_stop, stop_method_for
+from drainproxy.appstop import AppStopError, StopMethod, stop_method_for, stop_then_release
 from drainproxy.config import Address, Config
 from drainproxy.lifecycle import (
     DrainLifecycle,
@@ -65,9 +65,9 @@ class Server:
         )
         self.probe = AppProbe(config.upstream, on_checked=self._app_checked)
         self.app_released = asyncio.Event()
-        #: app.stop's method; the preStop calls are released first in every mode.
+        #: app.stop's method; the preStop calls are released after it in every mode.
         self.app_stop: StopMethod = stop_method_for(config.app)
-        self.app_stopper: AppStopper = lambda: release_then_stop(
+        self.app_stopper: AppStopper = lambda: stop_then_release(
             self._release_prestop_hooks, self.app_stop
         )
         self._app_stop_checked = False

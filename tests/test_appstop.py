@@ -106,7 +106,7 @@ async def test_signal_stops_the_app_found_by_pidfile_after_releasing_prestop(
             assert response.status == 200
         assert await app.exited() == -signal.SIGTERM
     assert await proxy.exited() == 0
-    assert "app stop: preStop hooks released; app exited after SIGTERM" in proxy.log.text()
+    assert "app stop: app exited after SIGTERM; preStop hooks released" in proxy.log.text()
 
 
 async def test_signal_sigquit_to_the_app_found_by_command_line(
@@ -134,7 +134,7 @@ async def test_an_app_ignoring_the_signal_is_killed_after_stop_timeout(
     assert await app.exited() == -signal.SIGKILL
     assert await proxy.exited() == 0
     assert "ignored SIGTERM for 1s: sending SIGKILL" in proxy.log.text()
-    assert "app stop: preStop hooks released; app killed after SIGTERM timed out" in (
+    assert "app stop: app killed after SIGTERM timed out; preStop hooks released" in (
         proxy.log.text()
     )
 
@@ -153,7 +153,7 @@ async def test_without_kill_after_timeout_an_app_ignoring_the_signal_keeps_runni
     )
     await proxy.exited()
     assert app.proc.poll() is None
-    assert "app stop: preStop hooks released; app not stopped" in proxy.log.text()
+    assert "app stop: app not stopped; preStop hooks released" in proxy.log.text()
 
 
 async def test_no_matching_process_is_an_error_at_start_up(
@@ -279,7 +279,7 @@ async def test_http_calls_the_app_after_the_drain(
     assert await proxy.exited() == 0
     assert asked == ["POST"]
     assert f"app.url: POST {url} answered 202: accepted" in proxy.log.text()
-    assert "app stop: preStop hooks released; http stop accepted" in proxy.log.text()
+    assert "app stop: http stop accepted; preStop hooks released" in proxy.log.text()
 
 
 async def test_http_stop_errors_name_the_call(start_app: StartApp) -> None:
@@ -321,7 +321,7 @@ async def test_exec_runs_the_command_after_the_drain_and_logs_its_output(
     assert "output: stopping the app" in log
     assert "output: on stderr" in log
     assert "exited with status 0" in log
-    assert "app stop: preStop hooks released; command succeeded" in log
+    assert "app stop: command succeeded; preStop hooks released" in log
 
 
 async def test_exec_timeout_kills_the_command_and_keeps_its_output(

@@ -95,7 +95,7 @@ async def test_wrapper_mode_rollout_loses_no_request(tmp_path: Path) -> None:
     assert (container.name, container.killed) == ("app", False), describe(result)
     assert container.returncode == 128 + signal.SIGTERM, describe(result)
     assert result.deleted.proxy_log is not None
-    await result.deleted.proxy_log.wait(r"app stop: preStop hooks released; app exited after")
+    await result.deleted.proxy_log.wait(r"app stop: app exited after .*; preStop hooks released")
 
 
 async def test_signal_mode_rollout_loses_no_request(tmp_path: Path) -> None:
@@ -109,4 +109,4 @@ async def test_signal_mode_rollout_loses_no_request(tmp_path: Path) -> None:
     deleted = result.deleted
     assert deleted.proxy_log is not None and deleted.app is not None
     await deleted.proxy_log.wait(rf"app stop plan: signal: SIGTERM to pid {deleted.app.pid} ")
-    await deleted.proxy_log.wait(r"app stop: preStop hooks released; app exited after SIGTERM")
+    await deleted.proxy_log.wait(r"app stop: app exited after SIGTERM.*; preStop hooks released")
