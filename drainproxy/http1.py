@@ -1,6 +1,6 @@
 """HTTP/1.1 message heads as a proxy needs them: framing checks, hop-by-hop filtering and
-serialisation (RFC 9110, RFC 9112). Pure functions over ``(name, value)`` byte pairs, so header
-order and duplicates survive untouched."""
+serialisation (RFC 9110, RFC 9112). Works on ``(name, value)`` byte pairs as llhttp delivers them,
+so header order and duplicates survive untouched."""
 
 from __future__ import annotations
 
@@ -30,10 +30,49 @@ IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 #: Connection may name fields to drop at this hop, but never these: dropping Content-Length or
 #: Host while the body is still framed by it would let the next hop read the body as a request.
 _NEVER_CONNECTION_OPTIONS = frozenset({b"", b"content-length", b"host"})
+#: Connection tokens that need no second look at the fields: the hop-by-hop ones are dropped
+#: anyway, and "close" is the option itself (RFC 9110 reserves "Close" as a field name).
+_NO_EXTRA_DROP = HOP_BY_HOP | {b"close"}
 
-_XFF = b"x-forwarded-for"
-_XFP = b"x-forwarded-proto"
-_XFH = b"x-forwarded-host"
+# The fields a proxy must look at; every other field is forwarded as it came.
+CONTENT_LENGTH = 1
+TRANSFER_ENCODING = 2
+CONNECTION = 3
+HOST = 4
+UPGRADE = 5
+FORWARDED_FOR = 6
+FORWARDED_PROTO = 7
+FORWARDED_HOST = 8
+OTHER_HOP_BY_HOP = 9
+
+_KIND_BY_LOWER_NAME = {
+    b"content-length": CONTENT_LENGTH,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"connection": CONNECTION,
+    b"host": HOST,
+    b"upgrade": UPGRADE,
+    b"x-forwarded-for": FORWARDED_FOR,
+    b"x-forwarded-proto": FORWARDED_PROTO,
+    b"x-forwarded-host": FORWARDED_HOST,
+    b"keep-alive": OTHER_HOP_BY_HOP,
+    b"proxy-connection": OTHER_HOP_BY_HOP,
+    b"te": OTHER_HOP_BY_HOP,
+    b"trailer": OTHER_HOP_BY_HOP,
+}
+#: The usual spellings too, so the common case needs no ``lower()``.
+_FIELD_KINDS = {
+    **_KIND_BY_LOWER_NAME,
+    **{name.title(): kind for name, kind in _KIND_BY_LOWER_NAME.items()},
+    b"TE": OTHER_HOP_BY_HOP,
+    b"X-Forwarded-For": FORWARDED_FOR,
+    b"X-Forwarded-Proto": FORWARDED_PROTO,
+    b"X-Forwarded-Host": FORWARDED_HOST,
+}
+#: A name of another length cannot be one of those fields: most skip the dictionary altogether.
+_KIND_NAME_LENGTHS = frozenset(len(name) for name in _KIND_BY_LOWER_NAME)
+
+_FIELD_SEPARATOR = b": "
+CRLF = b"\r\n"
 
 
 class FramingError(Exception):
@@ -65,78 +104,94 @@ class HeadInfo:
         self.has_forwarded_host = False
 
 
-def inspect_head(headers: Headers, *, request: bool) -> HeadInfo:
-    """Classify a head that llhttp accepted, and refuse what llhttp lets through but a proxy must
-    not forward: several Host fields, Content-Length beside Transfer-Encoding, a request coding
-    that does not end in chunked, a Content-Length that is not plain digits."""
+def forward_head(
+    out: list[bytes], headers: Headers, *, request: bool, drop: frozenset[int] = frozenset()
+) -> HeadInfo:
+    """Classify a head that llhttp accepted and append its end-to-end fields to ``out`` as
+    ``name``, ``": "``, ``value``, CRLF pieces (for one ``b"".join``), all in one pass.
+
+    Left out: the hop-by-hop fields, those named in Connection, and the X-Forwarded fields whose
+    kind (FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST) is in ``drop``. Refused with
+    FramingError, as llhttp lets them through but a proxy must not forward them: several Host
+    fields, Content-Length beside Transfer-Encoding, a request coding that does not end in
+    chunked, a Content-Length that is not plain digits."""
     info = HeadInfo()
+    start = len(out)
     transfer_encoding: bytes | None = None
     for name, value in headers:
-        lower = name.lower()
-        if lower == b"content-length":
+        kind = 0
+        if len(name) in _KIND_NAME_LENGTHS:
+            kind = _FIELD_KINDS.get(name) or _KIND_BY_LOWER_NAME.get(name.lower(), 0)
+        if not kind:
+            out += (name, _FIELD_SEPARATOR, value, CRLF)
+        elif kind == CONTENT_LENGTH:
             if info.content_length is not None and info.content_length != value:
                 raise FramingError("several differing Content-Length fields")
             if not value.isdigit():
                 raise FramingError("Content-Length is not a number")
             info.content_length = value
-        elif lower == b"transfer-encoding":
+            out += (name, _FIELD_SEPARATOR, value, CRLF)
+        elif kind == TRANSFER_ENCODING:
             transfer_encoding = (
                 value if transfer_encoding is None else transfer_encoding + b"," + value
             )
-        elif lower == b"connection":
+        elif kind == CONNECTION:
             tokens = frozenset(token.strip().lower() for token in value.split(b","))
             info.connection_tokens |= tokens - _NEVER_CONNECTION_OPTIONS
-        elif lower == b"host":
+        elif kind == HOST:
             if info.host is not None:
                 raise FramingError("several Host fields")
             info.host = value
-        elif lower == b"upgrade":
+            out += (name, _FIELD_SEPARATOR, value, CRLF)
+        elif kind == UPGRADE:
             info.upgrade = value
-        elif lower == _XFF:
-            info.forwarded_for = (
-                [value] if info.forwarded_for is None else [*info.forwarded_for, value]
-            )
-        elif lower == _XFP:
-            info.has_forwarded_proto = True
-        elif lower == _XFH:
-            info.has_forwarded_host = True
+        elif kind == OTHER_HOP_BY_HOP:
+            pass
+        else:
+            if kind == FORWARDED_FOR:
+                info.forwarded_for = (
+                    [value] if info.forwarded_for is None else [*info.forwarded_for, value]
+                )
+            elif kind == FORWARDED_PROTO:
+                info.has_forwarded_proto = True
+            else:
+                info.has_forwarded_host = True
+            if kind not in drop:
+                out += (name, _FIELD_SEPARATOR, value, CRLF)
     if transfer_encoding is not None:
         if info.content_length is not None:
             raise FramingError("both Content-Length and Transfer-Encoding")
         info.chunked = transfer_encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         if request and not info.chunked:
             raise FramingError("Transfer-Encoding does not end in chunked")
+    if info.connection_tokens - _NO_EXTRA_DROP:
+        _drop_named_fields(out, start, info.connection_tokens)
     return info
 
 
-def end_to_end(headers: Headers, info: HeadInfo, drop: frozenset[bytes] = frozenset()) -> Headers:
-    """Headers without the hop-by-hop ones, those named in Connection, and ``drop``."""
-    tokens = info.connection_tokens
-    if tokens:
-        return [
-            (name, value)
-            for name, value in headers
-            if (lower := name.lower()) not in HOP_BY_HOP
-            and lower not in tokens
-            and lower not in drop
-        ]
-    return [
-        (name, value)
-        for name, value in headers
-        if (lower := name.lower()) not in HOP_BY_HOP and lower not in drop
-    ]
+def _drop_named_fields(out: list[bytes], start: int, names: frozenset[bytes]) -> None:
+    """Remove from ``out[start:]`` (4 pieces per field) the fields Connection named; rare, so
+    it is a second pass rather than a cost on every field."""
+    kept: list[bytes] = []
+    for index in range(start, len(out), 4):
+        if out[index].lower() not in names:
+            kept += out[index : index + 4]
+    out[start:] = kept
 
 
-def serialize_head(start_line: bytes, headers: Headers) -> bytes:
-    parts = [start_line]
-    for name, value in headers:
-        parts.append(name + b": " + value)
-    parts.append(b"\r\n")
-    return b"\r\n".join(parts)
+_status_lines: dict[tuple[int, bytes], bytes] = {}
+_STATUS_LINE_CACHE_SIZE = 256
 
 
 def status_line(status: int, reason: bytes) -> bytes:
-    return b"HTTP/1.1 %d %s" % (status, reason)
+    """``HTTP/1.1 200 OK`` and its CRLF; the few lines an app uses are built once."""
+    key = (status, reason)
+    line = _status_lines.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % key
+        if len(_status_lines) < _STATUS_LINE_CACHE_SIZE:
+            _status_lines[key] = line
+    return line
 
 
 def reason_phrase(status: int) -> bytes:
@@ -149,13 +204,16 @@ def reason_phrase(status: int) -> bytes:
 def plain_response(status: int, message: str, *, close: bool) -> bytes:
     """A complete short text response that drainproxy itself writes (400, 502, 504...)."""
     body = (message + "\n").encode()
-    headers: Headers = [
-        (b"Content-Type", b"text/plain; charset=utf-8"),
-        (b"Content-Length", b"%d" % len(body)),
-    ]
-    if close:
-        headers.append((b"Connection", b"close"))
-    return serialize_head(status_line(status, reason_phrase(status)), headers) + body
+    return b"".join(
+        (
+            status_line(status, reason_phrase(status)),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: close\r\n" if close else b"",
+            CRLF,
+            body,
+        )
+    )
 
 
 def chunk_size_line(size: int) -> bytes:

@@ -29,20 +29,22 @@ import httptools
 from drainproxy.config import Config, LimitsConfig
 from drainproxy.http1 import (
     BODYLESS_STATUSES,
+    CRLF,
+    FORWARDED_FOR,
+    FORWARDED_HOST,
+    FORWARDED_PROTO,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     FramingError,
     Headers,
     HeadInfo,
     chunk_size_line,
-    end_to_end,
-    inspect_head,
+    forward_head,
     plain_response,
     reason_phrase,
-    serialize_head,
     status_line,
 )
-from drainproxy.lifecycle import DrainLifecycle
+from drainproxy.lifecycle import DrainLifecycle, Phase
 from drainproxy.logs import AccessRecord
 from drainproxy.stats import Stats
 from drainproxy.tls import ListenerTLS
@@ -65,13 +67,16 @@ _LINGER_SECONDS = 2.0
 
 _BODY_NONE, _BODY_LENGTH, _BODY_CHUNKED = 0, 1, 2
 _FRAME_NONE, _FRAME_RAW, _FRAME_CHUNKED = 0, 1, 2
-_CRLF = b"\r\n"
+#: Up to this many response bytes from one read of the app are joined into one ``write``;
+#: larger bodies go by ``writelines`` (writev) rather than be copied.
+_JOIN_LIMIT = 16 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
-_XFF = b"x-forwarded-for"
-_XFP = b"x-forwarded-proto"
-_XFH = b"x-forwarded-host"
+_TRANSFER_ENCODING_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CONNECTION_CLOSE = b"Connection: close\r\n"
+_CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_CONNECTION_UPGRADE = b"Connection: upgrade\r\n"
 
 
 class Rejection(Exception):
@@ -105,9 +110,11 @@ class ProxyContext:
     limits: LimitsConfig = field(init=False, default_factory=LimitsConfig)
     #: Seconds between sweeps for timeouts, idle app connections and certificate files.
     tick: float = field(init=False, default=1.0)
-    # Forwarded headers, decided once from ``forwarded:``.
-    request_drop: frozenset[bytes] = field(init=False, default=frozenset())
-    default_host: bytes = field(init=False, default=b"")
+    # Forwarded headers, decided once from ``forwarded:``: the kinds of X-Forwarded fields
+    # (http1.FORWARDED_*) replaced rather than passed on, and the constant lines.
+    request_drop: frozenset[int] = field(init=False, default=frozenset())
+    default_host_line: bytes = field(init=False, default=b"")
+    forwarded_proto_line: bytes = field(init=False, default=b"")
     xff_append: bool = field(init=False, default=True)
     set_xfp: bool = field(init=False, default=True)
     overwrite_xfp: bool = field(init=False, default=False)
@@ -132,13 +139,15 @@ class ProxyContext:
         self.overwrite_xfp = forwarded.x_forwarded_proto == "overwrite"
         self.set_xfh = forwarded.x_forwarded_host != "off"
         self.overwrite_xfh = forwarded.x_forwarded_host == "overwrite"
-        drop = {_XFF} if self.xff_append else set()
+        drop = {FORWARDED_FOR} if self.xff_append else set()
         if self.overwrite_xfp:
-            drop.add(_XFP)
+            drop.add(FORWARDED_PROTO)
         if self.overwrite_xfh:
-            drop.add(_XFH)
+            drop.add(FORWARDED_HOST)
         self.request_drop = frozenset(drop)
-        self.default_host = f"{config.upstream.host}:{config.upstream.port}".encode()
+        upstream = config.upstream
+        self.default_host_line = f"Host: {upstream.host}:{upstream.port}\r\n".encode()
+        self.forwarded_proto_line = b"X-Forwarded-Proto: " + self.scheme + CRLF
         timeouts = config.timeouts
         limits = [
             timeouts.request_head,
@@ -195,10 +204,10 @@ class Request:
         "body_mode",
         "body_size",
         "complete",
+        "head",
         "head_done",
         "head_sent",
         "headers",
-        "info",
         "keep_alive",
         "method",
         "pending",
@@ -214,7 +223,8 @@ class Request:
         self.target = b""
         self.version = "1.1"
         self.headers: Headers = []
-        self.info = HeadInfo()
+        #: The head as forwarded to the app, built once the head is parsed.
+        self.head = b""
         self.keep_alive = True
         self.upgrade = False
         self.body_mode = _BODY_NONE
@@ -237,6 +247,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "active",
         "batch",
+        "batch_body_bytes",
         "close_after",
         "close_delimited_to_client",
         "close_reason",
@@ -255,6 +266,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "paused",
         "peer",
+        "peer_line",
         "pending_reject",
         "queue",
         "refused",
@@ -272,6 +284,8 @@ class ClientConnection(asyncio.Protocol):
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
+        #: ``X-Forwarded-For: <peer>`` and its CRLF, for requests that carry no prior value.
+        self.peer_line = b""
         self.parser = httptools.HttpRequestParser(self)
         self.current: Request | None = None  # being parsed
         self.active: Request | None = None  # being exchanged with the app
@@ -281,6 +295,7 @@ class ClientConnection(asyncio.Protocol):
         self.upgrade_buffer: list[bytes] | None = None
         #: Writes held while one read from the app is parsed (see ``start_batch``).
         self.batch: list[bytes] | None = None
+        self.batch_body_bytes = 0
         self.paused = 0
         self.write_paused = False
         self.closing = False
@@ -318,6 +333,7 @@ class ClientConnection(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "-"
+        self.peer_line = b"X-Forwarded-For: " + self.peer.encode() + CRLF
         self.idle_since = self.mark = ctx.loop.time()
         ctx.connections.add(self)
 
@@ -459,13 +475,15 @@ class ClientConnection(asyncio.Protocol):
             raise Rejection(505, f"HTTP/{version} is not supported")
         req.keep_alive = parser.should_keep_alive()
         req.upgrade = parser.should_upgrade()
+        ctx = self.ctx
+        head = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
         try:
-            req.info = info = inspect_head(req.headers, request=True)
+            info = forward_head(head, req.headers, request=True, drop=ctx.request_drop)
         except FramingError as exc:
             raise Rejection(400, f"malformed request: {exc}") from None
         if info.host is None and version == "1.1":
             raise Rejection(400, "malformed request: HTTP/1.1 without Host")
-        max_body = self.ctx.limits.max_body_bytes
+        max_body = ctx.limits.max_body_bytes
         if info.chunked:
             if version == "1.0":
                 raise Rejection(400, "malformed request: Transfer-Encoding in HTTP/1.0")
@@ -476,6 +494,7 @@ class ClientConnection(asyncio.Protocol):
                 raise Rejection(413, "request body larger than limits.max_body_bytes")
             if length:
                 req.body_mode = _BODY_LENGTH
+        req.head = self._upstream_head(req, head, info)
         if self.active is None:
             self._start(req)
             return
@@ -500,7 +519,7 @@ class ClientConnection(asyncio.Protocol):
             conn = self.upstream
             if req.head_sent and conn is not None:
                 if req.body_mode == _BODY_CHUNKED:
-                    conn.writelines((chunk_size_line(len(body)), body, _CRLF))
+                    conn.writelines((chunk_size_line(len(body)), body, CRLF))
                 else:
                     conn.write(body)
                 return
@@ -532,9 +551,12 @@ class ClientConnection(asyncio.Protocol):
             self.idle_timer = None
         stats = ctx.stats
         stats.requests_total += 1
-        stats.count(stats.requests_by_phase, ctx.lifecycle.phase.value)
+        # ``_value_`` is what the ``value`` property (a Python-level call) returns.
+        phase: str = ctx.lifecycle.phase._value_
+        by_phase = stats.requests_by_phase
+        by_phase[phase] = by_phase.get(phase, 0) + 1
         if ctx.access_log:
-            req.access = AccessRecord(self.mark, ctx.lifecycle.phase.value)
+            req.access = AccessRecord(self.mark, phase)
         if req.method == b"CONNECT":
             self._fail(405, "method", "CONNECT is not supported by a reverse proxy", logging.INFO)
             return
@@ -574,14 +596,14 @@ class ClientConnection(asyncio.Protocol):
         conn.bind(self)
         if self.write_paused:
             conn.pause_reading()
-        head = self._upstream_head(req)
+        head = req.head
         if not req.pending and not (req.complete and req.body_mode == _BODY_CHUNKED):
             conn.write(head)
         else:
             parts = [head]
             if req.body_mode == _BODY_CHUNKED:
                 for part in req.pending:
-                    parts += (chunk_size_line(len(part)), part, _CRLF)
+                    parts += (chunk_size_line(len(part)), part, CRLF)
                 if req.complete:
                     parts.append(LAST_CHUNK)
             else:
@@ -596,32 +618,33 @@ class ClientConnection(asyncio.Protocol):
         if req.complete:
             self._request_sent()
 
-    def _upstream_head(self, req: Request) -> bytes:
+    def _upstream_head(self, req: Request, head: list[bytes], info: HeadInfo) -> bytes:
+        """The request head for the app: ``head`` (request line and end-to-end fields) plus the
+        fields this hop adds, joined once."""
         ctx = self.ctx
-        info = req.info
-        headers = end_to_end(req.headers, info, ctx.request_drop)
         if info.host is None:
-            headers.append((b"Host", ctx.default_host))
+            head.append(ctx.default_host_line)
         if req.body_mode == _BODY_CHUNKED:
-            headers.append((b"Transfer-Encoding", b"chunked"))
+            head.append(_TRANSFER_ENCODING_CHUNKED)
         if req.upgrade and info.upgrade is not None:
-            headers.append((b"Connection", b"upgrade"))
-            headers.append((b"Upgrade", info.upgrade))
+            head += (_CONNECTION_UPGRADE, b"Upgrade: ", info.upgrade, CRLF)
         if ctx.xff_append:
-            peer = self.peer.encode()
             prior = info.forwarded_for
-            headers.append(
-                (b"X-Forwarded-For", peer if prior is None else b", ".join([*prior, peer]))
-            )
+            if prior is None:
+                head.append(self.peer_line)
+            else:
+                peer = self.peer.encode()
+                head += (b"X-Forwarded-For: ", b", ".join([*prior, peer]), CRLF)
         if ctx.set_xfp and (ctx.overwrite_xfp or not info.has_forwarded_proto):
-            headers.append((b"X-Forwarded-Proto", ctx.scheme))
+            head.append(ctx.forwarded_proto_line)
         if (
             ctx.set_xfh
             and info.host is not None
             and (ctx.overwrite_xfh or not info.has_forwarded_host)
         ):
-            headers.append((b"X-Forwarded-Host", info.host))
-        return serialize_head(req.method + b" " + req.target + b" HTTP/1.1", headers)
+            head += (b"X-Forwarded-Host: ", info.host, CRLF)
+        head.append(CRLF)
+        return b"".join(head)
 
     def _request_sent(self) -> None:
         if not self.response_started:
@@ -632,8 +655,10 @@ class ClientConnection(asyncio.Protocol):
     def response_interim(self, status: int, reason: bytes, headers: Headers) -> None:
         req = self.active
         if req is not None and req.version == "1.1":
-            info = inspect_head(headers, request=False)
-            self._write(serialize_head(status_line(status, reason), end_to_end(headers, info)))
+            out = [status_line(status, reason)]
+            forward_head(out, headers, request=False)
+            out.append(CRLF)
+            self._write_pieces(out)
 
     def response_head(
         self, conn: UpstreamConnection, status: int, reason: bytes, headers: Headers
@@ -642,25 +667,25 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         if req.access is not None:
             req.access.response_head(status, self.ctx.loop.time())
+        out = [status_line(status, reason or reason_phrase(status))]
         try:
-            info = inspect_head(headers, request=False)
+            info = forward_head(out, headers, request=False)
         except FramingError as exc:
             self.upstream_failed("invalid", f"invalid response from the app: {exc}")
             return
         if status == 101:
             if req.upgrade and info.upgrade is not None:
-                self._start_tunnel(conn, reason, headers, info)
+                self._start_tunnel(conn, out, info.upgrade)
             else:
                 self.upstream_failed("invalid", "101 response to a request that asked no upgrade")
             return
-        out = end_to_end(headers, info)
         bodyless = req.method == b"HEAD" or status in BODYLESS_STATUSES
         close = (
             not req.keep_alive
             or not req.complete
             or req.upgrade
             or self._last_exchange()
-            or self.ctx.lifecycle.should_close_connection()
+            or self._phase_closes_connections()
         )
         self.response_close_delimited = False
         self.close_delimited_to_client = False
@@ -672,21 +697,23 @@ class ClientConnection(asyncio.Protocol):
             self.response_close_delimited = not info.chunked
             if req.version == "1.1":
                 frame = _FRAME_CHUNKED
-                out.append((b"Transfer-Encoding", b"chunked"))
+                out.append(_TRANSFER_ENCODING_CHUNKED)
             else:
                 frame = _FRAME_RAW
                 close = True
                 self.close_delimited_to_client = True
         if close:
-            out.append((b"Connection", b"close"))
+            out.append(_CONNECTION_CLOSE)
         elif req.version == "1.0":
-            out.append((b"Connection", b"keep-alive"))
+            out.append(_CONNECTION_KEEP_ALIVE)
+        out.append(CRLF)
         self.response_frame = frame
         self.close_after = close
         self.response_started = True
-        stats = self.ctx.stats
-        stats.count(stats.responses_by_class, _STATUS_CLASSES[status // 100])
-        self._write(serialize_head(status_line(status, reason or reason_phrase(status)), out))
+        by_class = self.ctx.stats.responses_by_class
+        status_class = _STATUS_CLASSES[status // 100]
+        by_class[status_class] = by_class.get(status_class, 0) + 1
+        self._write_pieces(out)
         if req.method == b"HEAD":
             # llhttp cannot know this response has no body; the exchange ends with its head.
             self.response_complete(conn)
@@ -699,8 +726,9 @@ class ClientConnection(asyncio.Protocol):
             return
         batch = self.batch
         assert batch is not None  # only called while the app's bytes are parsed
+        self.batch_body_bytes += len(body)
         if self.response_frame == _FRAME_CHUNKED:
-            batch += (chunk_size_line(len(body)), body, _CRLF)
+            batch += (chunk_size_line(len(body)), body, CRLF)
         elif self.response_frame == _FRAME_RAW:
             batch.append(body)
 
@@ -759,14 +787,10 @@ class ClientConnection(asyncio.Protocol):
 
     # --- tunnels (Upgrade) --------------------------------------------------------------------
 
-    def _start_tunnel(
-        self, conn: UpstreamConnection, reason: bytes, headers: Headers, info: HeadInfo
-    ) -> None:
-        assert info.upgrade is not None
-        out = end_to_end(headers, info)
-        out.append((b"Connection", b"upgrade"))
-        out.append((b"Upgrade", info.upgrade))
-        self._write(serialize_head(status_line(101, reason or b"Switching Protocols"), out))
+    def _start_tunnel(self, conn: UpstreamConnection, out: list[bytes], upgrade: bytes) -> None:
+        """``out``: the 101 status line and the response's end-to-end fields."""
+        out += (_CONNECTION_UPGRADE, b"Upgrade: ", upgrade, CRLF, CRLF)
+        self._write_pieces(out)
         self.upstream = None
         self.tunnel = conn
         conn.tunnel = True
@@ -889,15 +913,19 @@ class ClientConnection(asyncio.Protocol):
         """Collect what is written to the client while one read from the app is parsed, so a
         response head and its body leave in one system call."""
         self.batch = []
+        self.batch_body_bytes = 0
 
     def flush(self) -> None:
         batch, self.batch = self.batch, None
         if batch and not self.closing:
-            assert self.transport is not None
+            transport = self.transport
+            assert transport is not None
             if len(batch) == 1:
-                self.transport.write(batch[0])
+                transport.write(batch[0])
+            elif self.batch_body_bytes <= _JOIN_LIMIT:
+                transport.write(b"".join(batch))  # one small copy beats writev's iovec walk
             else:
-                self.transport.writelines(batch)
+                transport.writelines(batch)
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -909,7 +937,8 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         self.response_started = False
         self.response_frame = _FRAME_NONE
-        self._resume(_PAUSE_UPSTREAM)
+        if self.paused:
+            self._resume(_PAUSE_UPSTREAM)
         if self.close_after:
             self._close_after_response(linger=req is not None and not req.complete)
             return
@@ -928,8 +957,11 @@ class ClientConnection(asyncio.Protocol):
             self._close_after_response(linger=self.pending_reject is not None)
             return
         self.idle_since = self.mark = ctx.loop.time()
-        self._resume(_PAUSE_PIPELINE)
-        if not ctx.lifecycle.accepts_connections():
+        if self.paused:
+            self._resume(_PAUSE_PIPELINE)
+        lifecycle = ctx.lifecycle
+        # While SERVING (the common case) the Enum-hashing query is skipped.
+        if lifecycle.phase is not Phase.SERVING and not lifecycle.accepts_connections():
             self.close_when_idle(ctx.config.drain.idle_grace)
 
     def _fail(self, status: int, kind: str, message: str, log_level: int = logging.WARNING) -> None:
@@ -1038,6 +1070,22 @@ class ClientConnection(asyncio.Protocol):
     def _last_exchange(self) -> bool:
         """No more requests will be read, and none is waiting: the answer ends the connection."""
         return self.must_close and not self.queue and self.pending_reject is None
+
+    def _write_pieces(self, pieces: list[bytes]) -> None:
+        """Write a head built as pieces: into the batch as they are, else joined."""
+        if self.closing:
+            return
+        if self.batch is not None:
+            self.batch += pieces
+        else:
+            assert self.transport is not None
+            self.transport.write(b"".join(pieces))
+
+    def _phase_closes_connections(self) -> bool:
+        """``lifecycle.should_close_connection()``, without hashing an Enum member (a Python
+        call) on the common path: while SERVING, no response closes its connection."""
+        lifecycle = self.ctx.lifecycle
+        return lifecycle.phase is not Phase.SERVING and lifecycle.should_close_connection()
 
     def _write(self, data: bytes) -> None:
         if self.closing:
