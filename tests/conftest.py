@@ -5,8 +5,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from aiohttp import web
 
+from tests.proxy_support import RawApp, launch_proxy
 from tests.support import ProxyProcess, base_config, deep_merge, free_port
 
 StartProxy = Callable[..., Awaitable[ProxyProcess]]
@@ -59,3 +61,29 @@ def start_proxy(tmp_path: Path, proxies: list[ProxyProcess]) -> StartProxy:
         return proxy
 
     return start
+
+
+# --- one raw-socket app and one proxy for a whole data-path module (tests use their own paths) ---
+
+
+@pytest.fixture(scope="module")
+def proxy_overrides() -> Mapping[str, Any]:
+    """Config the module-wide ``proxy`` runs with; a module overrides this fixture to change it."""
+    return {}
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def app() -> AsyncIterator[RawApp]:
+    raw_app = RawApp()
+    await raw_app.start()
+    yield raw_app
+    await raw_app.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def proxy(
+    app: RawApp, proxy_overrides: Mapping[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ProxyProcess]:
+    process = await launch_proxy(app.port, tmp_path_factory.mktemp("proxy"), proxy_overrides)
+    yield process
+    process.stop()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
 from tests.proxy_support import (
     AppRequest,
@@ -29,23 +28,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 Writer = asyncio.StreamWriter
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def app() -> AsyncIterator[RawApp]:
-    raw_app = RawApp()
-    await raw_app.start()
-    yield raw_app
-    await raw_app.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def proxy(
-    app: RawApp, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[ProxyProcess]:
-    process = await launch_proxy(
-        app.port, tmp_path_factory.mktemp("proxy"), {"upstream": {"response_timeout": "1s"}}
-    )
-    yield process
-    process.stop()
+@pytest.fixture(scope="module")
+def proxy_overrides() -> dict[str, Any]:
+    return {"upstream": {"response_timeout": "1s"}}
 
 
 async def metric(proxy: ProxyProcess, name: str, labels: str = "") -> float:

@@ -12,7 +12,6 @@ from typing import Any
 import aiohttp
 import h11
 import pytest
-import pytest_asyncio
 
 from tests.proxy_support import (
     AppRequest,
@@ -32,25 +31,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 Writer = asyncio.StreamWriter
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def app() -> AsyncIterator[RawApp]:
-    raw_app = RawApp()
-    await raw_app.start()
-    yield raw_app
-    await raw_app.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def proxy(
-    app: RawApp, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[ProxyProcess]:
-    process = await launch_proxy(
-        app.port,
-        tmp_path_factory.mktemp("proxy"),
-        {"upstream": {"max_idle_connections": 2}},
-    )
-    yield process
-    process.stop()
+@pytest.fixture(scope="module")
+def proxy_overrides() -> dict[str, Any]:
+    return {"upstream": {"max_idle_connections": 2}}
 
 
 def last(app: RawApp, path: bytes) -> AppRequest:

@@ -8,12 +8,11 @@ import asyncio
 import contextlib
 import re
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
 from tests.proxy_support import (
     AppRequest,
@@ -42,21 +41,9 @@ LIMITS = {
 }
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def app() -> AsyncIterator[RawApp]:
-    raw_app = RawApp()
-    await raw_app.start()
-    yield raw_app
-    await raw_app.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def proxy(
-    app: RawApp, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[ProxyProcess]:
-    process = await launch_proxy(app.port, tmp_path_factory.mktemp("proxy"), LIMITS)
-    yield process
-    process.stop()
+@pytest.fixture(scope="module")
+def proxy_overrides() -> dict[str, Any]:
+    return LIMITS
 
 
 async def answer(port: int, data: bytes, method: bytes = b"GET") -> tuple[int, bytes]:

@@ -6,17 +6,14 @@ request. In no case does the app see the hidden second request."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 
 from tests.proxy_support import (
     AppRequest,
     RawApp,
     RawClient,
     exchange,
-    launch_proxy,
     parse_responses,
 )
 from tests.support import ProxyProcess
@@ -112,23 +109,6 @@ FORWARDED = {
     # llhttp accepts extra spaces in the request line; the app gets a normalised one.
     "double-space": b"GET  /front HTTP/1.1\r\nHost: h\r\n\r\n",
 }
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def app() -> AsyncIterator[RawApp]:
-    raw_app = RawApp()
-    await raw_app.start()
-    yield raw_app
-    await raw_app.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def proxy(
-    app: RawApp, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[ProxyProcess]:
-    process = await launch_proxy(app.port, tmp_path_factory.mktemp("proxy"))
-    yield process
-    process.stop()
 
 
 def smuggled(app: RawApp) -> list[bytes]:

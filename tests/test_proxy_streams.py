@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,7 +15,6 @@ import pytest_asyncio
 from tests.proxy_support import (
     AppRequest,
     RawApp,
-    launch_proxy,
     proc_status_kib,
     response_bytes,
 )
@@ -55,15 +55,9 @@ async def app() -> AsyncIterator[RawApp]:
     await raw_app.stop()
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def proxy(
-    app: RawApp, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[ProxyProcess]:
-    process = await launch_proxy(
-        app.port, tmp_path_factory.mktemp("proxy"), {"upstream": {"max_idle_connections": 0}}
-    )
-    yield process
-    process.stop()
+@pytest.fixture(scope="module")
+def proxy_overrides() -> dict[str, Any]:
+    return {"upstream": {"max_idle_connections": 0}}
 
 
 async def send_blocks(writer: Writer, size: int, *, chunked: bool = False) -> None:
