@@ -211,6 +211,46 @@ class IncompleteResponse(Exception):
     """The bytes ended before a response was complete: the client saw a truncation."""
 
 
+#: What h11 hands back: an event, or a sentinel saying it needs more data (or is paused).
+H11Event = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
+
+
+def next_event(conn: h11.Connection) -> H11Event:
+    """The next h11 event; a protocol error is the client seeing a broken response."""
+    try:
+        return conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise IncompleteResponse(str(exc)) from exc
+
+
+class ResponseAssembly:
+    """One response's h11 events gathered up (interim statuses, head, body) until it ends."""
+
+    def __init__(self) -> None:
+        self.head: h11.Response | None = None
+        self.interim: list[int] = []
+        self.body = bytearray()
+
+    def add(self, event: H11Event) -> Response | None:
+        """Take one event; returns the response once its end has been seen."""
+        if isinstance(event, h11.InformationalResponse):
+            self.interim.append(event.status_code)
+        elif isinstance(event, h11.Response):
+            self.head = event
+        elif isinstance(event, h11.Data):
+            self.body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert self.head is not None
+            return Response(
+                self.head.status_code,
+                list(self.head.headers.raw_items()),
+                bytes(self.body),
+                self.head.http_version,
+                self.interim,
+            )
+        return None
+
+
 def parse_responses(data: bytes, methods: Sequence[bytes], *, eof: bool = True) -> list[Response]:
     """Parse responses to ``methods`` (in order) from ``data`` with h11, strictly. Raises
     IncompleteResponse when the data ends inside a response (a cut). h11 only speaks 1.1 as a
@@ -225,37 +265,17 @@ def parse_responses(data: bytes, methods: Sequence[bytes], *, eof: bool = True) 
             conn.start_next_cycle()
         conn.send(h11.Request(method=method, target=b"/", headers=[(b"Host", b"test")]))
         conn.send(h11.EndOfMessage())
-        interim: list[int] = []
-        body = bytearray()
-        head: h11.Response | None = None
+        assembly = ResponseAssembly()
         while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise IncompleteResponse(str(exc)) from exc
+            event = next_event(conn)
             if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
-                if head is None and not responses and not interim:
+                if assembly.head is None and not responses and not assembly.interim:
                     raise IncompleteResponse("no response at all")
-                if head is None:
+                if assembly.head is None:
                     return responses
                 raise IncompleteResponse("connection ended inside a response")
-            if isinstance(event, h11.InformationalResponse):
-                interim.append(event.status_code)
-            elif isinstance(event, h11.Response):
-                head = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
-                responses.append(
-                    Response(
-                        head.status_code,
-                        list(head.headers.raw_items()),
-                        bytes(body),
-                        head.http_version,
-                        interim,
-                    )
-                )
+            if response := assembly.add(event):
+                responses.append(response)
                 break
         if conn.their_state is h11.MUST_CLOSE or conn.their_state is h11.CLOSED:
             break
@@ -320,35 +340,17 @@ class RawClient:
         return await self.read_response()
 
     async def read_response(self, timeout: float = 10.0) -> Response:
-        head: h11.Response | None = None
-        interim: list[int] = []
-        body = bytearray()
+        assembly = ResponseAssembly()
         while True:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise IncompleteResponse(str(exc)) from exc
+            event = next_event(self.conn)
             if event is h11.NEED_DATA:
                 data = await asyncio.wait_for(self.reader.read(65536), timeout)
                 self.conn.receive_data(data)
                 continue
             if isinstance(event, h11.ConnectionClosed):
                 raise IncompleteResponse("connection closed")
-            if isinstance(event, h11.InformationalResponse):
-                interim.append(event.status_code)
-            elif isinstance(event, h11.Response):
-                head = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
-                return Response(
-                    head.status_code,
-                    list(head.headers.raw_items()),
-                    bytes(body),
-                    head.http_version,
-                    interim,
-                )
+            if response := assembly.add(event):
+                return response
 
     async def closed_by_peer(self, timeout: float = 10.0) -> bool:
         """True when the proxy closed this connection (EOF or reset)."""
