@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from aiohttp import web
 
 from drainproxy.sim.process import LogWatcher
 
@@ -49,6 +50,30 @@ def base_config(upstream_port: int) -> dict[str, Any]:
         "drain": {"propagation": "1s", "timeout": "5s", "idle_grace": "200ms"},
         "log": {"level": "debug"},
     }
+
+
+def slow_app(
+    release: asyncio.Event,
+    started: asyncio.Event,
+    *,
+    fast_path: str = "/",
+    fast_body: str = "fast",
+) -> web.Application:
+    """An app with a quick path and /slow, which sets ``started`` and holds its answer until
+    ``release``: the in-flight request a drain has to wait for."""
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text=fast_body)
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await release.wait()
+        return web.Response(text="slow")
+
+    app = web.Application()
+    app.router.add_get(fast_path, fast)
+    app.router.add_get("/slow", slow)
+    return app
 
 
 class ProxyProcess:

@@ -10,29 +10,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from drainproxy.sim.kubelet import Container, ExecHook, HttpGetHook, terminate_pod
 from drainproxy.sim.process import LogWatcher
 from drainproxy.sim.replica import free_port
 from tests.conftest import StartApp, StartProxy
+from tests.support import slow_app
 
 PHASE = r"phase \w+ -> {}"
-
-
-def slow_app(release: asyncio.Event, started: asyncio.Event) -> web.Application:
-    async def fast(request: web.Request) -> web.Response:
-        return web.Response(text="fast")
-
-    async def slow(request: web.Request) -> web.Response:
-        started.set()
-        await release.wait()
-        return web.Response(text="slow")
-
-    app = web.Application()
-    app.router.add_get("/", fast)
-    app.router.add_get("/slow", slow)
-    return app
 
 
 async def raw_request(

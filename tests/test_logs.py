@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.conftest import StartApp, StartProxy
-from tests.support import ProxyProcess
+from tests.support import ProxyProcess, slow_app
 
 PHASES = {
     "serving",
@@ -36,20 +36,8 @@ def json_lines(proxy: ProxyProcess) -> list[dict[str, Any]]:
 
 
 def app_with_slow_path() -> tuple[web.Application, asyncio.Event, asyncio.Event]:
-    slow_started = asyncio.Event()
-    release_slow = asyncio.Event()
-
-    async def fast(request: web.Request) -> web.Response:
-        return web.Response(text="fast body")
-
-    async def slow(request: web.Request) -> web.Response:
-        slow_started.set()
-        await release_slow.wait()
-        return web.Response(text="slow")
-
-    app = web.Application()
-    app.router.add_get("/fast", fast)
-    app.router.add_get("/slow", slow)
+    slow_started, release_slow = asyncio.Event(), asyncio.Event()
+    app = slow_app(release_slow, slow_started, fast_path="/fast", fast_body="fast body")
     return app, slow_started, release_slow
 
 

@@ -6,11 +6,10 @@ import asyncio
 import signal
 
 import aiohttp
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StartApp, StartProxy
-from tests.support import free_port
+from tests.support import free_port, slow_app
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -52,20 +51,8 @@ def assert_counters_never_fall(earlier: Samples, later: Samples) -> None:
 
 
 async def test_metrics_follow_an_admin_drain(start_app: StartApp, start_proxy: StartProxy) -> None:
-    slow_started = asyncio.Event()
-    release_slow = asyncio.Event()
-
-    async def fast(request: web.Request) -> web.Response:
-        return web.Response(text="fast")
-
-    async def slow(request: web.Request) -> web.Response:
-        slow_started.set()
-        await release_slow.wait()
-        return web.Response(text="slow")
-
-    app = web.Application()
-    app.router.add_get("/fast", fast)
-    app.router.add_get("/slow", slow)
+    slow_started, release_slow = asyncio.Event(), asyncio.Event()
+    app = slow_app(release_slow, slow_started, fast_path="/fast")
     # Propagation long enough to make one request and one scrape inside it.
     proxy = await start_proxy(
         await start_app(app), {"drain": {"propagation": "3s", "timeout": "10s"}}
