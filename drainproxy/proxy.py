@@ -693,6 +693,7 @@ class ClientConnection(asyncio.Protocol):
             frame = _FRAME_NONE
         elif info.content_length is not None:
             frame = _FRAME_RAW
+            conn.body_left = int(info.content_length)
         else:
             self.response_close_delimited = not info.chunked
             if req.version == "1.1":

@@ -25,6 +25,7 @@ class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to the app, bound to at most one client exchange at a time."""
 
     __slots__ = (
+        "body_left",
         "client",
         "closed",
         "got_response_bytes",
@@ -63,6 +64,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reading_paused = False
         self.write_paused = False
+        #: Bytes still to come of a body framed by Content-Length (set by the client side,
+        #: which knows whether the response has a body at all); see ``_pass_body``.
+        self.body_left = 0
 
     # --- binding to a client exchange -------------------------------------------------------
 
@@ -77,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_head_done = False
         self.headers = []
         self.reason = b""
+        self.body_left = 0
         if self.write_paused:
             client.pause_reading_for_upstream()
 
@@ -124,6 +129,9 @@ class UpstreamConnection(asyncio.Protocol):
             if client is not None:
                 client.tunnel_data_from_upstream(data)
             return
+        if self.body_left and client is not None:
+            self._pass_body(client, data)
+            return
         parser = self.parser
         if client is None or parser is None:
             # Bytes from the app while no request is outstanding: the connection is unusable.
@@ -144,6 +152,28 @@ class UpstreamConnection(asyncio.Protocol):
             if self.client is not None:
                 self.client.upstream_failed("invalid", f"invalid response from the app: {exc}")
             self.abort()
+        else:
+            if self.body_left:
+                # The body goes on past this read: the rest bypasses the parser, which is
+                # left mid-message, so the next exchange gets a fresh one.
+                self.parser = None
+        finally:
+            client.flush()
+
+    def _pass_body(self, client: ClientConnection, data: bytes) -> None:
+        """Forward the rest of a Content-Length body as read: no parser call and no copy per
+        read (llhttp would copy every body byte into a new ``bytes`` for ``on_body``)."""
+        left = self.body_left
+        if len(data) > left:
+            # Bytes past the end of the response: the app broke framing; do not reuse this.
+            data = data[:left]
+            self.keep_alive = False
+        self.body_left = left - len(data)
+        client.start_batch()
+        try:
+            client.response_body(data)
+            if not self.body_left:
+                client.response_complete(self)
         finally:
             client.flush()
 
@@ -201,6 +231,8 @@ class UpstreamConnection(asyncio.Protocol):
         client.response_head(self, self.status, self.reason, self.headers)
 
     def on_body(self, body: bytes) -> None:
+        if self.body_left:
+            self.body_left -= len(body)
         if self.client is not None:
             self.client.response_body(body)
 
