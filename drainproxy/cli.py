@@ -7,8 +7,8 @@ import asyncio
 import json
 import logging
 import sys
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from drainproxy import __version__
 from drainproxy.config import Config, load_config
