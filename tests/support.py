@@ -76,7 +76,28 @@ def slow_app(
     return app
 
 
-class ProxyProcess:
+class WatchedProcess:
+    """A child process whose output (stdout and stderr together) is read line by line into
+    ``log``, so tests wait on what it says."""
+
+    def __init__(self, cmd: list[str], **popen: Any) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+        assert self.proc.stdout is not None
+        self.log = LogWatcher(self.proc.stdout)
+
+    async def exited(self, timeout: float = 60.0) -> int:
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.log.join()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+class ProxyProcess(WatchedProcess):
     """drainproxy run as a real process, as the kubelet would run it."""
 
     def __init__(
@@ -104,16 +125,7 @@ class ProxyProcess:
             *(extra_args or []),
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=env,
-            start_new_session=True,
-        )
-        assert self.proc.stdout is not None
-        self.log = LogWatcher(self.proc.stdout)
+        super().__init__(cmd, cwd=REPO, env=env, start_new_session=True)
 
     async def started(self) -> None:
         await self.log.wait(START_LINE.pattern, timeout=30)
@@ -123,14 +135,3 @@ class ProxyProcess:
 
     def send(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
-
-    async def exited(self, timeout: float = 60.0) -> int:
-        return await asyncio.to_thread(self.proc.wait, timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.join()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()

@@ -24,41 +24,33 @@ from aiohttp import web
 from drainproxy.appstop import AppStopError, ExecStop, HttpStop, ProcessFinder
 from drainproxy.config import config_from_mapping
 from drainproxy.errors import ConfigError
-from drainproxy.sim.process import LogWatcher
 from tests.conftest import StartApp, StartProxy
-from tests.support import REPO, ProxyProcess, base_config, deep_merge, free_port
+from tests.support import (
+    REPO,
+    ProxyProcess,
+    WatchedProcess,
+    base_config,
+    deep_merge,
+    free_port,
+)
 
 FAKE_APP = Path(__file__).with_name("fake_app.py")
 FAST_DRAIN = {"propagation": "200ms", "timeout": "1s"}
 
 
-class FakeApp:
+class FakeApp(WatchedProcess):
     """tests/fake_app.py as a sibling process: another container in a shared PID namespace."""
 
     def __init__(self, *args: str, user: int | None = None) -> None:
         self.port = free_port()
         as_user = [] if user is None else as_another_user(user)
-        self.proc = subprocess.Popen(
-            [*as_user, sys.executable, str(FAKE_APP), "--port", str(self.port), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        assert self.proc.stdout is not None
-        self.log = LogWatcher(self.proc.stdout)
+        super().__init__([*as_user, sys.executable, str(FAKE_APP), "--port", str(self.port), *args])
 
     async def listening(self) -> None:
         await self.log.wait(r"fake app: listening")
 
-    async def exited(self) -> int:
-        return await asyncio.to_thread(self.proc.wait, 10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.join()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+    async def exited(self, timeout: float = 10.0) -> int:
+        return await super().exited(timeout)
 
 
 @pytest.fixture
