@@ -8,24 +8,11 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from drainproxy.appstop import command_line
 from drainproxy.sim.kubelet import Container
-from drainproxy.sim.process import LogWatcher
-from drainproxy.sim.replica import Replica
-from drainproxy.sim.rollout import RolloutPlan
-
-SAMPLE_APP = [sys.executable, "-m", "drainproxy.sim.sample_app"]
-
-
-def _sample_app_args(replica: Replica) -> list[str]:
-    return [*SAMPLE_APP, "--port", str(replica.app_port), "--name", replica.name]
+from drainproxy.sim.replica import Replica, spawn_watched
 
 
 class WrappedReplica(Replica):
@@ -33,15 +20,8 @@ class WrappedReplica(Replica):
     alone (no preStop hook), which drains and then stops its child."""
 
     def start(self) -> None:
-        config = self.workdir / f"{self.name}-drainproxy.yaml"
-        config.write_text(yaml.safe_dump(self.proxy_config()))
-        command = [sys.executable, "-m", "drainproxy", "wrap", "--config", str(config)]
-        self.proxy = subprocess.Popen(
-            [*command, "--", *_sample_app_args(self)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.proxy_log = LogWatcher(self.proxy.stdout)
+        command = [*self.drainproxy_command("wrap"), "--", *self.app_command()]
+        self.proxy, self.proxy_log = spawn_watched(command)
 
     async def started(self, timeout: float = 30.0) -> None:
         assert self.proxy_log is not None
@@ -73,23 +53,3 @@ class SignalledReplica(Replica):
         pattern = rf"drainproxy\.sim\.sample_app --port {self.app_port} "
         app = {"stop": "signal", "process": pattern, "stop_timeout": "2s"}
         return {**super().proxy_config(), "app": app}
-
-
-def wrapped_replica(name: str, workdir: Path, plan: RolloutPlan) -> Replica:
-    return WrappedReplica(
-        name,
-        workdir,
-        drain=plan.drain,
-        grace_period=plan.grace_period,
-        extra_config=plan.extra_config,
-    )
-
-
-def signalled_replica(name: str, workdir: Path, plan: RolloutPlan) -> Replica:
-    return SignalledReplica(
-        name,
-        workdir,
-        drain=plan.drain,
-        grace_period=plan.grace_period,
-        extra_config=plan.extra_config,
-    )

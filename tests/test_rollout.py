@@ -9,7 +9,7 @@ import pytest
 
 from drainproxy.sim.haproxy import haproxy_binary
 from drainproxy.sim.rollout import RolloutPlan, RolloutResult, run_rollout
-from tests.rollout_replicas import signalled_replica, wrapped_replica
+from tests.rollout_replicas import SignalledReplica, WrappedReplica
 
 pytestmark = [
     pytest.mark.haproxy,
@@ -87,7 +87,7 @@ async def test_evidence_based_propagation_leaves_early_and_loses_no_request(tmp_
 
 
 async def test_wrapper_mode_rollout_loses_no_request(tmp_path: Path) -> None:
-    result = await run_rollout(RolloutPlan(replica_factory=wrapped_replica), tmp_path)
+    result = await run_rollout(RolloutPlan(replica_class=WrappedReplica), tmp_path)
     assert result.outcomes, "the load produced no requests"
     assert result.failures == [], describe(result)
     # One container: drainproxy drained, stopped its child with SIGTERM and exited with its status.
@@ -99,7 +99,7 @@ async def test_wrapper_mode_rollout_loses_no_request(tmp_path: Path) -> None:
 
 
 async def test_signal_mode_rollout_loses_no_request(tmp_path: Path) -> None:
-    result = await run_rollout(RolloutPlan(replica_factory=signalled_replica), tmp_path)
+    result = await run_rollout(RolloutPlan(replica_class=SignalledReplica), tmp_path)
     assert result.outcomes, "the load produced no requests"
     assert result.failures == [], describe(result)
     killed = [(c.name, c.killed) for c in result.containers]

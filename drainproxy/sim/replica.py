@@ -26,6 +26,12 @@ def free_port() -> int:
         return port
 
 
+def spawn_watched(command: list[str]) -> tuple[subprocess.Popen[bytes], LogWatcher]:
+    """Start ``command`` with its output (stdout and stderr together) read by a LogWatcher."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return process, LogWatcher(process.stdout)
+
+
 @dataclass
 class Replica:
     name: str
@@ -69,30 +75,27 @@ class Replica:
             **self.extra_config,
         }
 
+    def app_command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "drainproxy.sim.sample_app",
+            "--port",
+            str(self.app_port),
+            "--name",
+            self.name,
+        ]
+
+    def drainproxy_command(self, mode: str) -> list[str]:
+        """``drainproxy MODE --config FILE`` with this replica's config written to FILE."""
+        config = self.workdir / f"{self.name}-drainproxy.yaml"
+        config.write_text(yaml.safe_dump(self.proxy_config()))
+        return [sys.executable, "-m", "drainproxy", mode, "--config", str(config)]
+
     def start(self) -> None:
-        self.app = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "drainproxy.sim.sample_app",
-                "--port",
-                str(self.app_port),
-                "--name",
-                self.name,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.app_log = LogWatcher(self.app.stdout)
+        self.app, self.app_log = spawn_watched(self.app_command())
         if self.with_drainproxy:
-            config = self.workdir / f"{self.name}-drainproxy.yaml"
-            config.write_text(yaml.safe_dump(self.proxy_config()))
-            self.proxy = subprocess.Popen(
-                [sys.executable, "-m", "drainproxy", "serve", "--config", str(config)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            self.proxy_log = LogWatcher(self.proxy.stdout)
+            self.proxy, self.proxy_log = spawn_watched(self.drainproxy_command("serve"))
 
     async def started(self, timeout: float = 30.0) -> None:
         assert self.app_log is not None

@@ -57,7 +57,8 @@ class RolloutPlan:
     #: Keep the load running this long after the deleted replica is gone.
     load_after: float = 0.5
     extra_config: Mapping[str, Any] = field(default_factory=dict)
-    replica_factory: Callable[[str, Path, RolloutPlan], Replica] | None = None
+    #: How each replica runs (a Replica subclass: another way of stopping the app, say).
+    replica_class: type[Replica] = Replica
 
 
 @dataclass
@@ -85,8 +86,8 @@ class RolloutResult:
         return max((o.finished for o in served), default=None)
 
 
-def _default_replica(name: str, workdir: Path, plan: RolloutPlan) -> Replica:
-    return Replica(
+def _replica(name: str, workdir: Path, plan: RolloutPlan) -> Replica:
+    return plan.replica_class(
         name,
         workdir,
         with_drainproxy=plan.with_drainproxy,
@@ -104,8 +105,7 @@ async def run_rollout(
     on_outcome: Callable[[Outcome], None] | None = None,
 ) -> RolloutResult:
     """``on_outcome`` sees every request as it finishes (the demo's live progress)."""
-    make_replica = plan.replica_factory or _default_replica
-    replicas = [make_replica(f"replica-{i}", workdir, plan) for i in (1, 2)]
+    replicas = [_replica(f"replica-{i}", workdir, plan) for i in (1, 2)]
     balancer = balancer_factory(free_port(), replicas)
     load: LoadClient | None = None
     try:
