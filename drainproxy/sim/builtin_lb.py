@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Coroutine
 from typing import Any, cast
 
-from drainproxy.sim.haproxy import Backend
+from drainproxy.sim.haproxy import Backend, states_reached
 
 
 class _Replica:
@@ -59,17 +59,15 @@ class BuiltinBalancer:
             self._spawn(self._check_forever(replica))
 
     async def server_states(self) -> dict[str, str]:
+        return self._states()
+
+    def _states(self) -> dict[str, str]:
         return {r.backend.name: "UP" if r.up else "DOWN" for r in self._replicas}
 
     async def wait_for_states(self, wanted: dict[str, str], timeout: float = 20.0) -> None:
         """Until the named replicas are in the wanted states; woken by each state change."""
-
-        def reached() -> bool:
-            states = {r.backend.name: "UP" if r.up else "DOWN" for r in self._replicas}
-            return all(states.get(name, "").startswith(s) for name, s in wanted.items())
-
         async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(reached)
+            await self._changed.wait_for(lambda: states_reached(self._states(), wanted))
 
     def stop(self) -> None:
         for task in self._tasks:

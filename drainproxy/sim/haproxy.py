@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,12 @@ class Backend:
     port: int
     check_port: int
     check_path: str
+
+
+def states_reached(states: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
+    """Every named server is in its wanted state; a prefix is enough (HAProxy's "UP 1/2", up
+    with one failed check so far, is still UP)."""
+    return all(states.get(name, "").startswith(state) for name, state in wanted.items())
 
 
 def haproxy_binary() -> str | None:
@@ -114,7 +121,7 @@ backend replicas
                     states = await self.server_states()
                 except OSError:
                     states = {}
-                if all(states.get(name, "").startswith(s) for name, s in wanted.items()):
+                if states_reached(states, wanted):
                     return
                 await asyncio.sleep(self.check_interval / 2)
 
