@@ -526,17 +526,11 @@ def _drain(name: str, raw: object) -> DrainConfig:
                 "propagation_min": parse_duration,
                 "propagation_margin": parse_duration,
                 "quiet": parse_duration,
-                "default_failure_threshold": _threshold,
+                "default_failure_threshold": _count,
                 "probers": _probers,
             },
         )
     )
-
-
-def _threshold(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(name, value, "must be a whole number, 1 or more")
-    return value
 
 
 def _probers(name: str, raw: object) -> tuple[ProberRule, ...]:
@@ -548,7 +542,7 @@ def _probers(name: str, raw: object) -> tuple[ProberRule, ...]:
         values = _section(
             dotted,
             item,
-            {"address": _string, "user_agent": _regex, "failure_threshold": _threshold},
+            {"address": _string, "user_agent": _regex, "failure_threshold": _count},
         )
         if "failure_threshold" not in values:
             raise ConfigError(f"{dotted}.failure_threshold", None, "is required")
