@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -17,16 +16,10 @@ import yaml
 from aiohttp import web
 
 from drainproxy.sim.process import LogWatcher
+from drainproxy.sim.replica import free_port as free_port  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parent.parent
 START_LINE = re.compile(r"drainproxy \S+ on \S+ loop")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
