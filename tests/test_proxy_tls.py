@@ -4,8 +4,10 @@ certificates from trustme."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +16,7 @@ import trustme
 from aiohttp import web
 
 from tests.proxy_support import RawApp, launch_proxy
-from tests.support import free_port
+from tests.support import ProxyProcess, free_port
 
 HELLO = b"GET /tls HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
@@ -68,6 +70,23 @@ async def served_certificate(port: int, context: ssl.SSLContext) -> tuple[bytes,
     return der, head
 
 
+@contextlib.asynccontextmanager
+async def tls_listener(
+    workdir: Path, secret: SecretDir, **tls: str
+) -> AsyncIterator[tuple[RawApp, ProxyProcess]]:
+    """A raw app behind a proxy terminating TLS with the secret's tls.crt and tls.key; ``tls``
+    adds listener TLS settings."""
+    app = RawApp()
+    await app.start()
+    files = {"cert_file": secret.path("tls.crt"), "key_file": secret.path("tls.key")}
+    proxy = await launch_proxy(app.port, workdir, {"tls": {**files, **tls}})
+    try:
+        yield app, proxy
+    finally:
+        proxy.stop()
+        await app.stop()
+
+
 def der(cert: trustme.LeafCert) -> bytes:
     return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
 
@@ -77,20 +96,7 @@ async def test_tls_termination_and_certificate_reload(tmp_path: Path) -> None:
     first, second = ca.issue_cert("localhost"), ca.issue_cert("localhost")
     secret = SecretDir(tmp_path)
     secret.publish(cert_files(first))
-    app = RawApp()
-    await app.start()
-    proxy = await launch_proxy(
-        app.port,
-        tmp_path,
-        {
-            "tls": {
-                "cert_file": secret.path("tls.crt"),
-                "key_file": secret.path("tls.key"),
-                "reload_interval": "100ms",
-            }
-        },
-    )
-    try:
+    async with tls_listener(tmp_path, secret, reload_interval="100ms") as (app, proxy):
         context = client_context(ca)
         seen, head = await served_certificate(proxy.port, context)
         assert seen == der(first)
@@ -116,9 +122,6 @@ async def test_tls_termination_and_certificate_reload(tmp_path: Path) -> None:
         await proxy.log.wait(r"TLS files changed but cannot be loaded")
         seen, _ = await served_certificate(proxy.port, context)
         assert seen == der(second)
-    finally:
-        proxy.stop()
-        await app.stop()
 
 
 async def test_client_certificates_required(tmp_path: Path) -> None:
@@ -126,21 +129,9 @@ async def test_client_certificates_required(tmp_path: Path) -> None:
     server = ca.issue_cert("localhost")
     secret = SecretDir(tmp_path)
     secret.publish({**cert_files(server), "ca.crt": client_ca.cert_pem.bytes()})
-    app = RawApp()
-    await app.start()
-    proxy = await launch_proxy(
-        app.port,
-        tmp_path,
-        {
-            "tls": {
-                "cert_file": secret.path("tls.crt"),
-                "key_file": secret.path("tls.key"),
-                "client_ca_file": secret.path("ca.crt"),
-                "client_cert": "required",
-            }
-        },
-    )
-    try:
+    async with tls_listener(
+        tmp_path, secret, client_ca_file=secret.path("ca.crt"), client_cert="required"
+    ) as (_, proxy):
         with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
             await served_certificate(proxy.port, client_context(ca))
         stranger = trustme.CA().issue_cert("client@example")
@@ -149,9 +140,6 @@ async def test_client_certificates_required(tmp_path: Path) -> None:
         allowed = client_ca.issue_cert("client@example")
         _, head = await served_certificate(proxy.port, client_context(ca, allowed))
         assert head.startswith(b"HTTP/1.1 200 ")
-    finally:
-        proxy.stop()
-        await app.stop()
 
 
 async def test_tls_to_the_app(tmp_path: Path) -> None:
