@@ -79,7 +79,10 @@ class WatchedProcess:
         self.log = LogWatcher(self.proc.stdout)
 
     async def exited(self, timeout: float = 60.0) -> int:
-        return await asyncio.to_thread(self.proc.wait, timeout)
+        """The exit status, once every line the process (and its children) wrote is read."""
+        status = await asyncio.to_thread(self.proc.wait, timeout)
+        await asyncio.to_thread(self.log.join)
+        return status
 
     def stop(self) -> None:
         if self.proc.poll() is None:
