@@ -46,8 +46,21 @@ class AppRequest:
 
     async def read_body(self, keep: bool = True) -> int:
         """Read the body framed by Content-Length or chunked; keep it or only count it."""
-        total = 0
         kept: list[bytes] = []
+
+        async def take(size: int) -> int:
+            """Read ``size`` body bytes in pieces of at most 1 MiB (big bodies stay unheld)."""
+            remaining = size
+            while remaining:
+                data = await self.reader.read(min(remaining, 1 << 20))
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", remaining)
+                remaining -= len(data)
+                if keep:
+                    kept.append(data)
+            return size
+
+        total = 0
         if self.header(b"transfer-encoding"):
             while True:
                 size_line = await self.reader.readuntil(b"\r\n")
@@ -56,26 +69,10 @@ class AppRequest:
                     while await self.reader.readuntil(b"\r\n") != b"\r\n":
                         pass
                     break
-                remaining = size
-                while remaining:
-                    data = await self.reader.read(min(remaining, 1 << 20))
-                    if not data:
-                        raise asyncio.IncompleteReadError(b"", remaining)
-                    remaining -= len(data)
-                    total += len(data)
-                    if keep:
-                        kept.append(data)
+                total += await take(size)
                 assert await self.reader.readexactly(2) == b"\r\n"
         elif lengths := self.header(b"content-length"):
-            remaining = int(lengths[0])
-            while remaining:
-                data = await self.reader.read(min(remaining, 1 << 20))
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", remaining)
-                remaining -= len(data)
-                total += len(data)
-                if keep:
-                    kept.append(data)
+            total = await take(int(lengths[0]))
         self.body = b"".join(kept)
         self.body_read = True
         return total
