@@ -24,7 +24,7 @@ So a drain is a sequence of phases, each ended by a deadline or an event:
 * DRAINING: the listener is closed, idle connections are closed, in-flight requests finish.
   It ends when no client connection is left (but not before ``drain.min``), or at
   ``drain.timeout``, when whatever remains is cut (``forced``).
-* STOPPING_APP: the driver releases the waiting preStop hooks and stops the app.
+* STOPPING_APP: the driver stops the app (``app.stop``), then releases the waiting preStop hooks.
 
 The driver (``server.py``) feeds events in and runs each entered phase's effects, in order, from
 ``pop_transitions()``. Deadlines are computed once, when a phase is entered, from the clock.
