@@ -59,7 +59,14 @@ _KIND_BY_LOWER_NAME = {
     b"te": OTHER_HOP_BY_HOP,
     b"trailer": OTHER_HOP_BY_HOP,
 }
-#: The usual spellings too, so the common case needs no ``lower()``.
+#: Common end-to-end names as long as one of those (kind 0): no ``lower()`` needed to pass them.
+_COMMON_SAME_LENGTH_NAMES = (
+    b"Date", b"ETag", b"From", b"Link", b"Vary", b"Expires", b"Referer", b"Warning",
+    b"Set-Cookie", b"User-Agent", b"Accept-Charset", b"Accept-Encoding", b"Accept-Language",
+    b"X-Frame-Options", b"Content-Encoding", b"Content-Language", b"Content-Location",
+    b"WWW-Authenticate", b"If-Modified-Since",
+)  # fmt: skip
+#: Usual spellings, so the common case needs no ``lower()``.
 _FIELD_KINDS = {
     **_KIND_BY_LOWER_NAME,
     **{name.title(): kind for name, kind in _KIND_BY_LOWER_NAME.items()},
@@ -67,6 +74,12 @@ _FIELD_KINDS = {
     b"X-Forwarded-For": FORWARDED_FOR,
     b"X-Forwarded-Proto": FORWARDED_PROTO,
     b"X-Forwarded-Host": FORWARDED_HOST,
+    **dict.fromkeys(_COMMON_SAME_LENGTH_NAMES, 0),
+}
+#: Connection values seen on nearly every message, parsed once.
+_COMMON_CONNECTION_TOKENS = {
+    value: frozenset({value.lower()})
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
 }
 #: A name of another length cannot be one of those fields: most skip the dictionary altogether.
 _KIND_NAME_LENGTHS = frozenset(len(name) for name in _KIND_BY_LOWER_NAME)
@@ -80,28 +93,17 @@ class FramingError(Exception):
 
 
 class HeadInfo:
-    """What a proxy needs to know about a message head, found in one pass."""
+    """What a proxy needs to know about a message head, found in one pass. The defaults are
+    class attributes, so a head sets only the few fields it has (one per message: cheap)."""
 
-    __slots__ = (
-        "chunked",
-        "connection_tokens",
-        "content_length",
-        "forwarded_for",
-        "has_forwarded_host",
-        "has_forwarded_proto",
-        "host",
-        "upgrade",
-    )
-
-    def __init__(self) -> None:
-        self.content_length: bytes | None = None
-        self.chunked = False
-        self.connection_tokens: frozenset[bytes] = frozenset()
-        self.host: bytes | None = None
-        self.upgrade: bytes | None = None
-        self.forwarded_for: list[bytes] | None = None
-        self.has_forwarded_proto = False
-        self.has_forwarded_host = False
+    content_length: bytes | None = None
+    chunked = False
+    connection_tokens: frozenset[bytes] = frozenset()
+    host: bytes | None = None
+    upgrade: bytes | None = None
+    forwarded_for: list[bytes] | None = None
+    has_forwarded_proto = False
+    has_forwarded_host = False
 
 
 def forward_head(
@@ -121,7 +123,9 @@ def forward_head(
     for name, value in headers:
         kind = 0
         if len(name) in _KIND_NAME_LENGTHS:
-            kind = _FIELD_KINDS.get(name) or _KIND_BY_LOWER_NAME.get(name.lower(), 0)
+            kind = _FIELD_KINDS.get(name, -1)
+            if kind < 0:
+                kind = _KIND_BY_LOWER_NAME.get(name.lower(), 0)
         if not kind:
             out += (name, _FIELD_SEPARATOR, value, CRLF)
         elif kind == CONTENT_LENGTH:
@@ -136,8 +140,11 @@ def forward_head(
                 value if transfer_encoding is None else transfer_encoding + b"," + value
             )
         elif kind == CONNECTION:
-            tokens = frozenset(token.strip().lower() for token in value.split(b","))
-            info.connection_tokens |= tokens - _NEVER_CONNECTION_OPTIONS
+            tokens = _COMMON_CONNECTION_TOKENS.get(value)
+            if tokens is None:
+                tokens = frozenset(token.strip().lower() for token in value.split(b","))
+                tokens -= _NEVER_CONNECTION_OPTIONS
+            info.connection_tokens |= tokens
         elif kind == HOST:
             if info.host is not None:
                 raise FramingError("several Host fields")
@@ -164,8 +171,9 @@ def forward_head(
         info.chunked = transfer_encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         if request and not info.chunked:
             raise FramingError("Transfer-Encoding does not end in chunked")
-    if info.connection_tokens - _NO_EXTRA_DROP:
-        _drop_named_fields(out, start, info.connection_tokens)
+    tokens = info.connection_tokens
+    if tokens and not tokens <= _NO_EXTRA_DROP:
+        _drop_named_fields(out, start, tokens)
     return info
 
 
