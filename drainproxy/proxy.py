@@ -64,6 +64,8 @@ _MAX_PIPELINED = 64
 #: How long a connection closed with unread request bytes keeps reading (and discarding) them,
 #: so that closing does not reset the connection before the client has read our answer.
 _LINGER_SECONDS = 2.0
+#: The same for a connection refused at ``limits.max_connections``: short, as it holds a file.
+_REFUSAL_LINGER_SECONDS = 0.5
 
 _BODY_NONE, _BODY_LENGTH, _BODY_CHUNKED = 0, 1, 2
 _FRAME_NONE, _FRAME_RAW, _FRAME_CHUNKED = 0, 1, 2
@@ -1041,13 +1043,20 @@ class ClientConnection(asyncio.Protocol):
             self.pending_reject = (status, reason)
 
     def _refuse(self) -> None:
-        """Over ``limits.max_connections``: a 503 and a close, before reading anything."""
+        """Over ``limits.max_connections``: a 503 and a close, before reading anything. Our side
+        is shut first and input discarded until the client closes (at most a moment): closing
+        with its request unread would send a reset that can destroy the 503 unread."""
         self.refused = self.closing = True
         self.close_reason = "refused"
         self.ctx.note_refused()
-        assert self.transport is not None
-        self.transport.write(plain_response(503, "too many connections", close=True))
-        self.transport.close()
+        transport = self.transport
+        assert transport is not None
+        transport.write(plain_response(503, "too many connections", close=True))
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.ctx.loop.call_later(_REFUSAL_LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
 
     def _close_after_response(self, *, linger: bool) -> None:
         """Close once the answer is written. With ``linger``, the client may still be sending:
