@@ -87,3 +87,12 @@ async def proxy(
     process = await launch_proxy(app.port, tmp_path_factory.mktemp("proxy"), proxy_overrides)
     yield process
     process.stop()
+
+
+@pytest.fixture
+async def raw_app() -> AsyncIterator[RawApp]:
+    """A raw-socket app for one test (``app`` is the one a whole module shares)."""
+    one_app = RawApp()
+    await one_app.start()
+    yield one_app
+    await one_app.stop()

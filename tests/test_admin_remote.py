@@ -11,11 +11,11 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.proxy_support import RawApp, launch_proxy
+from tests.conftest import StartProxy
+from tests.proxy_support import RawApp
 from tests.support import free_port
 
 TOKEN = "s3cret-token"
@@ -95,39 +95,33 @@ def peer() -> Iterator[Peer]:
 
 
 async def test_state_changes_from_outside_loopback_need_the_token(
-    peer: Peer, tmp_path: Path
+    peer: Peer, raw_app: RawApp, start_proxy: StartProxy
 ) -> None:
-    app = RawApp()
-    await app.start()
     admin_port = free_port()
-    proxy = await launch_proxy(
-        app.port, tmp_path, {"admin": {"listen": f"0.0.0.0:{admin_port}", "token": TOKEN}}
+    proxy = await start_proxy(
+        raw_app.port, {"admin": {"listen": f"0.0.0.0:{admin_port}", "token": TOKEN}}
     )
     admin = f"http://{peer.host_address}:{admin_port}"
-    try:
-        for path in ("/live", "/ready", "/status", "/metrics"):
-            status, _ = await peer.call("GET", admin + path)
-            assert status in (200, 503), path
+    for path in ("/live", "/ready", "/status", "/metrics"):
+        status, _ = await peer.call("GET", admin + path)
+        assert status in (200, 503), path
 
-        for method, path, token in (
-            ("POST", "/drain", ""),
-            ("POST", "/drain", "wrong"),
-            ("GET", "/prestop", ""),
-            ("GET", "/prestop", TOKEN + "x"),
-        ):
-            status, body = await peer.call(method, admin + path, token)
-            assert (status, body) == (403, "forbidden: missing or wrong X-Drainproxy-Token\n")
-            await proxy.log.wait(
-                re.escape(f"403 for {method} {path} from {peer.peer_address}: ")
-                + "missing or wrong X-Drainproxy-Token; nothing changed"
-            )
-        status, body = await peer.call("GET", admin + "/status")
-        assert json.loads(body)["phase"] == "serving"
+    for method, path, token in (
+        ("POST", "/drain", ""),
+        ("POST", "/drain", "wrong"),
+        ("GET", "/prestop", ""),
+        ("GET", "/prestop", TOKEN + "x"),
+    ):
+        status, body = await peer.call(method, admin + path, token)
+        assert (status, body) == (403, "forbidden: missing or wrong X-Drainproxy-Token\n")
+        await proxy.log.wait(
+            re.escape(f"403 for {method} {path} from {peer.peer_address}: ")
+            + "missing or wrong X-Drainproxy-Token; nothing changed"
+        )
+    status, body = await peer.call("GET", admin + "/status")
+    assert json.loads(body)["phase"] == "serving"
 
-        status, _ = await peer.call("POST", admin + "/drain", TOKEN)
-        assert status == 202
-        status, body = await peer.call("GET", admin + "/status")
-        assert json.loads(body)["phase"] != "serving"
-    finally:
-        proxy.stop()
-        await app.stop()
+    status, _ = await peer.call("POST", admin + "/drain", TOKEN)
+    assert status == 202
+    status, body = await peer.call("GET", admin + "/status")
+    assert json.loads(body)["phase"] != "serving"

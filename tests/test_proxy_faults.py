@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 
+from tests.conftest import StartProxy
 from tests.proxy_support import (
     RawApp,
     RawClient,
     exchange,
-    launch_proxy,
     parse_responses,
     proc_status_kib,
 )
@@ -28,10 +28,10 @@ async def normal_request(port: int) -> int:
     return parse_responses(raw, [b"GET"])[0].status
 
 
-async def test_idle_hordes_and_slowloris_do_not_stop_normal_traffic(tmp_path: Path) -> None:
-    app = RawApp()
-    await app.start()
-    proxy = await launch_proxy(app.port, tmp_path, {"timeouts": {"request_head": "60s"}})
+async def test_idle_hordes_and_slowloris_do_not_stop_normal_traffic(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(raw_app.port, {"timeouts": {"request_head": "60s"}})
     idle: list[asyncio.StreamWriter] = []
     slow: list[asyncio.StreamWriter] = []
     try:
@@ -60,18 +60,16 @@ async def test_idle_hordes_and_slowloris_do_not_stop_normal_traffic(tmp_path: Pa
         dripping.cancel()
         growth = proc_status_kib(proxy.proc.pid, "VmRSS") - baseline
         assert growth < 1050 * 16, f"{growth} KiB for 1,050 idle connections"
-        assert not [r for r in app.requests if r.path.startswith(b"/slow")]
+        assert not [r for r in raw_app.requests if r.path.startswith(b"/slow")]
     finally:
         for writer in idle + slow:
             writer.close()
-        proxy.stop()
-        await app.stop()
 
 
-async def test_connection_limit_refuses_with_503_then_recovers(tmp_path: Path) -> None:
-    app = RawApp()
-    await app.start()
-    proxy = await launch_proxy(app.port, tmp_path, {"limits": {"max_connections": 20}})
+async def test_connection_limit_refuses_with_503_then_recovers(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(raw_app.port, {"limits": {"max_connections": 20}})
     clients: list[RawClient] = []
     try:
         for _ in range(20):
@@ -91,16 +89,14 @@ async def test_connection_limit_refuses_with_503_then_recovers(tmp_path: Path) -
     finally:
         for client in clients:
             await client.close()
-        proxy.stop()
-        await app.stop()
 
 
-async def test_file_descriptor_exhaustion_does_not_kill_the_accept_loop(tmp_path: Path) -> None:
+async def test_file_descriptor_exhaustion_does_not_kill_the_accept_loop(
+    raw_app: RawApp, tmp_path: Path
+) -> None:
     """With 64 file descriptors the proxy cannot take 200 connections; it must shed them and
     then serve again, not stop accepting."""
-    app = RawApp()
-    await app.start()
-    config = deep_merge(base_config(app.port), {"limits": {"max_connections": 10000}})
+    config = deep_merge(base_config(raw_app.port), {"limits": {"max_connections": 10000}})
     config_path = tmp_path / "emfile.yaml"
     config_path.write_text(yaml.safe_dump(config))
     starter = (
@@ -135,4 +131,3 @@ async def test_file_descriptor_exhaustion_does_not_kill_the_accept_loop(tmp_path
         for _, writer in connections:
             writer.close()
         proxy.stop()
-        await app.stop()

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
-from pathlib import Path
 
 import h11
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.proxy_support import RawApp, exchange, launch_proxy, parse_responses
+from tests.conftest import StartProxy
+from tests.proxy_support import RawApp, exchange, parse_responses
 
 TEMPLATES = [
     b"GET /a?q=1 HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n",
@@ -112,12 +112,11 @@ def run_one(port: int, pieces: list[bytes], half_close: bool) -> bytes:
         return bytes(received)
 
 
-async def test_fuzzed_requests_never_break_the_proxy(tmp_path: Path) -> None:
-    app = RawApp()
-    await app.start()
-    proxy = await launch_proxy(
-        app.port,
-        tmp_path,
+async def test_fuzzed_requests_never_break_the_proxy(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(
+        raw_app.port,
         {
             "timeouts": {"request_head": "300ms", "client_body": "300ms", "client_idle": "300ms"},
             "upstream": {"response_timeout": "2s"},
@@ -140,17 +139,13 @@ async def test_fuzzed_requests_never_break_the_proxy(tmp_path: Path) -> None:
             assert received.startswith(b"HTTP/1.1 "), received[:200]
             statuses[received[9:10] + b"xx"] += 1
 
-    try:
-        await asyncio.to_thread(fuzz)
-        assert statuses[b"2xx"] and statuses[b"4xx"], statuses
-        raw = await exchange(proxy.port, SENTINEL)
-        assert parse_responses(raw, [b"GET"])[0].status == 200
-        log = proxy.log.text()
-        assert "Traceback" not in log and "internal error" not in log
-        for request in app.requests:  # whatever came in, what went out is strictly valid
-            conn = h11.Connection(h11.SERVER)
-            conn.receive_data(request.raw_head)
-            assert isinstance(conn.next_event(), h11.Request), request.raw_head
-    finally:
-        proxy.stop()
-        await app.stop()
+    await asyncio.to_thread(fuzz)
+    assert statuses[b"2xx"] and statuses[b"4xx"], statuses
+    raw = await exchange(proxy.port, SENTINEL)
+    assert parse_responses(raw, [b"GET"])[0].status == 200
+    log = proxy.log.text()
+    assert "Traceback" not in log and "internal error" not in log
+    for request in raw_app.requests:  # whatever came in, what went out is strictly valid
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(request.raw_head)
+        assert isinstance(conn.next_event(), h11.Request), request.raw_head

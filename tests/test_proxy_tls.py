@@ -4,19 +4,19 @@ certificates from trustme."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import trustme
 from aiohttp import web
 
+from tests.conftest import StartProxy
 from tests.proxy_support import RawApp, launch_proxy
-from tests.support import ProxyProcess, free_port
+from tests.support import free_port
 
 HELLO = b"GET /tls HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
@@ -70,76 +70,66 @@ async def served_certificate(port: int, context: ssl.SSLContext) -> tuple[bytes,
     return der, head
 
 
-@contextlib.asynccontextmanager
-async def tls_listener(
-    workdir: Path, secret: SecretDir, **tls: str
-) -> AsyncIterator[tuple[RawApp, ProxyProcess]]:
-    """A raw app behind a proxy terminating TLS with the secret's tls.crt and tls.key; ``tls``
-    adds listener TLS settings."""
-    app = RawApp()
-    await app.start()
+def listener_tls(secret: SecretDir, **settings: str) -> dict[str, Any]:
+    """Config overrides for TLS on the listener with the secret's tls.crt and tls.key."""
     files = {"cert_file": secret.path("tls.crt"), "key_file": secret.path("tls.key")}
-    proxy = await launch_proxy(app.port, workdir, {"tls": {**files, **tls}})
-    try:
-        yield app, proxy
-    finally:
-        proxy.stop()
-        await app.stop()
+    return {"tls": {**files, **settings}}
 
 
 def der(cert: trustme.LeafCert) -> bytes:
     return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
 
 
-async def test_tls_termination_and_certificate_reload(tmp_path: Path) -> None:
+async def test_tls_termination_and_certificate_reload(
+    raw_app: RawApp, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     ca = trustme.CA()
     first, second = ca.issue_cert("localhost"), ca.issue_cert("localhost")
     secret = SecretDir(tmp_path)
     secret.publish(cert_files(first))
-    async with tls_listener(tmp_path, secret, reload_interval="100ms") as (app, proxy):
-        context = client_context(ca)
-        seen, head = await served_certificate(proxy.port, context)
-        assert seen == der(first)
-        assert head.startswith(b"HTTP/1.1 200 ")
-        assert app.requests[-1].header(b"x-forwarded-proto") == [b"https"]
+    proxy = await start_proxy(raw_app.port, listener_tls(secret, reload_interval="100ms"))
+    context = client_context(ca)
+    seen, head = await served_certificate(proxy.port, context)
+    assert seen == der(first)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert raw_app.requests[-1].header(b"x-forwarded-proto") == [b"https"]
 
-        # A connection opened before the rotation keeps working after it.
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", proxy.port, ssl=context, server_hostname="localhost"
-        )
-        secret.publish(cert_files(second))
-        await proxy.log.wait(r"TLS certificate reloaded")
-        seen, _ = await served_certificate(proxy.port, context)
-        assert seen == der(second)
-        writer.write(HELLO)
-        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(
-            b"HTTP/1.1 200"
-        )
-        writer.close()
+    # A connection opened before the rotation keeps working after it.
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.port, ssl=context, server_hostname="localhost"
+    )
+    secret.publish(cert_files(second))
+    await proxy.log.wait(r"TLS certificate reloaded")
+    seen, _ = await served_certificate(proxy.port, context)
+    assert seen == der(second)
+    writer.write(HELLO)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+    writer.close()
 
-        # A broken update is refused; the last good certificate stays in service.
-        secret.publish({"tls.crt": b"garbage\n", "tls.key": b"garbage\n"})
-        await proxy.log.wait(r"TLS files changed but cannot be loaded")
-        seen, _ = await served_certificate(proxy.port, context)
-        assert seen == der(second)
+    # A broken update is refused; the last good certificate stays in service.
+    secret.publish({"tls.crt": b"garbage\n", "tls.key": b"garbage\n"})
+    await proxy.log.wait(r"TLS files changed but cannot be loaded")
+    seen, _ = await served_certificate(proxy.port, context)
+    assert seen == der(second)
 
 
-async def test_client_certificates_required(tmp_path: Path) -> None:
+async def test_client_certificates_required(
+    raw_app: RawApp, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     ca, client_ca = trustme.CA(), trustme.CA()
     server = ca.issue_cert("localhost")
     secret = SecretDir(tmp_path)
     secret.publish({**cert_files(server), "ca.crt": client_ca.cert_pem.bytes()})
-    async with tls_listener(
-        tmp_path, secret, client_ca_file=secret.path("ca.crt"), client_cert="required"
-    ) as (_, proxy):
-        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
-            await served_certificate(proxy.port, client_context(ca))
-        stranger = trustme.CA().issue_cert("client@example")
-        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
-            await served_certificate(proxy.port, client_context(ca, stranger))
-        allowed = client_ca.issue_cert("client@example")
-        _, head = await served_certificate(proxy.port, client_context(ca, allowed))
-        assert head.startswith(b"HTTP/1.1 200 ")
+    overrides = listener_tls(secret, client_ca_file=secret.path("ca.crt"), client_cert="required")
+    proxy = await start_proxy(raw_app.port, overrides)
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await served_certificate(proxy.port, client_context(ca))
+    stranger = trustme.CA().issue_cert("client@example")
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await served_certificate(proxy.port, client_context(ca, stranger))
+    allowed = client_ca.issue_cert("client@example")
+    _, head = await served_certificate(proxy.port, client_context(ca, allowed))
+    assert head.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_tls_to_the_app(tmp_path: Path) -> None:

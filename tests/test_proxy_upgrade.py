@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import StartApp
+from tests.conftest import StartApp, StartProxy
 from tests.proxy_support import AppRequest, RawApp, launch_proxy, parse_responses
 
 
@@ -48,10 +48,10 @@ async def test_websocket_through_the_proxy(start_app: StartApp, tmp_path: Path) 
         proxy.stop()
 
 
-async def test_raw_tunnel_carries_early_bytes_and_ends_on_either_close(tmp_path: Path) -> None:
-    app = RawApp()
-
-    @app.route(b"/tunnel")
+async def test_raw_tunnel_carries_early_bytes_and_ends_on_either_close(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    @raw_app.route(b"/tunnel")
     async def tunnel(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
         assert request.header(b"upgrade") == [b"echo/1"]
         assert request.header(b"connection") == [b"upgrade"]
@@ -63,45 +63,36 @@ async def test_raw_tunnel_carries_early_bytes_and_ends_on_either_close(tmp_path:
             writer.write(data.upper())
         return False
 
-    await app.start()
-    proxy = await launch_proxy(app.port, tmp_path)
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(
-            b"GET /tunnel HTTP/1.1\r\nHost: h\r\nUpgrade: echo/1\r\nConnection: Upgrade\r\n\r\n"
-            b"early bytes;"
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert head.startswith(b"HTTP/1.1 101 ")
-        assert b"\r\nUpgrade: echo/1\r\n" in head
-        assert b"\r\nConnection: upgrade\r\n" in head
-        assert await reader.readexactly(len(b"hello from the app;")) == b"hello from the app;"
-        assert await reader.readexactly(len(b"early bytes;")) == b"EARLY BYTES;"
-        writer.write(b"more")
-        assert await reader.readexactly(4) == b"MORE"
-        writer.write_eof()
-        assert await asyncio.wait_for(reader.read(), 10) == b""
-        writer.close()
-        await app.wait_for(lambda: app.open_connections == 0)
-    finally:
-        proxy.stop()
-        await app.stop()
+    proxy = await start_proxy(raw_app.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"GET /tunnel HTTP/1.1\r\nHost: h\r\nUpgrade: echo/1\r\nConnection: Upgrade\r\n\r\n"
+        b"early bytes;"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert b"\r\nUpgrade: echo/1\r\n" in head
+    assert b"\r\nConnection: upgrade\r\n" in head
+    assert await reader.readexactly(len(b"hello from the app;")) == b"hello from the app;"
+    assert await reader.readexactly(len(b"early bytes;")) == b"EARLY BYTES;"
+    writer.write(b"more")
+    assert await reader.readexactly(4) == b"MORE"
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    await raw_app.wait_for(lambda: raw_app.open_connections == 0)
 
 
-async def test_upgrade_declined_by_the_app_is_a_plain_response(tmp_path: Path) -> None:
-    app = RawApp()
-    await app.start()
-    proxy = await launch_proxy(app.port, tmp_path)
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(
-            b"GET /no-upgrade HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
-        )
-        raw = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        (response,) = parse_responses(raw, [b"GET"])
-        assert (response.status, response.body) == (200, b"/no-upgrade")
-        assert response.header(b"connection") == [b"close"]
-    finally:
-        proxy.stop()
-        await app.stop()
+async def test_upgrade_declined_by_the_app_is_a_plain_response(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(raw_app.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"GET /no-upgrade HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+    )
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    (response,) = parse_responses(raw, [b"GET"])
+    assert (response.status, response.body) == (200, b"/no-upgrade")
+    assert response.header(b"connection") == [b"close"]
