@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from tests.conftest import StartApp, StartProxy
-from tests.proxy_support import AppRequest, RawApp, launch_proxy, parse_responses
+from tests.proxy_support import AppRequest, RawApp, parse_responses
 
 
-async def test_websocket_through_the_proxy(start_app: StartApp, tmp_path: Path) -> None:
+async def test_websocket_through_the_proxy(start_app: StartApp, start_proxy: StartProxy) -> None:
     closed_by_client = asyncio.Event()
 
     async def echo(request: web.Request) -> web.WebSocketResponse:
@@ -28,24 +27,21 @@ async def test_websocket_through_the_proxy(start_app: StartApp, tmp_path: Path) 
 
     app = web.Application()
     app.router.add_get("/ws", echo)
-    proxy = await launch_proxy(await start_app(app), tmp_path)
-    try:
-        big = bytes(range(256)) * 4096
-        async with aiohttp.ClientSession() as session, session.ws_connect(proxy.url + "/ws") as ws:
-            for index in range(3):
-                await ws.send_str(f"hello {index}")
-                assert await ws.receive_str(timeout=10) == f"echo hello {index}"
-            await ws.send_bytes(big)
-            assert await ws.receive_bytes(timeout=10) == big[::-1]
-            await ws.close()
-        await asyncio.wait_for(closed_by_client.wait(), 10)
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(proxy.admin_url + "/metrics") as response,
-        ):
-            assert "drainproxy_tunnels_opened_total 1.0" in await response.text()
-    finally:
-        proxy.stop()
+    proxy = await start_proxy(await start_app(app))
+    big = bytes(range(256)) * 4096
+    async with aiohttp.ClientSession() as session, session.ws_connect(proxy.url + "/ws") as ws:
+        for index in range(3):
+            await ws.send_str(f"hello {index}")
+            assert await ws.receive_str(timeout=10) == f"echo hello {index}"
+        await ws.send_bytes(big)
+        assert await ws.receive_bytes(timeout=10) == big[::-1]
+        await ws.close()
+    await asyncio.wait_for(closed_by_client.wait(), 10)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(proxy.admin_url + "/metrics") as response,
+    ):
+        assert "drainproxy_tunnels_opened_total 1.0" in await response.text()
 
 
 async def test_raw_tunnel_carries_early_bytes_and_ends_on_either_close(
