@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from aiohttp import web
 
@@ -131,3 +132,17 @@ class ProxyProcess(WatchedProcess):
 
     def send(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
+
+    async def status(self) -> dict[str, Any]:
+        """GET /status, parsed (the answer must be JSON)."""
+        async with aiohttp.ClientSession() as session, session.get(self.admin_url + "/status") as r:
+            body: dict[str, Any] = await r.json()
+            return body
+
+    async def metrics_text(self) -> str:
+        """GET /metrics as the exposition text."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.admin_url + "/metrics") as r,
+        ):
+            return await r.text()

@@ -203,11 +203,7 @@ async def test_status_reports_phase_counts_and_deadlines(
     await slow_started.wait()
     proxy.send(signal.SIGTERM)
     await proxy.log.wait(PHASE.format("propagating"))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(proxy.admin_url + "/status") as response,
-    ):
-        status = await response.json()
+    status = await proxy.status()
     assert status["phase"] == "propagating"
     assert status["in_flight"] == 1
     assert status["open_connections"] == 1

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from drainproxy.admin import TOKEN_HEADER
@@ -64,11 +63,7 @@ async def test_drain_wait_returns_after_the_drain_and_drainproxy_stays_drained(
     code, out, err = await run_cli("drain", "--config", str(proxy.config_path), "--wait")
     assert (code, out, err) == (0, "app released", "")
     await proxy.log.wait(r"phase stopping_app -> drained")
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(proxy.admin_url + "/status") as response,
-    ):
-        status = await response.json()
+    status = await proxy.status()
     assert status["phase"] == "drained"
     assert status["drain"]["sources"] == ["admin", "prestop"]
 

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.proxy_support import (
@@ -34,8 +33,7 @@ def proxy_overrides() -> dict[str, Any]:
 
 
 async def metric(proxy: ProxyProcess, name: str, labels: str = "") -> float:
-    async with aiohttp.ClientSession() as session, session.get(proxy.admin_url + "/metrics") as r:
-        text = await r.text()
+    text = await proxy.metrics_text()
     match = re.search(rf"^{name}{{?{re.escape(labels)}}}? (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 

@@ -11,7 +11,6 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.proxy_support import (
@@ -123,8 +122,7 @@ async def test_idle_app_connections_are_closed(app: RawApp, proxy: ProxyProcess)
 
 async def test_expiries_and_refusals_are_counted(proxy: ProxyProcess) -> None:
     """The tests above expired each client-side timeout at least once; /metrics says so."""
-    async with aiohttp.ClientSession() as session, session.get(proxy.admin_url + "/metrics") as r:
-        text = await r.text()
+    text = await proxy.metrics_text()
     for kind in ("request_head", "client_idle", "client_body", "upstream_idle"):
         assert re.search(rf'^drainproxy_timeouts_total{{kind="{kind}"}} [1-9]', text, re.M), kind
     assert re.search(r'^drainproxy_requests_rejected_total{status="408"} [1-9]', text, re.M)

@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -137,12 +136,6 @@ async def test_a_slow_reader_holds_the_app_back(app: RawApp, proxy: ProxyProcess
     await app.wait_for(lambda: app.open_connections == 0)
 
 
-async def status(proxy: ProxyProcess) -> dict[str, object]:
-    async with aiohttp.ClientSession() as session, session.get(proxy.admin_url + "/status") as r:
-        body: dict[str, object] = await r.json()
-        return body
-
-
 async def test_client_abort_mid_upload_aborts_the_app_request(
     app: RawApp, proxy: ProxyProcess
 ) -> None:
@@ -166,7 +159,7 @@ async def test_client_abort_mid_upload_aborts_the_app_request(
     await app.wait_for(lambda: bool(outcome) and app.open_connections == 0)
     assert outcome == ["IncompleteReadError"]
     await proxy.log.wait(r"client 127\.0\.0\.1 closed the connection during POST /upload-abort")
-    assert (await status(proxy))["in_flight"] == 0
+    assert (await proxy.status())["in_flight"] == 0
 
 
 async def test_client_abort_while_waiting_reaches_the_app(app: RawApp, proxy: ProxyProcess) -> None:
@@ -208,4 +201,4 @@ async def test_client_abort_mid_download_stops_the_app(app: RawApp, proxy: Proxy
     writer.close()
     await app.wait_for(lambda: bool(outcome) and app.open_connections == 0, timeout=30)
     assert outcome != ["complete"]
-    assert (await status(proxy))["open_connections"] == 0
+    assert (await proxy.status())["open_connections"] == 0

@@ -37,11 +37,7 @@ async def test_websocket_through_the_proxy(start_app: StartApp, start_proxy: Sta
         assert await ws.receive_bytes(timeout=10) == big[::-1]
         await ws.close()
     await asyncio.wait_for(closed_by_client.wait(), 10)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(proxy.admin_url + "/metrics") as response,
-    ):
-        assert "drainproxy_tunnels_opened_total 1.0" in await response.text()
+    assert "drainproxy_tunnels_opened_total 1.0" in await proxy.metrics_text()
 
 
 async def test_raw_tunnel_carries_early_bytes_and_ends_on_either_close(
