@@ -7,8 +7,9 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from drainproxy import __version__
 from drainproxy.config import Config, load_config
@@ -118,20 +119,11 @@ def drain(config: Config, wait: bool) -> int:
 
 
 def serve(config: Config) -> int:
-    setup_logging(config.log.format, config.log.level)
-    loop_name = _install_uvloop()
-    try:
-        return asyncio.run(_serve(config, loop_name))
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-    except DrainproxyError as exc:
-        log.error("%s", exc)
-        return 1
+    return _run_logged(config, lambda loop_name: _serve(config, loop_name))
 
 
 def wrap(config: Config, command: list[str]) -> int:
-    from drainproxy.wrapper import ChildStartError, check_wrapper_config, run_wrapped
+    from drainproxy.wrapper import check_wrapper_config
 
     command = command[1:] if command[:1] == ["--"] else command
     if not command:
@@ -142,13 +134,16 @@ def wrap(config: Config, command: list[str]) -> int:
     except ConfigError as exc:
         print(f"drainproxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    return _run_logged(config, lambda loop_name: _wrap(config, command, loop_name))
+
+
+def _run_logged(config: Config, run: Callable[[str], Coroutine[Any, Any, int]]) -> int:
+    """Logging as configured, uvloop if there is one, then ``run(loop_name)`` to its exit
+    status; what stops it from starting is logged and is exit status 1."""
     setup_logging(config.log.format, config.log.level)
     loop_name = _install_uvloop()
     try:
-        return asyncio.run(run_wrapped(config, command, loop_name))
-    except ChildStartError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
+        return asyncio.run(run(loop_name))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
@@ -161,6 +156,18 @@ async def _serve(config: Config, loop_name: str) -> int:
     from drainproxy.server import Server
 
     return await Server(config, loop_name).run()
+
+
+async def _wrap(config: Config, command: list[str], loop_name: str) -> int:
+    """An app command that cannot be started ends drainproxy with the shell's status for that
+    (127 not found, 126 not executable)."""
+    from drainproxy.wrapper import ChildStartError, run_wrapped
+
+    try:
+        return await run_wrapped(config, command, loop_name)
+    except ChildStartError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
 
 
 def _install_uvloop() -> str:
