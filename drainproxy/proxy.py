@@ -257,6 +257,7 @@ class ClientConnection(asyncio.Protocol):
         "connect_task",
         "ctx",
         "current",
+        "feeding",
         "fresh",
         "head_bytes",
         "header_bytes",
@@ -298,6 +299,9 @@ class ClientConnection(asyncio.Protocol):
         #: Writes held while one read from the app is parsed (see ``start_batch``).
         self.batch: list[bytes] | None = None
         self.batch_body_bytes = 0
+        #: A read from the client is being parsed: the request head for the app waits for the
+        #: end of it, so the head and the body bytes of the same read leave in one write.
+        self.feeding = False
         self.paused = 0
         self.write_paused = False
         self.closing = False
@@ -351,6 +355,7 @@ class ClientConnection(asyncio.Protocol):
             return  # nothing more is parsed (and a lingering close discards)
         current = self.current
         in_head = current is not None and not current.head_done
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -368,6 +373,9 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed request: {exc}")
             return
+        finally:
+            self.feeding = False
+            self._send_deferred_head()
         if in_head and current is self.current:
             # The whole read belonged to one unfinished head: llhttp holds it, so count it.
             self.head_bytes += len(data)
@@ -598,6 +606,18 @@ class ClientConnection(asyncio.Protocol):
         conn.bind(self)
         if self.write_paused:
             conn.pause_reading()
+        if not self.feeding:
+            self._send_head(req, conn)
+        # else: ``data_received`` sends it once the read is parsed (``_send_deferred_head``).
+
+    def _send_deferred_head(self) -> None:
+        req = self.active
+        conn = self.upstream
+        if req is not None and conn is not None and not req.head_sent and not self.closing:
+            self._send_head(req, conn)
+
+    def _send_head(self, req: Request, conn: UpstreamConnection) -> None:
+        """Send the request head with the body bytes buffered so far, in one write."""
         head = req.head
         if not req.pending and not (req.complete and req.body_mode == _BODY_CHUNKED):
             conn.write(head)
@@ -610,7 +630,10 @@ class ClientConnection(asyncio.Protocol):
                     parts.append(LAST_CHUNK)
             else:
                 parts += req.pending
-            conn.writelines(tuple(parts))
+            if req.pending_size <= _JOIN_LIMIT:
+                conn.write(b"".join(parts))
+            else:
+                conn.writelines(tuple(parts))
             req.pending = []
             req.pending_size = 0
         req.head_sent = True
