@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, cast
 
-from drainproxy.sim.haproxy import Backend, states_reached
+from drainproxy.sim.haproxy import Backend, HealthCheckedBalancer, states_reached
 
 
 class _Replica:
@@ -29,24 +30,14 @@ class _Replica:
         self.streak = 0  # consecutive check results that disagree with ``up``
 
 
-class BuiltinBalancer:
+@dataclass(eq=False)
+class BuiltinBalancer(HealthCheckedBalancer):
     """Same surface as ``drainproxy.sim.haproxy.HAProxy``: start, wait_for_states, stop."""
 
-    def __init__(
-        self,
-        port: int,
-        backends: list[Backend],
-        check_interval: float = 0.2,
-        fall: int = 2,
-        rise: int = 2,
-        check_timeout: float = 1.0,
-    ) -> None:
-        self.port = port
-        self.check_interval = check_interval
-        self.fall = fall
-        self.rise = rise
-        self.check_timeout = check_timeout
-        self._replicas = [_Replica(backend) for backend in backends]
+    check_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._replicas = [_Replica(backend) for backend in self.backends]
         self._turn = itertools.cycle(range(len(self._replicas)))
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None

@@ -33,20 +33,21 @@ def haproxy_binary() -> str | None:
     )
 
 
-class HAProxy:
-    def __init__(
-        self,
-        port: int,
-        backends: list[Backend],
-        check_interval: float = 0.2,
-        fall: int = 2,
-        rise: int = 2,
-    ) -> None:
-        self.port = port
-        self.backends = backends
-        self.check_interval = check_interval
-        self.fall = fall
-        self.rise = rise
+@dataclass(eq=False)
+class HealthCheckedBalancer:
+    """What either balancer is given: its port, the replicas, and how it checks them (every
+    ``check_interval`` seconds; ``fall`` failures in a row mark one DOWN, ``rise`` successes UP)."""
+
+    port: int
+    backends: list[Backend]
+    check_interval: float = 0.2
+    fall: int = 2
+    rise: int = 2
+
+
+@dataclass(eq=False)
+class HAProxy(HealthCheckedBalancer):
+    def __post_init__(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="drainproxy-haproxy-"))
         self.socket_path = self._dir / "admin.sock"
         self.process: subprocess.Popen[bytes] | None = None
