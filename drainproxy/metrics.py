@@ -3,6 +3,9 @@
 Nothing here runs per request: the data path bumps ints in ``Stats`` and the driver keeps a few
 more on ``Server``; a scrape reads them all into a fresh registry. Known label values are always
 exported (as 0 until they happen) so that ``rate()`` and alerts see a series from the start.
+
+prometheus_client is imported at the first scrape, not at start-up (about 1 MiB of RSS that a
+sidecar nobody scrapes does not pay); the imports inside functions are there for that.
 """
 
 from __future__ import annotations
@@ -10,13 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from drainproxy.lifecycle import DrainRecord, Phase
 
 if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
     from drainproxy.server import Server
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -35,6 +36,8 @@ TIMEOUT_KINDS = (
 def _counter(
     name: str, documentation: str, label: str, known: Iterable[str], values: Mapping[str, int]
 ) -> CounterMetricFamily:
+    from prometheus_client.core import CounterMetricFamily
+
     family = CounterMetricFamily(name, documentation, labels=[label])
     for key in dict.fromkeys([*known, *values]):
         family.add_metric([key], float(values.get(key, 0)))
@@ -42,10 +45,14 @@ def _counter(
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-class _ServerCollector(Collector):
+class _ServerCollector:
+    """A prometheus_client ``Collector`` (a Protocol: no base class, so no import needed)."""
+
     def __init__(self, server: Server) -> None:
         self.server = server
 
@@ -55,6 +62,8 @@ class _ServerCollector(Collector):
         yield from self._traffic()
 
     def _lifecycle(self) -> Iterable[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         server = self.server
         lifecycle = server.lifecycle
         phase = GaugeMetricFamily(
@@ -83,6 +92,8 @@ class _ServerCollector(Collector):
         )
 
     def _drain(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         server = self.server
         lifecycle = server.lifecycle
         record = lifecycle.drain or (
@@ -127,6 +138,8 @@ class _ServerCollector(Collector):
         return self.server.loop.time() - record.started_at
 
     def _traffic(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         server = self.server
         stats = server.stats
         yield _gauge(
@@ -209,6 +222,8 @@ class _ServerCollector(Collector):
 
 
 def render_metrics(server: Server) -> tuple[bytes, str]:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ServerCollector(server))
     return generate_latest(registry), CONTENT_TYPE_LATEST
