@@ -212,11 +212,8 @@ async def _one_run(
     def make_balancer(port: int, members: list[Replica]) -> Balancer:
         replicas.extend(members)
         backends = [Backend(r.name, r.serving_port, r.check_port, r.check_path) for r in members]
-        made: _ObservedBalancer
-        if balancer == "haproxy":
-            made = HAProxy(port, backends, check_interval=CHECK_INTERVAL, fall=FALL)
-        else:
-            made = BuiltinBalancer(port, backends, check_interval=CHECK_INTERVAL, fall=FALL)
+        kind = HAProxy if balancer == "haproxy" else BuiltinBalancer
+        made: _ObservedBalancer = kind(port, backends, check_interval=CHECK_INTERVAL, fall=FALL)
         balancers.append(made)
         return made
 
