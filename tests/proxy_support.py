@@ -120,6 +120,10 @@ class RawApp:
         async with self.changed:
             await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
 
+    async def received(self, path: bytes) -> None:
+        """Until a request for ``path`` has arrived."""
+        await self.wait_for(lambda: any(r.path == path for r in self.requests))
+
     async def _notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()

@@ -190,7 +190,7 @@ async def test_an_app_answering_slowly_delays_nobody_else(app: RawApp, proxy: Pr
 
     slow_client = await RawClient.connect(proxy.port)
     slow_response = asyncio.ensure_future(slow_client.request(b"GET", b"/slow"))
-    await app.wait_for(lambda: any(r.path == b"/slow" for r in app.requests))
+    await app.received(b"/slow")
     for index in range(20):
         raw = await exchange(
             proxy.port, b"GET /quick HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"

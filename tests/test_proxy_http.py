@@ -284,7 +284,7 @@ async def test_pipelined_requests_are_answered_in_order(app: RawApp, proxy: Prox
         b"3\r\nabc\r\n0\r\n\r\n"
         b"GET /pipe-5 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
     )
-    await app.wait_for(lambda: any(r.path == b"/pipe-slow" for r in app.requests))
+    await app.received(b"/pipe-slow")
     gate.set()
     raw = await asyncio.wait_for(reader.read(-1), 10)
     writer.close()

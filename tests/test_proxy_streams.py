@@ -154,7 +154,7 @@ async def test_client_abort_mid_upload_aborts_the_app_request(
     _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"POST /upload-abort HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % BIG)
     await send_blocks(writer, MiB)
-    await app.wait_for(lambda: any(r.path == b"/upload-abort" for r in app.requests))
+    await app.received(b"/upload-abort")
     writer.close()
     await app.wait_for(lambda: bool(outcome) and app.open_connections == 0)
     assert outcome == ["IncompleteReadError"]
@@ -173,7 +173,7 @@ async def test_client_abort_while_waiting_reaches_the_app(app: RawApp, proxy: Pr
 
     _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"GET /wait-abort HTTP/1.1\r\nHost: h\r\n\r\n")
-    await app.wait_for(lambda: any(r.path == b"/wait-abort" for r in app.requests))
+    await app.received(b"/wait-abort")
     writer.close()
     await asyncio.wait_for(saw_close.wait(), 10)
     await app.wait_for(lambda: app.open_connections == 0)
