@@ -4,15 +4,11 @@ shared process namespace: drainproxy signals the app's process itself)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import signal
 from typing import Any
 
-from drainproxy.appstop import command_line
 from drainproxy.sim.kubelet import Container
 from drainproxy.sim.replica import Replica, spawn_watched
+from tests.support import kill_wrapped_app
 
 
 class WrappedReplica(Replica):
@@ -33,14 +29,8 @@ class WrappedReplica(Replica):
         return [Container("app", self.proxy)]
 
     def stop(self) -> None:
-        # If drainproxy is killed first its child would live on, holding the output pipe open.
-        if self.proxy_log is not None and (
-            found := re.search(r"started the app, pid (\d+):", self.proxy_log.text())
-        ):
-            child = int(found.group(1))
-            if "drainproxy.sim.sample_app" in (command_line(child) or ""):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signal.SIGKILL)
+        if self.proxy_log is not None:
+            kill_wrapped_app(self.proxy_log.text(), "drainproxy.sim.sample_app")
         super().stop()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from drainproxy.appstop import command_line
 from drainproxy.sim.process import LogWatcher
 from drainproxy.sim.replica import free_port as free_port  # re-exported for the tests
 
@@ -68,6 +70,16 @@ def slow_app(
     app.router.add_get(fast_path, fast)
     app.router.add_get("/slow", slow)
     return app
+
+
+def kill_wrapped_app(drainproxy_log: str, app_marker: str) -> None:
+    """After a failure, ``drainproxy wrap`` may be killed before its child, which would live on
+    and hold the output pipe open: SIGKILL the child it logged starting, if that is still the
+    app (its command line contains ``app_marker``)."""
+    found = re.search(r"started the app, pid (\d+):", drainproxy_log)
+    if found and app_marker in (command_line(int(found.group(1))) or ""):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(found.group(1)), signal.SIGKILL)
 
 
 class WatchedProcess:

@@ -5,7 +5,6 @@ forwards signals. PID 1 is real: ``unshare --pid --fork --mount-proc`` (util-lin
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -19,8 +18,14 @@ import aiohttp
 import pytest
 import yaml
 
-from drainproxy.appstop import command_line
-from tests.support import REPO, ProxyProcess, base_config, deep_merge, free_port
+from tests.support import (
+    REPO,
+    ProxyProcess,
+    base_config,
+    deep_merge,
+    free_port,
+    kill_wrapped_app,
+)
 from tests.test_appstop import FAKE_APP, FAST_DRAIN
 
 ORPHANS = 3
@@ -41,11 +46,8 @@ class Wrapped:
     def kill_app_left_behind(self) -> None:
         """After a failure drainproxy may be killed before its child, which would keep the output
         pipe open (in a PID namespace, the kernel kills everything with PID 1)."""
-        found = re.search(r"started the app, pid (\d+):", self.proxy.log.text())
-        if found and not self.in_pid_namespace:
-            app_pid = int(found.group(1))
-            if str(FAKE_APP) in (command_line(app_pid) or ""):
-                os.kill(app_pid, signal.SIGKILL)
+        if not self.in_pid_namespace:
+            kill_wrapped_app(self.proxy.log.text(), str(FAKE_APP))
 
 
 @pytest.fixture
