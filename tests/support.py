@@ -9,7 +9,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +113,11 @@ class ProxyProcess(WatchedProcess):
         self,
         config: Mapping[str, Any],
         workdir: Path,
-        args: list[str] | None = None,
         command: str = "serve",
-        extra_args: list[str] | None = None,
+        extra_args: Sequence[str] = (),
+        launcher: Sequence[str] = (sys.executable, "-m", "drainproxy"),
     ) -> None:
+        """Runs ``LAUNCHER COMMAND --config FILE EXTRA_ARGS`` with ``config`` written to FILE."""
         self.config = dict(config)
         self.config_path = workdir / f"drainproxy-{id(self)}.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
@@ -124,15 +125,7 @@ class ProxyProcess(WatchedProcess):
         self.url = f"http://127.0.0.1:{self.port}"
         admin_port = int(str(config["admin"]["listen"]).rpartition(":")[2])
         self.admin_url = f"http://127.0.0.1:{admin_port}"
-        cmd = args or [
-            sys.executable,
-            "-m",
-            "drainproxy",
-            command,
-            "--config",
-            str(self.config_path),
-            *(extra_args or []),
-        ]
+        cmd = [*launcher, command, "--config", str(self.config_path), *extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         super().__init__(cmd, cwd=REPO, env=env, start_new_session=True)
 

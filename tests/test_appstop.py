@@ -18,7 +18,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
 from drainproxy.appstop import AppStopError, ExecStop, HttpStop, ProcessFinder
@@ -224,10 +223,8 @@ async def test_permission_denied_is_one_line_naming_uid_and_cap_kill(
     workdir.chmod(0o755)
     try:
         config = deep_merge(base_config(app.port), signal_overrides(process=pattern))
-        config_path = workdir / "drainproxy.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        command = [*as_another_user(DRAINPROXY_UID), sys.executable, "-m", "drainproxy", "serve"]
-        proxy = ProxyProcess(config, workdir, args=[*command, "--config", str(config_path)])
+        launcher = [*as_another_user(DRAINPROXY_UID), sys.executable, "-m", "drainproxy"]
+        proxy = ProxyProcess(config, workdir, launcher=launcher)
         proxies.append(proxy)
         assert await proxy.exited() == 1
     finally:

@@ -8,8 +8,6 @@ import contextlib
 import sys
 from pathlib import Path
 
-import yaml
-
 from tests.conftest import StartProxy
 from tests.proxy_support import (
     RawApp,
@@ -97,17 +95,11 @@ async def test_file_descriptor_exhaustion_does_not_kill_the_accept_loop(
     """With 64 file descriptors the proxy cannot take 200 connections; it must shed them and
     then serve again, not stop accepting."""
     config = deep_merge(base_config(raw_app.port), {"limits": {"max_connections": 10000}})
-    config_path = tmp_path / "emfile.yaml"
-    config_path.write_text(yaml.safe_dump(config))
     starter = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
         "from drainproxy.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    proxy = ProxyProcess(
-        config,
-        tmp_path,
-        args=[sys.executable, "-c", starter, "serve", "--config", str(config_path)],
-    )
+    proxy = ProxyProcess(config, tmp_path, launcher=[sys.executable, "-c", starter])
     connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         await proxy.started()

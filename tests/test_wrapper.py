@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,14 +68,14 @@ async def start_wrapped(
     port = free_port()
     defaults = {"drain": FAST_DRAIN, "app": {"stop_timeout": "1s"}}
     config = deep_merge(deep_merge(base_config(port), defaults), overrides or {})
-    config_path = tmp_path / f"wrap-{uuid.uuid4().hex}.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "drainproxy", "wrap", "--config", str(config_path), "--"]
-    command += [sys.executable, str(FAKE_APP), "--port", str(port), *app_args]
+    launcher = [sys.executable, "-m", "drainproxy"]
     if in_pid_namespace:
         # --kill-child: if the test kills unshare, the namespace's PID 1 (drainproxy) dies too.
-        command = ["unshare", "--pid", "--mount-proc", "--kill-child", *command]
-    proxy = ProxyProcess(config, tmp_path, args=command)
+        launcher = ["unshare", "--pid", "--mount-proc", "--kill-child", *launcher]
+    app_command = [sys.executable, str(FAKE_APP), "--port", str(port), *app_args]
+    proxy = ProxyProcess(
+        config, tmp_path, command="wrap", extra_args=["--", *app_command], launcher=launcher
+    )
     proxies.append(proxy)
     await proxy.started()
     wrapped = Wrapped(proxy, port, in_pid_namespace)
