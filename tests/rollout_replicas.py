@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from drainproxy.sim.kubelet import Container
-from drainproxy.sim.replica import Replica, spawn_watched
+from drainproxy.sim.process import spawn_watched
+from drainproxy.sim.replica import Replica
 from tests.support import kill_wrapped_app
 
 

@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 from aiohttp import web
 
 from drainproxy.appstop import command_line
-from drainproxy.sim.process import LogWatcher
+from drainproxy.sim.process import spawn_watched
 from drainproxy.sim.replica import free_port as free_port  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,9 +86,7 @@ class WatchedProcess:
     ``log``, so tests wait on what it says."""
 
     def __init__(self, cmd: list[str], **popen: Any) -> None:
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
-        assert self.proc.stdout is not None
-        self.log = LogWatcher(self.proc.stdout)
+        self.proc, self.log = spawn_watched(cmd, **popen)
 
     async def exited(self, timeout: float = 60.0) -> int:
         """The exit status, once every line the process (and its children) wrote is read."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import threading
 import time
 from typing import Any
@@ -56,3 +57,9 @@ class LogWatcher:
     def text(self) -> str:
         with self._cond:
             return "\n".join(self.lines)
+
+
+def spawn_watched(command: list[str], **popen: Any) -> tuple[subprocess.Popen[bytes], LogWatcher]:
+    """Start ``command`` with its output (stdout and stderr together) read by a LogWatcher."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    return process, LogWatcher(process.stdout)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from drainproxy.sim.kubelet import Container, HttpGetHook
-from drainproxy.sim.process import LogWatcher
+from drainproxy.sim.process import LogWatcher, spawn_watched
 
 TOKEN = "replica-token"
 
@@ -24,12 +24,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def spawn_watched(command: list[str]) -> tuple[subprocess.Popen[bytes], LogWatcher]:
-    """Start ``command`` with its output (stdout and stderr together) read by a LogWatcher."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return process, LogWatcher(process.stdout)
 
 
 @dataclass
