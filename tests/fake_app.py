@@ -17,6 +17,7 @@ import argparse
 import os
 import signal
 import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -25,7 +26,9 @@ ORPHAN_LIFETIME = "0.2"
 
 
 def say(text: str) -> None:
-    print(f"fake app: {text}", flush=True)
+    # One write per line: drainproxy writes to the same pipe, and an unbuffered print() writes
+    # the text and its newline separately, letting a drainproxy line land in between.
+    os.write(sys.stdout.fileno(), f"fake app: {text}\n".encode())
 
 
 class Handler(BaseHTTPRequestHandler):
