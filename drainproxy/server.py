@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -72,7 +73,6 @@ class Server:
         )
         self._app_stop_checked = False
         self.exit_code = 0
-        self.forced_closes = 0
         #: For /metrics: phase changes by the phase entered, and how the last app stop went.
         self.phases_entered: dict[str, int] = {}
         self.app_stop_outcome: str | None = None
@@ -217,7 +217,11 @@ class Server:
                 conn.close_when_idle(grace)
 
     def _stop_app(self) -> None:
-        self._force_close_remaining()
+        self._force_close_remaining("drain.timeout")
+        # If this drain ends RECOVERING, the app must first be seen gone (see _recover); the
+        # probe may report before that phase's effect runs, so close the gate now.
+        self._app_seen_down = False
+        self._old_app_gone_by = math.inf
         self._spawn(self._run_app_stopper())
 
     def _stay_drained(self) -> None:
@@ -227,7 +231,6 @@ class Server:
     def _recover(self) -> None:
         self._log_summary()
         # Right after the release the old app still answers; the kubelet is about to stop it.
-        self._app_seen_down = False
         self._old_app_gone_by = self.loop.time() + self.config.app.stop_timeout
         self._spawn(self._open_listener())
 
@@ -236,7 +239,7 @@ class Server:
         log.info("serving again")
 
     def _stop(self) -> None:
-        self._force_close_remaining()
+        self._force_close_remaining("immediate shutdown")
         self.app_released.set()
         if self.lifecycle.immediate:
             log.warning("immediate shutdown")
@@ -264,13 +267,12 @@ class Server:
         self.app_released.set()
         return "preStop hooks released"
 
-    def _force_close_remaining(self) -> None:
+    def _force_close_remaining(self, why: str) -> None:
         remaining = [conn for conn in self.proxy.connections if not conn.closing]
         for conn in remaining:
             conn.force_close()
-        self.forced_closes += len(remaining)
         if remaining:
-            log.warning("drain.timeout: cut %d connection(s) still open", len(remaining))
+            log.warning("%s: cut %d connection(s) still open", why, len(remaining))
 
     def _connection_closed(self) -> None:
         drain = self.lifecycle.drain
