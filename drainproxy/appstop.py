@@ -229,6 +229,17 @@ def _shorten(line: str) -> str:
     return line if len(line) <= _SHOWN_COMMAND_LINE else line[: _SHOWN_COMMAND_LINE - 3] + "..."
 
 
+async def until_exited(pidfd: int) -> None:
+    """Until the process behind ``pidfd`` exits: a pidfd becomes readable then (no polling)."""
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
+    loop.add_reader(pidfd, exited.set)
+    try:
+        await exited.wait()
+    finally:
+        loop.remove_reader(pidfd)
+
+
 class SiblingProcess:
     """A process of another container, held by a pidfd (no pid-reuse race, exit as an event)."""
 
@@ -261,18 +272,7 @@ class SiblingProcess:
             raise AppStopError(f"{self.name} is not running") from None
 
     async def wait_exited(self) -> str:
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(self._fd, readable)
-        try:
-            await exited
-        finally:
-            loop.remove_reader(self._fd)
+        await until_exited(self._fd)
         return "exited"
 
     def _permission_denied(self, signum: signal.Signals) -> str:

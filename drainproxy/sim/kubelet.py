@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from drainproxy.appstop import until_exited
+
 
 @dataclass(frozen=True)
 class HttpGetHook:
@@ -79,20 +81,16 @@ async def wait_for_exit(process: subprocess.Popen[bytes], timeout: float | None)
     """Await the process's exit as an event (a pidfd), without reaping anything but it."""
     if process.poll() is not None:
         return True
-    loop = asyncio.get_running_loop()
     try:
         pidfd = os.pidfd_open(process.pid)
     except ProcessLookupError:
         process.wait()
         return True
-    exited = asyncio.Event()
-    loop.add_reader(pidfd, exited.set)
     try:
-        await asyncio.wait_for(exited.wait(), timeout)
+        await asyncio.wait_for(until_exited(pidfd), timeout)
     except TimeoutError:
         return False
     finally:
-        loop.remove_reader(pidfd)
         os.close(pidfd)
     process.wait()
     return True
