@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint unit system-deps bench clean
+.PHONY: demo test lint unit system-deps bench callgrind clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: system-deps lint
 bench: $(BIN)/.installed
 	bash bench/setup $(VENV)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Instructions per proxied exchange under callgrind (deterministic A/B; about 30 s a build):
+# make callgrind CALLGRIND_ARGS="--rev main --rev HEAD"
+callgrind: $(BIN)/.installed
+	$(BIN)/python bench/callgrind.py $(CALLGRIND_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

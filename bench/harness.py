@@ -184,6 +184,20 @@ class Processes:
             if name in self._servers and process.poll() is not None:
                 raise BenchError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
 
+    def stop(self, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+        """SIGTERM one process's group and wait for it (SIGKILL after ``timeout``)."""
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait(timeout=5.0)
+        names = [name for name, running in self._running if running is process]
+        self._running = [
+            (name, running) for name, running in self._running if running is not process
+        ]
+        self._servers = [name for name in self._servers if name not in names]
+
     def stop_all(self) -> None:
         """SIGTERM each process group, then SIGKILL whatever is still there after a few seconds."""
         for _, process in self._running:
@@ -444,6 +458,12 @@ def _read_response(sock: socket.socket) -> int:
             raise BenchError("connection closed mid-body")
         body += chunk
     return status
+
+
+def exchange(sock: socket.socket, path: str, port: int) -> int:
+    """One GET on an open keep-alive connection; return the response's status."""
+    sock.sendall(_request(path, port))
+    return _read_response(sock)
 
 
 def _request(path: str, port: int) -> bytes:
