@@ -1,22 +1,31 @@
-"""The admin listener (aiohttp): probes, status, metrics and the two drain triggers.
+"""The admin listener (h11 over asyncio streams): probes, status, metrics and the drain triggers.
 
 ``/ready``, ``/live``, ``/status`` and ``/metrics`` are open to probes. ``POST /drain`` and
 ``GET /prestop`` change state, so they are accepted from loopback, or from elsewhere only with
 ``admin.token`` in ``X-Drainproxy-Token`` (kubelet httpGet hooks come to the pod IP, not loopback).
+
+h11 (sans-IO, pure Python, ~0.2 MiB in this process) does the HTTP/1.1 framing: keep-alive,
+pipelining, HTTP/1.0, ``Expect: 100-continue`` and the request-head bound. This module adds what
+a small API exposed to the pod network needs: a bound on the request's size and on the time it
+takes to arrive, a bound on open connections, 404 and 405 with ``Allow``, and a shutdown that
+lets answers already decided (the released ``/prestop`` calls) reach their clients.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+import h11
 
 from drainproxy.lifecycle import DrainSource
-from drainproxy.metrics import render_metrics
 
 if TYPE_CHECKING:
     from drainproxy.server import Server
@@ -24,33 +33,77 @@ if TYPE_CHECKING:
 log = logging.getLogger("drainproxy.admin")
 
 TOKEN_HEADER = "X-Drainproxy-Token"
-SERVER_KEY = web.AppKey("server", object)
+#: Request line plus header fields (larger: 431). Probes and hooks send a few hundred bytes.
+MAX_HEAD_BYTES = 8 * 1024
+#: A request body (none of the endpoints reads one; larger: 413 and the connection closes).
+MAX_BODY_BYTES = 64 * 1024
+#: From a request's first byte to its end (slower: 408 and close; slowloris).
+REQUEST_TIMEOUT = 10.0
+#: A keep-alive connection with no request for this long is closed (aiohttp's former default).
+IDLE_TIMEOUT = 75.0
+#: Open admin connections; beyond it new ones are closed at once. Probes open one at a time.
+MAX_CONNECTIONS = 256
+#: At shutdown, answers being written (released /prestop calls) get this long to finish.
+SHUTDOWN_GRACE = 1.0
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json; charset=utf-8"
 
 
-def _server(request: web.Request) -> Server:
-    server: Server = request.app[SERVER_KEY]  # type: ignore[assignment]
-    return server
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names; a repeated field keeps its last value
+    remote: str
 
 
-def _is_loopback(remote: str | None) -> bool:
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = TEXT
+    allow: str | None = None
+
+    @classmethod
+    def text(cls, text: str, status: int = 200) -> Response:
+        return cls(status, text.encode())
+
+
+Handler = Callable[["Server", Request], Awaitable[Response]]
+
+
+class _Closed(Exception):
+    """The client closed the connection, or the connection must close now."""
+
+
+def _is_loopback(remote: str) -> bool:
     try:
-        address = ipaddress.ip_address((remote or "").split("%")[0])
+        address = ipaddress.ip_address(remote.split("%")[0])
     except ValueError:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
-def _authorized(request: web.Request) -> bool:
-    if _is_loopback(request.remote):
+def is_authorized(token: str | None, remote: str, given: str | None) -> bool:
+    """Loopback always; elsewhere only the configured token, compared in constant time."""
+    if _is_loopback(remote):
         return True
-    token = _server(request).config.admin.token
-    given = request.headers.get(TOKEN_HEADER)
-    return token is not None and given is not None and hmac.compare_digest(token, given)
+    return (
+        token is not None
+        and given is not None
+        and hmac.compare_digest(token.encode(), given.encode("latin-1"))
+    )
 
 
-def _forbidden(request: web.Request) -> web.Response:
-    token_set = _server(request).config.admin.token is not None
+def _request_authorized(server: Server, request: Request) -> bool:
+    given = request.headers.get(TOKEN_HEADER.lower())
+    return is_authorized(server.config.admin.token, request.remote, given)
+
+
+def _forbidden(server: Server, request: Request) -> Response:
+    token_set = server.config.admin.token is not None
     why = "missing or wrong " + TOKEN_HEADER if token_set else "admin.token is not set"
     log.warning(
         "403 for %s %s from %s: %s; nothing changed",
@@ -60,27 +113,26 @@ def _forbidden(request: web.Request) -> web.Response:
         why,
         extra={"event": "admin_forbidden"},
     )
-    return web.Response(status=403, text=f"forbidden: {why}\n")
+    return Response.text(f"forbidden: {why}\n", 403)
 
 
-async def live(request: web.Request) -> web.Response:
-    return web.Response(text="live\n")
+# --- endpoints -------------------------------------------------------------------------------
 
 
-async def ready(request: web.Request) -> web.Response:
-    server = _server(request)
+async def live(server: Server, request: Request) -> Response:
+    return Response.text("live\n")
+
+
+async def ready(server: Server, request: Request) -> Response:
     is_ready = server.is_ready()
-    server.note_readiness_probe(
-        request.remote or "-", request.headers.get("User-Agent", ""), is_ready
-    )
+    server.note_readiness_probe(request.remote, request.headers.get("user-agent", ""), is_ready)
     if is_ready:
-        return web.Response(text="ready\n")
+        return Response.text("ready\n")
     reason = server.lifecycle.phase.value if not server.lifecycle.is_ready() else "app unreachable"
-    return web.Response(status=503, text=f"not ready: {reason}\n")
+    return Response.text(f"not ready: {reason}\n", 503)
 
 
-async def status(request: web.Request) -> web.Response:
-    server = _server(request)
+async def status(server: Server, request: Request) -> Response:
     lifecycle = server.lifecycle
     now = server.loop.time()
 
@@ -110,45 +162,217 @@ async def status(request: web.Request) -> web.Response:
         },
         "requests_total": server.stats.requests_total,
     }
-    return web.json_response(body)
+    return Response(200, json.dumps(body).encode(), JSON)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    body, content_type = render_metrics(_server(request))
-    return web.Response(body=body, headers={"Content-Type": content_type})
+async def metrics(server: Server, request: Request) -> Response:
+    from drainproxy.metrics import render_metrics  # prometheus_client: at the first scrape
+
+    body, content_type = render_metrics(server)
+    return Response(200, body, content_type)
 
 
-async def drain(request: web.Request) -> web.Response:
-    if not _authorized(request):
-        return _forbidden(request)
-    started = _server(request).request_drain(DrainSource.ADMIN)
-    return web.Response(
-        status=202, text="drain started\n" if started else "drain already under way\n"
-    )
+async def drain(server: Server, request: Request) -> Response:
+    if not _request_authorized(server, request):
+        return _forbidden(server, request)
+    started = server.request_drain(DrainSource.ADMIN)
+    return Response.text("drain started\n" if started else "drain already under way\n", 202)
 
 
-async def prestop(request: web.Request) -> web.Response:
+async def prestop(server: Server, request: Request) -> Response:
     """The app container's preStop hook: start the drain, answer when the app may stop."""
-    if not _authorized(request):
-        return _forbidden(request)
-    server = _server(request)
+    if not _request_authorized(server, request):
+        return _forbidden(server, request)
     server.request_drain(DrainSource.PRESTOP)
-    released = server.app_released
-    await released.wait()
-    return web.Response(text="app released\n")
+    await server.app_released.wait()
+    return Response.text("app released\n")
+
+
+#: path -> method -> handler; every GET answers HEAD too (RFC 9110 section 9.3.2).
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/live": {"GET": live},
+    "/ready": {"GET": ready},
+    "/status": {"GET": status},
+    "/metrics": {"GET": metrics},
+    "/drain": {"POST": drain},
+    "/prestop": {"GET": prestop},
+}
+
+
+def route(method: str, path: str) -> Handler | Response:
+    """The handler for ``method path``, or the 404/405 answer (405 names the allowed methods)."""
+    methods = ROUTES.get(path)
+    if methods is None:
+        return Response.text("404: Not Found\n", 404)
+    handler = methods.get("GET" if method == "HEAD" else method)
+    if handler is None:
+        allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
+        return Response(405, b"405: Method Not Allowed\n", TEXT, allow=", ".join(allowed))
+    return handler
+
+
+# --- connections -----------------------------------------------------------------------------
+
+
+class AdminServer:
+    """The listener and its connections; ``close`` stops both (see ``SHUTDOWN_GRACE``)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._listener: asyncio.Server | None = None
+        #: Each connection's task, and whether it is answering a request now.
+        self._connections: dict[asyncio.Task[None], bool] = {}
+
+    async def start(self) -> None:
+        listen = self.server.config.admin.listen
+        self._listener = await asyncio.start_server(
+            self._accept, listen.host, listen.port, reuse_address=True
+        )
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        for task, busy in list(self._connections.items()):
+            if not busy:
+                task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=SHUTDOWN_GRACE)
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._connections) >= MAX_CONNECTIONS:
+            log.warning("admin: %d connections open; closing a new one", MAX_CONNECTIONS)
+            writer.close()
+            return
+        self._connections[task] = False
+        try:
+            await self._serve(task, reader, writer)
+        except (_Closed, ConnectionError, TimeoutError):
+            pass
+        finally:
+            del self._connections[task]
+            writer.close()
+
+    async def _serve(
+        self, task: asyncio.Task[None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        remote = str(peer[0]) if isinstance(peer, tuple) else "-"
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        while True:
+            try:
+                request = await self._read_request(conn, reader, writer, remote)
+            except h11.RemoteProtocolError as exc:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    status = exc.error_status_hint
+                    await _send(
+                        conn, writer, "GET", Response.text(f"{status}: {exc}\n", status), close=True
+                    )
+                return
+            except TimeoutError:
+                started = conn.their_state is not h11.IDLE or bool(conn.trailing_data[0])
+                if started and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await _send(
+                        conn,
+                        writer,
+                        "GET",
+                        Response.text("408: Request Timeout\n", 408),
+                        close=True,
+                    )
+                return  # a silent idle connection just closes
+            self._connections[task] = True
+            await _send(conn, writer, request.method, await self._answer(request))
+            self._connections[task] = False
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return  # Connection: close from either side, or an unread body
+            conn.start_next_cycle()
+
+    async def _answer(self, request: Request) -> Response:
+        found = route(request.method, request.path)
+        if isinstance(found, Response):
+            return found
+        try:
+            return await found(self.server, request)
+        except Exception:
+            log.exception("admin: %s %s failed", request.method, request.path)
+            return Response.text("500: Internal Server Error\n", 500)
+
+    async def _read_request(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        remote: str,
+    ) -> Request:
+        """The next request, its body read and dropped. The first byte may take ``IDLE_TIMEOUT``;
+        the whole request then gets ``REQUEST_TIMEOUT``."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        head: h11.Request | None = None
+        body_bytes = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                wait = IDLE_TIMEOUT if deadline is None else deadline - loop.time()
+                async with asyncio.timeout(max(0.0, wait)):
+                    data = await reader.read(65536)
+                if deadline is None and data:
+                    deadline = loop.time() + REQUEST_TIMEOUT
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body_bytes += len(event.data)
+                if body_bytes > MAX_BODY_BYTES:
+                    too_large = Response.text("413: Content Too Large\n", 413)
+                    await _send(conn, writer, "POST", too_large, close=True)
+                    raise _Closed
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                headers = {
+                    name.decode().lower(): value.decode("latin-1") for name, value in head.headers
+                }
+                target = head.target.decode("latin-1")
+                return Request(head.method.decode(), target.partition("?")[0], headers, remote)
+            else:  # ConnectionClosed
+                raise _Closed
+
+
+async def _send(
+    conn: h11.Connection,
+    writer: asyncio.StreamWriter,
+    method: str,
+    answer: Response,
+    close: bool = False,
+) -> None:
+    """Write one response; ``close`` for errors after which the request's framing is unknown."""
+    headers = [
+        ("Content-Type", answer.content_type),
+        ("Content-Length", str(len(answer.body))),
+        ("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())),
+        ("Cache-Control", "no-store"),
+    ]
+    if answer.allow is not None:
+        headers.append(("Allow", answer.allow))
+    if close:
+        headers.append(("Connection", "close"))
+    data = conn.send(h11.Response(status_code=answer.status, headers=headers))
+    if method != "HEAD":
+        data += conn.send(h11.Data(data=answer.body))
+    data += conn.send(h11.EndOfMessage())
+    writer.write(data)
+    await writer.drain()
 
 
 async def start_admin(server: Server) -> Callable[[], Awaitable[None]]:
-    app = web.Application()
-    app[SERVER_KEY] = server
-    app.router.add_get("/live", live)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/status", status)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/drain", drain)
-    app.router.add_get("/prestop", prestop)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    listen = server.config.admin.listen
-    await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
-    return runner.cleanup
+    """Listen on ``admin.listen``; returns the coroutine function that stops the admin API."""
+    admin = AdminServer(server)
+    await admin.start()
+    return admin.close

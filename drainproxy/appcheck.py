@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from drainproxy.config import UpstreamConfig
+from drainproxy.httpclient import HttpCallError, request_status
 from drainproxy.tls import upstream_context
 
 log = logging.getLogger("drainproxy.appcheck")
@@ -44,38 +45,31 @@ class AppProbe:
 
     async def check_once(self) -> tuple[bool, str]:
         check = self.config.check
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+        if check.kind == "http":
+            try:
+                status = await request_status(
                     self.config.host,
                     self.config.port,
-                    ssl=self._ssl,
+                    "GET",
+                    check.path,
+                    check.timeout,
+                    tls=self._ssl,
                     server_hostname=self._server_hostname,
-                ),
-                check.timeout,
-            )
-        except (OSError, TimeoutError) as exc:
-            return False, _describe(exc)
-        try:
-            if check.kind == "tcp":
-                return True, ""
-            request = (
-                f"GET {check.path} HTTP/1.1\r\nHost: {self.config.host}:{self.config.port}\r\n"
-                "User-Agent: drainproxy-check\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(request.encode())
-            status_line = await asyncio.wait_for(reader.readline(), check.timeout)
-            parts = status_line.split()
-            if len(parts) < 2 or not parts[1].isdigit():
-                return False, f"invalid response to GET {check.path}"
-            status = int(parts[1])
+                    user_agent="drainproxy-check",
+                )
+            except HttpCallError as exc:
+                return False, str(exc)
             if status >= 500:
                 return False, f"GET {check.path} answered {status}"
             return True, ""
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.config.host, self.config.port), check.timeout
+            )
         except (OSError, TimeoutError) as exc:
             return False, _describe(exc)
-        finally:
-            writer.close()
+        writer.close()
+        return True, ""
 
 
 def _describe(exc: BaseException) -> str:

@@ -29,10 +29,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-import aiohttp
-
 from drainproxy.config import AppConfig
 from drainproxy.errors import DrainproxyError
+from drainproxy.httpclient import HttpCallError, request_url_status
 
 log = logging.getLogger("drainproxy.appstop")
 
@@ -334,15 +333,11 @@ class HttpStop:
     async def stop(self) -> str:
         call = f"app.url: {self.method} {self.url}"
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session,
-                session.request(self.method, self.url, allow_redirects=False) as response,
-            ):
-                status = response.status
-        except TimeoutError:
-            raise AppStopError(f"{call} got no answer within {self.timeout:g}s") from None
-        except aiohttp.ClientError as exc:
-            raise AppStopError(f"{call} failed: {exc or type(exc).__name__}") from None
+            status = await request_url_status(self.method, self.url, self.timeout)
+        except HttpCallError as exc:
+            if exc.timed_out:
+                raise AppStopError(f"{call} got no answer within {self.timeout:g}s") from None
+            raise AppStopError(f"{call} failed: {exc}") from None
         if not 200 <= status < 300:
             raise AppStopError(f"{call} answered {status}: the stop was not accepted")
         log.info("%s answered %d: accepted", call, status)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from drainproxy.admin import TOKEN_HEADER
 from drainproxy.config import Config
 from drainproxy.errors import DrainproxyError
+
+#: The admin API's token header (``drainproxy.admin.TOKEN_HEADER``; not imported from there, so
+#: ``drainproxy drain`` loads neither h11 nor the server).
+TOKEN_HEADER = "X-Drainproxy-Token"
 
 #: Seconds to wait for drainproxy to accept the drain request.
 REQUEST_TIMEOUT = 10.0

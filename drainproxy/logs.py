@@ -101,7 +101,6 @@ def setup_logging(fmt: str, level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 class AccessRecord:
