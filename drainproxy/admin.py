@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import h11
 
 from drainproxy.lifecycle import DrainSource
+from drainproxy.memory import release_freed_memory
 
 if TYPE_CHECKING:
     from drainproxy.server import Server
@@ -168,7 +170,10 @@ async def status(server: Server, request: Request) -> Response:
 async def metrics(server: Server, request: Request) -> Response:
     from drainproxy.metrics import render_metrics  # prometheus_client: at the first scrape
 
+    first_scrape = "prometheus_client" not in sys.modules
     body, content_type = render_metrics(server)
+    if first_scrape:
+        release_freed_memory()  # what importing prometheus_client freed
     return Response(200, body, content_type)
 
 

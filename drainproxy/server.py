@@ -24,6 +24,7 @@ from drainproxy.lifecycle import (
     Transition,
 )
 from drainproxy.logs import bind_log_context
+from drainproxy.memory import release_freed_memory
 from drainproxy.probers import ProberTracker
 from drainproxy.proxy import ClientConnection, ProxyContext
 from drainproxy.stats import Stats
@@ -133,6 +134,7 @@ class Server:
         self.probe.start()
         self._install_signal_handlers()
         self._log_start()
+        release_freed_memory()
         try:
             await self._drive()
         finally:
