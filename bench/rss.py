@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,30 +43,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def rss_once(
-    source: Path | None,
-    origin_port: int,
-    cpu: int,
-    work: Path,
-    processes: Processes,
-    pycache: Path | None,
+    source: Path | None, origin_port: int, cpu: int, work: Path, processes: Processes
 ) -> float:
-    """One fresh process: start, one request through it, one scrape; its RSS in MiB. With
-    ``pycache``, modules load from bytecode compiled there beforehand (as from the image's
-    wheel, which pip compiles); without, drainproxy's modules are compiled at every start."""
+    """One fresh process: start, one request through it, one scrape; its RSS in MiB."""
     work.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     conf = work / "drainproxy.yaml"
     conf.write_text(yaml.safe_dump(drainproxy_config(port, admin_port, origin_port)))
     argv = [sys.executable, "-m", "drainproxy", "serve", "--config", str(conf)]
-    env = {} if source is None else {"PYTHONPATH": str(source)}
-    if pycache is not None:
-        package = (source or REPO) / "drainproxy"
-        compile_env = {**os.environ, "PYTHONPYCACHEPREFIX": str(pycache)}
-        compile_env.pop("PYTHONDONTWRITEBYTECODE", None)
-        subprocess.run(
-            [sys.executable, "-m", "compileall", "-q", str(package)], env=compile_env, check=True
-        )
-        env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    env = None if source is None else {"PYTHONPATH": str(source)}
     process = processes.start("drainproxy", argv, cpu, env=env)
     try:
         wait_until_serving(Target("drainproxy", port, process.pid), processes)
@@ -76,6 +62,13 @@ def rss_once(
         return rss_kib(process.pid) / 1024
     finally:
         processes.stop(process)
+
+
+def compile_bytecode(source: Path) -> None:
+    """Bytecode beside the modules, as pip writes it when it installs the image's wheel."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    package = str(source / "drainproxy")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", package], env=env, check=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,24 +93,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes = Processes(Path(tmp))
         try:
             builds: list[tuple[str, Path | None]] = [("working tree", None)]
+            if args.compiled and not args.rev:
+                copy = Path(tmp) / "source-working-tree"
+                shutil.copytree(REPO / "drainproxy", copy / "drainproxy")
+                builds = [("working tree", copy)]
             if args.rev:
                 builds = []
                 for index, rev in enumerate(args.rev):
                     source = Path(tmp) / f"source-{index}"
                     builds.append((f"{rev} ({export_revision(rev, source)[:9]})", source))
+            if args.compiled:
+                for _, build_source in builds:
+                    compile_bytecode(build_source or REPO)
             cpus = Cpus.pick()
             origin = start_origin(processes, Path(tmp) / "origin", cpus.load)
             wait_until_serving(origin, processes)
             for label, build_source in builds:
                 values = [
-                    rss_once(
-                        build_source,
-                        origin.port,
-                        cpus.proxy,
-                        Path(tmp) / "run",
-                        processes,
-                        Path(tmp) / f"pycache-{len(rows)}" if args.compiled else None,
-                    )
+                    rss_once(build_source, origin.port, cpus.proxy, Path(tmp) / "run", processes)
                     for _ in range(args.runs)
                 ]
                 rows.append((label, values))
