@@ -332,6 +332,8 @@ class AdminServer:
                     deadline = loop.time() + REQUEST_TIMEOUT
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
+                if _head_size(event) > MAX_HEAD_BYTES:  # h11 bounds only a head still arriving
+                    raise h11.RemoteProtocolError("request head too large", 431)
                 head = event
             elif isinstance(event, h11.Data):
                 body_bytes += len(event.data)
@@ -348,6 +350,12 @@ class AdminServer:
                 return Request(head.method.decode(), target.partition("?")[0], headers, remote)
             else:  # ConnectionClosed
                 raise _Closed
+
+
+def _head_size(head: h11.Request) -> int:
+    """The head's size on the wire, give or take the spaces around header values."""
+    fields = sum(len(name) + len(value) + 4 for name, value in head.headers.raw_items())
+    return len(head.method) + len(head.target) + 13 + fields
 
 
 async def _send(

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from drainproxy.admin import is_authorized
 from tests.conftest import StartProxy
 from tests.proxy_support import RawApp
 from tests.support import free_port
@@ -125,3 +126,25 @@ async def test_state_changes_from_outside_loopback_need_the_token(
     assert status == 202
     status, body = await peer.call("GET", admin + "/status")
     assert json.loads(body)["phase"] != "serving"
+
+
+@pytest.mark.parametrize(
+    ("token", "remote", "given", "allowed"),
+    [
+        (None, "127.0.0.1", None, True),
+        (None, "::1", None, True),
+        (None, "::ffff:127.0.0.1", None, True),
+        (None, "10.0.0.7", None, False),
+        (None, "10.0.0.7", "anything", False),
+        ("s3cret", "10.0.0.7", "s3cret", True),
+        ("s3cret", "10.0.0.7", "s3cre", False),
+        ("s3cret", "10.0.0.7", "s3cret ", False),
+        ("s3cret", "10.0.0.7", None, False),
+        ("s3cret", "-", "wrong", False),
+        ("s\u00e9cret", "10.0.0.7", "s\u00e9cret".encode().decode("latin-1"), True),
+    ],
+)
+def test_token_rule(token: str | None, remote: str, given: str | None, allowed: bool) -> None:
+    """Loopback needs no token; elsewhere only the configured one (header values arrive as
+    latin-1, so a UTF-8 token matches its own bytes)."""
+    assert is_authorized(token, remote, given) is allowed
