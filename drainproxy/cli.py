@@ -1,9 +1,12 @@
-"""Command line: ``main(argv) -> int``; errors become messages and exit codes here and only here."""
+"""Command line: ``main(argv) -> int``; errors become messages and exit codes here and only here.
+
+Each command imports what it needs when it runs: ``drain`` (every exec preStop hook) and
+``check`` load neither asyncio nor the data path (tests/test_imports.py).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -140,6 +143,8 @@ def wrap(config: Config, command: list[str]) -> int:
 def _run_logged(config: Config, run: Callable[[str], Coroutine[Any, Any, int]]) -> int:
     """Logging as configured, uvloop if there is one, then ``run(loop_name)`` to its exit
     status; what stops it from starting is logged and is exit status 1."""
+    import asyncio
+
     setup_logging(config.log.format, config.log.level)
     loop_name = _install_uvloop()
     try:
@@ -171,6 +176,8 @@ async def _wrap(config: Config, command: list[str], loop_name: str) -> int:
 
 
 def _install_uvloop() -> str:
+    import asyncio
+
     try:
         import uvloop
     except ImportError:
@@ -244,6 +251,8 @@ def _add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from drainproxy.demo import DemoOptions, run_demo
 
     options = DemoOptions(
