@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import re
 import signal
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
@@ -364,6 +362,8 @@ def _check_tls_files(
     name: str, cert_file: str | None, key_file: str | None, ca_file: str | None, ca_key: str
 ) -> None:
     """Load the certificate files once, so ``drainproxy check`` finds a bad one, not a pod."""
+    import ssl  # here, not at the top: `drainproxy drain` and `check` without TLS skip 4 MiB
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if cert_file is not None and key_file is not None:
         try:
@@ -694,6 +694,8 @@ def check_cross_field_rules(config: Config) -> None:
 def load_config(path: str | Path | None) -> Config:
     """Load a YAML file, or the embedded defaults when ``path`` is None."""
     if path is None:
+        from importlib import resources  # 1 MiB (tempfile, shutil, random) only when used
+
         text = resources.files("drainproxy").joinpath("default.yaml").read_text()
         source = "<embedded defaults>"
     else:

@@ -8,48 +8,84 @@ as it does after a ``/prestop``-only drain (a liveness restart of the app).
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+import socket
+
+import h11
 
 from drainproxy.config import Config
 from drainproxy.errors import DrainproxyError
 
 #: The admin API's token header (``drainproxy.admin.TOKEN_HEADER``; not imported from there, so
-#: ``drainproxy drain`` loads neither h11 nor the server).
+#: ``drainproxy drain`` loads neither asyncio nor the server).
 TOKEN_HEADER = "X-Drainproxy-Token"
-
 #: Seconds to wait for drainproxy to accept the drain request.
 REQUEST_TIMEOUT = 10.0
+#: The longest answer read (the admin API answers a line).
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 class DrainRequestError(DrainproxyError):
     """The running drainproxy could not be reached, or refused the request."""
 
 
-def admin_url(config: Config, path: str) -> str:
+def _admin_host(config: Config) -> str:
     """The admin listener as seen from inside the pod: wildcard binds are reached on loopback."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
         config.admin.listen.host, config.admin.listen.host
     )
+
+
+def admin_url(config: Config, path: str) -> str:
+    host = _admin_host(config)
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{config.admin.listen.port}{path}"
 
 
 def _call(config: Config, method: str, path: str, timeout: float) -> str:
+    """One request on a blocking socket (h11 for the framing; no asyncio, no urllib and its
+    ssl and email modules: this runs in every exec preStop hook). ``timeout`` bounds each
+    socket operation, as urllib's did."""
     url = admin_url(config, path)
-    request = urllib.request.Request(url, method=method)
+    host, port = _admin_host(config), config.admin.listen.port
+    headers = [("Host", url.split("/")[2]), ("User-Agent", "drainproxy-drain")]
+    headers.append(("Connection", "close"))
+    if method == "POST":
+        headers.append(("Content-Length", "0"))
     if config.admin.token is not None:
-        request.add_header(TOKEN_HEADER, config.admin.token)
+        headers.append((TOKEN_HEADER, config.admin.token))
+    conn = h11.Connection(h11.CLIENT)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            answer: bytes = response.read()
-            return answer.decode(errors="replace").strip()
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode(errors="replace").strip()
-        raise DrainRequestError(f"{method} {url} answered {exc.code}: {body}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DrainRequestError(f"{method} {url} failed: {reason}") from None
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(
+                conn.send(h11.Request(method=method, target=path, headers=headers))
+                + conn.send(h11.EndOfMessage())
+            )
+            status, body = _read_answer(conn, sock)
+    except (OSError, h11.ProtocolError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise DrainRequestError(f"{method} {url} failed: {reason or type(exc).__name__}") from None
+    if not 200 <= status < 300:
+        raise DrainRequestError(f"{method} {url} answered {status}: {body}")
+    return body
+
+
+def _read_answer(conn: h11.Connection, sock: socket.socket) -> tuple[int, str]:
+    status = 0
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_ANSWER_BYTES:
+                raise h11.RemoteProtocolError("answer too long")
+        elif isinstance(event, h11.EndOfMessage):
+            return status, body.decode(errors="replace").strip()
+        elif isinstance(event, h11.ConnectionClosed):
+            raise h11.RemoteProtocolError("connection closed before an answer")
 
 
 def request_drain(config: Config, wait: bool) -> str:

@@ -1,5 +1,6 @@
 """What each command loads (issue 13): ``serve`` never imports aiohttp; ``drain`` (every exec
-preStop hook) and ``check`` import neither aiohttp nor the data path. Seen from real processes
+preStop hook) and ``check`` import neither aiohttp nor the data path nor asyncio (nor, for
+``drain``, ssl). Seen from real processes
 run with ``python -X importtime``, which reports every import as it happens, including the lazy
 ones at run time (the first /metrics scrape, the app stop)."""
 
@@ -94,7 +95,7 @@ async def test_serve_and_drain_load_only_what_they_need(
 
     drain_modules = imported(err)
     assert "drainproxy.drainctl" in drain_modules
-    assert loaded(drain_modules, "aiohttp", *DATA_PATH) == []
+    assert loaded(drain_modules, "aiohttp", *DATA_PATH, "asyncio", "ssl") == []
 
 
 def test_check_loads_neither_aiohttp_nor_the_data_path() -> None:
@@ -116,4 +117,4 @@ def test_check_loads_neither_aiohttp_nor_the_data_path() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     modules = imported(done.stderr)
     assert "drainproxy.k8scheck" in modules
-    assert loaded(modules, "aiohttp", *DATA_PATH) == []
+    assert loaded(modules, "aiohttp", *DATA_PATH, "asyncio") == []
