@@ -14,6 +14,7 @@ lets answers already decided (the released ``/prestop`` calls) reach their clien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -23,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import h11
 
@@ -45,6 +47,8 @@ REQUEST_TIMEOUT = 10.0
 IDLE_TIMEOUT = 75.0
 #: Open admin connections; beyond it new ones are closed at once. Probes open one at a time.
 MAX_CONNECTIONS = 256
+#: After an error answer, what the client still sends is read and dropped for at most this long.
+LINGER_SECONDS = 2.0
 #: At shutdown, answers being written (released /prestop calls) get this long to finish.
 SHUTDOWN_GRACE = 1.0
 
@@ -276,7 +280,12 @@ class AdminServer:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     status = exc.error_status_hint
                     await _send(
-                        conn, writer, "GET", Response.text(f"{status}: {exc}\n", status), close=True
+                        conn,
+                        reader,
+                        writer,
+                        "GET",
+                        Response.text(f"{status}: {exc}\n", status),
+                        close=True,
                     )
                 return
             except TimeoutError:
@@ -284,6 +293,7 @@ class AdminServer:
                 if started and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await _send(
                         conn,
+                        reader,
                         writer,
                         "GET",
                         Response.text("408: Request Timeout\n", 408),
@@ -291,10 +301,10 @@ class AdminServer:
                     )
                 return  # a silent idle connection just closes
             self._connections[task] = True
-            await _send(conn, writer, request.method, await self._answer(request))
+            await _send(conn, reader, writer, request.method, await self._answer(request))
             self._connections[task] = False
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return  # Connection: close from either side, or an unread body
+                return  # Connection: close from either side, or HTTP/1.0
             conn.start_next_cycle()
 
     async def _answer(self, request: Request) -> Response:
@@ -339,7 +349,7 @@ class AdminServer:
                 body_bytes += len(event.data)
                 if body_bytes > MAX_BODY_BYTES:
                     too_large = Response.text("413: Content Too Large\n", 413)
-                    await _send(conn, writer, "POST", too_large, close=True)
+                    await _send(conn, reader, writer, "POST", too_large, close=True)
                     raise _Closed
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
@@ -347,6 +357,8 @@ class AdminServer:
                     name.decode().lower(): value.decode("latin-1") for name, value in head.headers
                 }
                 target = head.target.decode("latin-1")
+                if not target.startswith("/"):  # absolute-form (RFC 9112 section 3.2.2)
+                    target = urlsplit(target).path or "/"
                 return Request(head.method.decode(), target.partition("?")[0], headers, remote)
             else:  # ConnectionClosed
                 raise _Closed
@@ -360,12 +372,16 @@ def _head_size(head: h11.Request) -> int:
 
 async def _send(
     conn: h11.Connection,
+    reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     method: str,
     answer: Response,
     close: bool = False,
 ) -> None:
-    """Write one response; ``close`` for errors after which the request's framing is unknown."""
+    """Write one response; ``close`` for errors after which the request's framing is unknown:
+    then stop writing and read what the client still sends (bounded), so that closing with
+    unread data does not reset the connection before the client has read the answer
+    (RFC 9112 section 9.6)."""
     headers = [
         ("Content-Type", answer.content_type),
         ("Content-Length", str(len(answer.body))),
@@ -381,7 +397,14 @@ async def _send(
         data += conn.send(h11.Data(data=answer.body))
     data += conn.send(h11.EndOfMessage())
     writer.write(data)
-    await writer.drain()
+    async with asyncio.timeout(REQUEST_TIMEOUT):  # a client that does not read
+        await writer.drain()
+    if close and writer.can_write_eof():
+        writer.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await reader.read(65536):
+                    pass
 
 
 async def start_admin(server: Server) -> Callable[[], Awaitable[None]]:

@@ -77,6 +77,16 @@ async def test_pipelined_requests_are_answered_in_order(proxy: ProxyProcess) -> 
     assert json.loads(responses[3].body)["phase"] == "serving"
 
 
+async def test_absolute_form_targets_are_routed_by_their_path(proxy: ProxyProcess) -> None:
+    raw = await exchange(
+        admin_port(proxy),
+        b"GET http://admin.example:9901/live?x=1 HTTP/1.1\r\nHost: admin.example\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    (response,) = parse_responses(raw, [b"GET"])
+    assert (response.status, response.body) == (200, b"live\n")
+
+
 async def test_http_1_0_gets_its_answer_and_a_close(proxy: ProxyProcess) -> None:
     raw = await exchange(admin_port(proxy), b"GET /live HTTP/1.0\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200 ")
@@ -106,8 +116,12 @@ async def test_a_malformed_or_oversized_head_is_refused_and_closed(
         await live.close()
 
 
-async def test_a_body_above_the_limit_is_413_and_starts_no_drain(proxy: ProxyProcess) -> None:
-    body = b"x" * (MAX_BODY_BYTES + 1)
+@pytest.mark.parametrize("size", [MAX_BODY_BYTES + 1, 16 * MAX_BODY_BYTES])
+async def test_a_body_above_the_limit_is_413_and_starts_no_drain(
+    proxy: ProxyProcess, size: int
+) -> None:
+    """Also when the client is still sending: the 413 must not be lost to a reset."""
+    body = b"x" * size
     head = b"POST /drain HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
     raw = await exchange(admin_port(proxy), head + body)
     (response,) = parse_responses(raw, [b"POST"])
