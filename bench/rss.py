@@ -40,6 +40,8 @@ from harness import (
 from drainproxy.sim.replica import free_port
 
 REPO = Path(__file__).resolve().parent.parent
+#: Issue 13: serve after start-up, one request and one scrape.
+GOAL_MIB = 32.0
 
 
 def rss_once(
@@ -82,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="load drainproxy from precompiled bytecode, as the image does (default: compile "
         "at start, as an editable install with PYTHONDONTWRITEBYTECODE=1 does)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=f"exit 1 when the last build's median is above {GOAL_MIB:g} MiB",
     )
     args = parser.parse_args(argv)
     missing = missing_tools(need_envoy=False)
@@ -129,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         median = statistics.median(values)
         spread = f"{min(values):.1f}-{max(values):.1f}"
         print(f"| {label} | {median:.1f} | {spread} | {median / first:.2f} |")
-    return 0
+    last = statistics.median(rows[-1][1])
+    print(f"\ngoal: <= {GOAL_MIB:g} MiB: {'met' if last <= GOAL_MIB else 'MISSED'} ({last:.1f})")
+    return 1 if args.check and last > GOAL_MIB else 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import h11
 
 from drainproxy.lifecycle import DrainSource
 from drainproxy.memory import release_freed_memory
+from drainproxy.metrics import render_metrics
 
 if TYPE_CHECKING:
     from drainproxy.server import Server
@@ -172,8 +173,6 @@ async def status(server: Server, request: Request) -> Response:
 
 
 async def metrics(server: Server, request: Request) -> Response:
-    from drainproxy.metrics import render_metrics  # prometheus_client: at the first scrape
-
     first_scrape = "prometheus_client" not in sys.modules
     body, content_type = render_metrics(server)
     if first_scrape:
