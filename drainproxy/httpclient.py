@@ -8,6 +8,7 @@ close``, h11 to write the request and to parse (and bound) the response head.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from urllib.parse import urlsplit
 
@@ -47,8 +48,11 @@ async def request_status(
         raise HttpCallError("timed out", timed_out=True) from None
     except h11.ProtocolError as exc:
         raise HttpCallError(f"invalid response: {exc}") from None
-    except OSError as exc:  # ssl.SSLError included
-        raise HttpCallError(exc.strerror or str(exc) or type(exc).__name__) from None
+    except ssl.SSLError as exc:
+        raise HttpCallError(f"TLS: {exc}") from None
+    except OSError as exc:  # asyncio's own text ("Connect call failed") does not say why
+        reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+        raise HttpCallError(reason) from None
 
 
 async def request_url_status(method: str, url: str, timeout: float) -> int:
