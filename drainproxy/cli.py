@@ -253,7 +253,17 @@ def _add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
 def demo(args: argparse.Namespace) -> int:
     import asyncio
 
-    from drainproxy.demo import DemoOptions, run_demo
+    try:
+        from drainproxy.demo import DemoOptions, run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name != "aiohttp":
+            raise
+        print(
+            "drainproxy demo: needs aiohttp (its app and load client): "
+            "pip install 'drainproxy[demo]'",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
 
     options = DemoOptions(
         rate=args.rate,

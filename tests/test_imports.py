@@ -118,3 +118,16 @@ def test_check_loads_neither_aiohttp_nor_the_data_path() -> None:
     modules = imported(done.stderr)
     assert "drainproxy.k8scheck" in modules
     assert loaded(modules, "aiohttp", *DATA_PATH, "asyncio") == []
+
+
+def test_demo_without_aiohttp_says_which_extra_to_install() -> None:
+    """aiohttp is in the demo and webhook extras, not a core dependency."""
+    script = (
+        "import sys; sys.modules['aiohttp'] = None\n"  # as if not installed
+        "from drainproxy.cli import main; sys.exit(main(['demo']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "pip install 'drainproxy[demo]'" in done.stderr
