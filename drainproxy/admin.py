@@ -230,6 +230,7 @@ class AdminServer:
         self._listener: asyncio.Server | None = None
         #: Each connection's task, and whether it is answering a request now.
         self._connections: dict[asyncio.Task[None], bool] = {}
+        self._refusing = False
 
     async def start(self) -> None:
         listen = self.server.config.admin.listen
@@ -254,9 +255,16 @@ class AdminServer:
         task = asyncio.current_task()
         assert task is not None
         if len(self._connections) >= MAX_CONNECTIONS:
-            log.warning("admin: %d connections open; closing a new one", MAX_CONNECTIONS)
+            if not self._refusing:  # once per episode, not once per connection
+                log.warning(
+                    "admin: %d connections open; closing new ones until some end",
+                    MAX_CONNECTIONS,
+                    extra={"event": "admin_connections_full"},
+                )
+            self._refusing = True
             writer.close()
             return
+        self._refusing = False
         self._connections[task] = False
         try:
             await self._serve(task, reader, writer)

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from drainproxy.admin import MAX_BODY_BYTES, MAX_HEAD_BYTES
-from tests.proxy_support import RawClient, exchange, parse_responses
+from drainproxy.admin import MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_HEAD_BYTES
+from tests.proxy_support import IncompleteResponse, RawClient, exchange, parse_responses
 from tests.support import ProxyProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -157,3 +157,27 @@ async def test_a_request_slower_than_the_bound_gets_408(proxy: ProxyProcess) -> 
     finally:
         writer.close()
     assert raw.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_connections_beyond_the_bound_are_closed_at_once(proxy: ProxyProcess) -> None:
+    held = [await RawClient.connect(admin_port(proxy)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        assert (await held[-1].request(b"GET", b"/live")).status == 200  # the last one is in
+        extra = await RawClient.connect(admin_port(proxy))
+        assert await extra.closed_by_peer()
+        await extra.close()
+        await proxy.log.wait("admin: 256 connections open; closing new ones until some end")
+    finally:
+        for client in held:
+            await client.close()
+    # Served again once the admin has seen the closes (each try waits for its answer).
+    for _ in range(100):
+        again = await RawClient.connect(admin_port(proxy))
+        try:
+            if (await again.request(b"GET", b"/live")).status == 200:
+                return
+        except (IncompleteResponse, ConnectionError):
+            pass
+        finally:
+            await again.close()
+    raise AssertionError("the admin API did not accept connections again")
