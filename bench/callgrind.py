@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 from harness import (
+    LARGE_PATH,
     TINY_PATH,
     BenchError,
     Processes,
@@ -112,10 +113,10 @@ def _dump(pid: int, out: Path) -> int:
     raise BenchError(f"callgrind wrote no dump beside {out}")
 
 
-def _window(pid: int, out: Path, sock: socket.socket, port: int, exchanges: int) -> int:
+def _window(pid: int, out: Path, sock: socket.socket, port: int, path: str, exchanges: int) -> int:
     _control(pid, "--zero")
     for _ in range(exchanges):
-        status = exchange(sock, TINY_PATH, port)
+        status = exchange(sock, path, port)
         if status != 200:
             raise BenchError(f"drainproxy answered {status} under callgrind")
     return _dump(pid, out)
@@ -124,6 +125,7 @@ def _window(pid: int, out: Path, sock: socket.socket, port: int, exchanges: int)
 def measure(
     build: Build,
     origin_port: int,
+    path: str,
     exchanges: int,
     repetitions: int,
     warmup: int,
@@ -158,19 +160,20 @@ def measure(
     counts = []
     with socket.create_connection(("127.0.0.1", port), timeout=60.0) as sock:
         for _ in range(warmup):
-            exchange(sock, TINY_PATH, port)
+            exchange(sock, path, port)
         _control(pid, "--instr=on")
         for _ in range(repetitions):
-            single = _window(pid, out, sock, port, exchanges)
-            double = _window(pid, out, sock, port, 2 * exchanges)
+            single = _window(pid, out, sock, port, path, exchanges)
+            double = _window(pid, out, sock, port, path, 2 * exchanges)
             counts.append(Count(single, double, exchanges))
     processes.stop(process)
     return counts
 
 
-def report(results: list[tuple[str, list[Count]]], exchanges: int) -> str:
+def report(results: list[tuple[str, list[Count]]], exchanges: int, path: str) -> str:
+    body = "13-byte body" if path == TINY_PATH else "1 MiB body"
     lines = [
-        f"Instructions per proxied exchange (callgrind Ir; GET {TINY_PATH}, 13-byte body, "
+        f"Instructions per proxied exchange (callgrind Ir; GET {path}, {body}, "
         f"one keep-alive connection, windows of {exchanges} and {2 * exchanges} exchanges)",
         "",
         "| build | Ir per exchange | repetitions | spread |",
@@ -200,6 +203,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--exchanges", type=int, default=300, help="N (default 300)")
     parser.add_argument("--repetitions", type=int, default=2, help="default 2")
     parser.add_argument("--warmup", type=int, default=50, help="exchanges before counting")
+    parser.add_argument(
+        "--path",
+        choices=(TINY_PATH, LARGE_PATH),
+        default=TINY_PATH,
+        help=f"{TINY_PATH}: 13 bytes (default); {LARGE_PATH}: 1 MiB (streaming)",
+    )
     args = parser.parse_args(argv)
     if not 10 <= args.exchanges <= 100_000:
         parser.error("--exchanges: must be from 10 to 100000")
@@ -235,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 counts = measure(
                     build,
                     origin.port,
+                    args.path,
                     args.exchanges,
                     args.repetitions,
                     args.warmup,
@@ -250,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         finally:
             processes.stop_all()
-    print(report(results, args.exchanges))
+    print(report(results, args.exchanges, args.path))
     return 0
 
 
