@@ -4,11 +4,13 @@
 ``GET /prestop`` change state, so they are accepted from loopback, or from elsewhere only with
 ``admin.token`` in ``X-Drainproxy-Token`` (kubelet httpGet hooks come to the pod IP, not loopback).
 
-h11 (sans-IO, pure Python, ~0.2 MiB in this process) does the HTTP/1.1 framing: keep-alive,
-pipelining, HTTP/1.0, ``Expect: 100-continue`` and the request-head bound. This module adds what
-a small API exposed to the pod network needs: a bound on the request's size and on the time it
-takes to arrive, a bound on open connections, 404 and 405 with ``Allow``, and a shutdown that
-lets answers already decided (the released ``/prestop`` calls) reach their clients.
+h11 (sans-IO, pure Python, about 0.3 MiB in this process; chosen over the data path's
+httptools in bench/RESULTS.md, "Serve memory") does the HTTP/1.1 framing: keep-alive, pipelining,
+HTTP/1.0, ``Expect: 100-continue``, a bound on a head still arriving. This module adds what a
+small API exposed to the pod network needs: bounds on a request's size and on the time it takes
+to arrive, a bound on open connections, 404 and 405 with ``Allow``, error answers that survive
+the close, and a shutdown that lets answers already decided (the released ``/prestop`` calls)
+reach their clients. Bounds and answers: docs/hardening.md, "The admin listener".
 """
 
 from __future__ import annotations

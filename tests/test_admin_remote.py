@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from drainproxy import admin, drainctl
 from drainproxy.admin import is_authorized
 from tests.conftest import StartProxy
 from tests.proxy_support import RawApp
@@ -148,3 +149,8 @@ def test_token_rule(token: str | None, remote: str, given: str | None, allowed: 
     """Loopback needs no token; elsewhere only the configured one (header values arrive as
     latin-1, so a UTF-8 token matches its own bytes)."""
     assert is_authorized(token, remote, given) is allowed
+
+
+def test_drain_command_sends_the_header_the_admin_reads() -> None:
+    """drainctl keeps its own copy, so that `drainproxy drain` does not import the admin."""
+    assert drainctl.TOKEN_HEADER == admin.TOKEN_HEADER
