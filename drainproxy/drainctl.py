@@ -47,12 +47,12 @@ def _call(config: Config, method: str, path: str, timeout: float) -> str:
     socket operation, as urllib's did."""
     url = admin_url(config, path)
     host, port = _admin_host(config), config.admin.listen.port
-    headers = [("Host", url.split("/")[2]), ("User-Agent", "drainproxy-drain")]
-    headers.append(("Connection", "close"))
+    headers = [(b"Host", url.split("/")[2].encode()), (b"User-Agent", b"drainproxy-drain")]
+    headers.append((b"Connection", b"close"))
     if method == "POST":
-        headers.append(("Content-Length", "0"))
-    if config.admin.token is not None:
-        headers.append((TOKEN_HEADER, config.admin.token))
+        headers.append((b"Content-Length", b"0"))
+    if config.admin.token is not None:  # UTF-8, as the admin compares it
+        headers.append((TOKEN_HEADER.encode(), config.admin.token.encode()))
     conn = h11.Connection(h11.CLIENT)
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
