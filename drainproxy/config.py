@@ -88,6 +88,9 @@ class LimitsConfig:
     max_request_line: int = 8192
     max_header_bytes: int = 32768
     max_headers: int = 100
+    #: A response's status line and header fields (1xx heads included), and the chunk framing
+    #: of its body beyond its data (chunk extensions, trailer fields): more is answered 502.
+    max_response_header_bytes: int = 65536
     #: None: no limit on request bodies.
     max_body_bytes: int | None = None
     #: None: ``auto``, half the open-file limit (each connection may need one to the app too).
@@ -405,6 +408,7 @@ def _limits(name: str, raw: object) -> LimitsConfig:
                 "max_request_line": parse_size,
                 "max_header_bytes": parse_size,
                 "max_headers": _count,
+                "max_response_header_bytes": parse_size,
                 "max_body_bytes": _optional(parse_size),
                 "max_connections": _connections_limit,
             },

@@ -230,3 +230,8 @@ def chunk_size_line(size: int) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+#: Chunked framing that body data pays for (chunk-size lines, extensions, trailer fields, CRLFs):
+#: twice the data's size plus this much per piece. What goes beyond adds up against a limit, so
+#: a peer cannot make the parser chew without end on bytes that carry no data (Go's net/http
+#: uses the same rule).
+CHUNK_OVERHEAD_ALLOWANCE = 16

@@ -30,6 +30,7 @@ import httptools
 from drainproxy.config import Config, LimitsConfig
 from drainproxy.http1 import (
     BODYLESS_STATUSES,
+    CHUNK_OVERHEAD_ALLOWANCE,
     CRLF,
     FORWARDED_FOR,
     FORWARDED_HOST,
@@ -62,8 +63,10 @@ _PAUSE_BUFFER = 4  # body bytes are buffered while no upstream connection is att
 _BUFFER_LIMIT = 64 * 1024
 #: Requests parsed ahead of the one being answered; more are refused (503) after those.
 _MAX_PIPELINED = 64
-#: How long a connection closed with unread request bytes keeps reading (and discarding) them,
-#: so that closing does not reset the connection before the client has read our answer.
+#: How long a staged close keeps reading (and discarding) input without progress before it
+#: closes: closing with unread input makes the kernel reset the connection, which can destroy
+#: our answer before the client reads it (RFC 9112 §9.6). Progress is the client reading what
+#: is still buffered for it, so a slow reader still gets the whole answer.
 _LINGER_SECONDS = 2.0
 #: The same for a connection refused at ``limits.max_connections``: short, as it holds a file.
 _REFUSAL_LINGER_SECONDS = 0.5
@@ -279,11 +282,14 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "current",
         "feeding",
+        "framing_credit",
+        "framing_excess",
         "fresh",
         "head_bytes",
         "header_bytes",
         "idle_since",
         "idle_timer",
+        "linger_timer",
         "lingering",
         "mark",
         "must_close",
@@ -327,7 +333,9 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.closing = False
         self.refused = False
+        #: A staged close is under way (see ``_staged_close``).
         self.lingering = False
+        self.linger_timer: asyncio.TimerHandle | None = None
         self.close_reason = "client"
         #: When the connection last made progress in its current state (see ``check_timeouts``).
         self.mark = 0.0
@@ -335,6 +343,10 @@ class ClientConnection(asyncio.Protocol):
         self.fresh = True
         self.head_bytes = 0
         self.header_bytes = 0
+        #: Bytes of the chunked request body being read that carried no data, beyond what its
+        #: data pays for (see ``_count_chunked_framing``), and what this read's data paid.
+        self.framing_excess = 0
+        self.framing_credit = 0
         self.idle_since: float | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -368,12 +380,14 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
+        if self.closing:
+            return  # a staged close discards input
         if self.upgrade_buffer is not None:
             self.upgrade_buffer.append(data)
             self._pause(_PAUSE_BUFFER)
             return
-        if self.must_close or self.closing:
-            return  # nothing more is parsed (and a lingering close discards)
+        if self.must_close:
+            return  # nothing more is parsed
         current = self.current
         in_head = current is not None and not current.head_done
         self.feeding = True
@@ -397,11 +411,30 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self.feeding = False
             self._send_deferred_head()
-        if in_head and current is self.current:
-            # The whole read belonged to one unfinished head: llhttp holds it, so count it.
-            self.head_bytes += len(data)
-            if self.head_bytes > self.ctx.limits.max_header_bytes:
-                self._reject(431, "request head larger than limits.max_header_bytes")
+        if current is not self.current or current is None:
+            return
+        if in_head:
+            if not current.head_done:
+                # The whole read belonged to one unfinished head: llhttp holds it, so count it.
+                self.head_bytes += len(data)
+                if self.head_bytes > self.ctx.limits.max_header_bytes:
+                    self._reject(431, "request head larger than limits.max_header_bytes")
+        elif current.body_mode == _BODY_CHUNKED:
+            self._count_chunked_framing(len(data))
+
+    def _count_chunked_framing(self, size: int) -> None:
+        """Bound the bytes of a chunked body that carry no data: chunk extensions (llhttp skips
+        them), trailer fields (httptools holds a field until it ends) and CRLFs. Each read's
+        data pays for its own framing (``http1.CHUNK_OVERHEAD_ALLOWANCE``); the rest adds up,
+        and past ``limits.max_header_bytes`` the request is refused, so an endless extension or
+        trailer field costs one socket read of memory beyond the limit, not the heap (issue 11)."""
+        excess = self.framing_excess + size - self.framing_credit
+        self.framing_credit = 0
+        self.framing_excess = excess if excess > 0 else 0
+        if excess > self.ctx.limits.max_header_bytes:
+            self._reject(
+                400, "chunk extensions or trailer fields larger than limits.max_header_bytes"
+            )
 
     def eof_received(self) -> bool | None:
         """The client closed its side. TCP cannot tell a half-close from a disconnect, so, as
@@ -427,6 +460,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
+            self.linger_timer = None
         ctx = self.ctx
         ctx.stats.count(ctx.stats.connections_closed, self.close_reason)
         if self.refused:
@@ -471,6 +507,7 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = None
         self.fresh = False
         self.head_bytes = self.header_bytes = 0
+        self.framing_excess = self.framing_credit = 0
         if self.active is None:
             self.mark = self.ctx.loop.time()
 
@@ -540,6 +577,9 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.current
         assert req is not None
+        if req.body_mode == _BODY_CHUNKED:
+            # The data's own bytes are in the read too: three times, to pay twice as much.
+            self.framing_credit += 3 * len(body) + CHUNK_OVERHEAD_ALLOWANCE
         max_body = self.ctx.limits.max_body_bytes
         if max_body is not None:
             req.body_size += len(body)
@@ -855,7 +895,7 @@ class ClientConnection(asyncio.Protocol):
 
     def tunnel_closed_by_upstream(self) -> None:
         self.tunnel = None
-        self.close("after_response")
+        self.close("after_response")  # staged: the client may still be sending into the tunnel
 
     # --- timeouts -----------------------------------------------------------------------------
 
@@ -864,10 +904,6 @@ class ClientConnection(asyncio.Protocol):
         if self.closing or self.tunnel is not None:
             return
         elapsed = now - self.mark
-        if self.lingering:
-            if elapsed >= _LINGER_SECONDS:
-                self.close("after_response")
-            return
         config = self.ctx.config
         timeouts = config.timeouts
         active = self.active
@@ -928,33 +964,83 @@ class ClientConnection(asyncio.Protocol):
         self.close_when_idle(grace)
 
     def force_close(self) -> None:
-        if self.closing:
+        """End the connection now (``drain.timeout``, shutdown), a staged close included. Where
+        the client can tell the end of a body only by the close, and that body has not all been
+        handed to the kernel, the end is a reset: a cut must never look complete (issue 11)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        self.close_reason = "forced"
+        if not self.lingering:
+            self.close_reason = "forced"
         self.closing = True
-        assert self.transport is not None
-        self.transport.abort()
+        if self.close_delimited_to_client and (
+            self.active is not None or transport.get_write_buffer_size()
+        ):
+            self._reset()
+        else:
+            transport.abort()
 
     def _reset(self) -> None:
-        """Close with a TCP reset (a plain close could look like the end of the body)."""
-        if self.closing:
+        """Close with a TCP reset (a plain close could look like the end of the body); what is
+        still buffered for the client is dropped."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
         self.closing = True
         self.close_reason = "cut"
-        assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-        self.transport.abort()
+        transport.abort()
 
-    def close(self, reason: str) -> None:
-        if self.closing:
+    def close(self, reason: str, *, input_expected: bool = True) -> None:
+        """End the connection after what is written so far: a staged close. ``input_expected``
+        False: the client said it would send nothing more, so the close follows at once."""
+        self._staged_close(reason, _LINGER_SECONDS if input_expected else 0.0)
+
+    def _staged_close(self, reason: str, linger: float) -> None:
+        """The one way this proxy closes a client connection gracefully (RFC 9112 §9.6): shut
+        our side once what is written has gone out (the client reads it all, then a FIN), read
+        and discard input until the client closes too, then close. The discarding lasts at most
+        ``linger`` seconds without progress: a client that keeps reading what is buffered for
+        it extends it. Closing at once with unread input (a pipelined request, a body we will
+        not read) would make the kernel send a reset, which can destroy the answer unread.
+        ``linger`` 0, or TLS (asyncio's TLS transports have no half-close): close at once."""
+        transport = self.transport
+        if self.closing or transport is None:
             return
         self.flush()
-        self.closing = True
+        self.closing = self.must_close = True
         self.close_reason = reason
-        assert self.transport is not None
-        self.transport.close()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if not linger or not transport.can_write_eof():
+            transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()
+        if self.paused:
+            self.paused = 0
+            transport.resume_reading()
+        self.linger_timer = self.ctx.loop.call_later(
+            linger, self._linger_expired, linger, transport.get_write_buffer_size()
+        )
+
+    def _linger_expired(self, linger: float, buffered_before: int) -> None:
+        """Close, unless the client read some of what is still buffered for it since the last
+        look: then give it another ``linger`` seconds."""
+        self.linger_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        buffered = transport.get_write_buffer_size()
+        if buffered and buffered < buffered_before:
+            self.linger_timer = self.ctx.loop.call_later(
+                linger, self._linger_expired, linger, buffered
+            )
+            return
+        transport.close()
 
     def start_batch(self) -> None:
         """Collect what is written to the client while one read from the app is parsed, so a
@@ -987,7 +1073,16 @@ class ClientConnection(asyncio.Protocol):
         if self.paused:
             self._resume(_PAUSE_UPSTREAM)
         if self.close_after:
-            self._close_after_response(linger=req is not None and not req.complete)
+            # A client that asked to close after a request it sent whole sends nothing more
+            # (RFC 9112 §9.6); any other may: a pipelined request, the rest of a body.
+            client_done = (
+                req is not None
+                and req.complete
+                and not req.keep_alive
+                and not self.queue
+                and self.current is None
+            )
+            self.close("after_response", input_expected=not client_done)
             return
         queue = self.queue
         if queue:
@@ -1001,7 +1096,7 @@ class ClientConnection(asyncio.Protocol):
                 status, reason = self.pending_reject
                 self._write(plain_response(status, reason, close=True))
                 ctx.stats.count(ctx.stats.responses_by_class, _STATUS_CLASSES[status // 100])
-            self._close_after_response(linger=self.pending_reject is not None)
+            self.close("after_response")
             return
         self.idle_since = self.mark = ctx.loop.time()
         if self.paused:
@@ -1082,44 +1177,17 @@ class ClientConnection(asyncio.Protocol):
         if active is None:
             stats.count(stats.responses_by_class, _STATUS_CLASSES[status // 100])
             self._write(plain_response(status, reason, close=True))
-            self._close_after_response(linger=True)
+            self.close("after_response")
         else:
             self.pending_reject = (status, reason)
 
     def _refuse(self) -> None:
-        """Over ``limits.max_connections``: a 503 and a close, before reading anything. Our side
-        is shut first and input discarded until the client closes (at most a moment): closing
-        with its request unread would send a reset that can destroy the 503 unread."""
-        self.refused = self.closing = True
-        self.close_reason = "refused"
+        """Over ``limits.max_connections``: a 503 and a staged close (short: it holds a file),
+        before reading anything."""
+        self.refused = True
         self.ctx.note_refused()
-        transport = self.transport
-        assert transport is not None
-        transport.write(plain_response(503, "too many connections", close=True))
-        if transport.can_write_eof():
-            transport.write_eof()
-            self.ctx.loop.call_later(_REFUSAL_LINGER_SECONDS, transport.close)
-        else:
-            transport.close()
-
-    def _close_after_response(self, *, linger: bool) -> None:
-        """Close once the answer is written. With ``linger``, the client may still be sending:
-        closing a socket with unread bytes sends a reset that can destroy our answer before the
-        client reads it, so shut down our side and discard input for a moment first."""
-        transport = self.transport
-        if self.closing or transport is None:
-            return
-        if not linger or not transport.can_write_eof():
-            self.close("after_response")
-            return
-        self.lingering = self.must_close = True
-        self.close_reason = "after_response"
-        self.mark = self.ctx.loop.time()
-        self.flush()
-        transport.write_eof()
-        if self.paused:
-            self.paused = 0
-            transport.resume_reading()
+        self._write(plain_response(503, "too many connections", close=True))
+        self._staged_close("refused", _REFUSAL_LINGER_SECONDS)
 
     def _last_exchange(self) -> bool:
         """No more requests will be read, and none is waiting: the answer ends the connection."""

@@ -56,7 +56,9 @@ class Server:
         )
         self.stats = Stats()
         self.probers = ProberTracker(config.drain.probers, config.drain.default_failure_threshold)
-        self.pool = UpstreamPool(config.upstream, self.loop)
+        self.pool = UpstreamPool(
+            config.upstream, self.loop, config.limits.max_response_header_bytes
+        )
         self.proxy = ProxyContext(
             config=config,
             pool=self.pool,

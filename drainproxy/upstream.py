@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from drainproxy.config import UpstreamConfig
-from drainproxy.http1 import Headers
+from drainproxy.config import LimitsConfig, UpstreamConfig
+from drainproxy.http1 import CHUNK_OVERHEAD_ALLOWANCE, Headers
 from drainproxy.tls import upstream_context
 
 if TYPE_CHECKING:
@@ -28,10 +28,14 @@ class UpstreamConnection(asyncio.Protocol):
         "body_left",
         "client",
         "closed",
+        "framing_credit",
+        "framing_excess",
         "got_response_bytes",
+        "head_bytes",
         "headers",
         "idle_since",
         "keep_alive",
+        "max_head_bytes",
         "parser",
         "parser_at_rest",
         "pool",
@@ -67,6 +71,14 @@ class UpstreamConnection(asyncio.Protocol):
         #: Bytes still to come of a body framed by Content-Length (set by the client side,
         #: which knows whether the response has a body at all); see ``_pass_body``.
         self.body_left = 0
+        #: Bytes of this exchange's response heads so far, counted per read that ended inside
+        #: one; and, once the head is done, body bytes that carried no data beyond what the data
+        #: pays for (chunk extensions, trailer fields). Both are held to
+        #: ``limits.max_response_header_bytes`` (issue 11).
+        self.max_head_bytes = pool.max_head_bytes
+        self.head_bytes = 0
+        self.framing_excess = 0
+        self.framing_credit = 0
 
     # --- binding to a client exchange -------------------------------------------------------
 
@@ -82,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.reason = b""
         self.body_left = 0
+        self.head_bytes = self.framing_excess = 0
         if self.write_paused:
             client.pause_reading_for_upstream()
 
@@ -138,6 +151,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self.got_response_bytes = True
+        head_done_before = self.response_head_done
         client.start_batch()
         try:
             parser.feed_data(data)
@@ -157,8 +171,35 @@ class UpstreamConnection(asyncio.Protocol):
                 # The body goes on past this read: the rest bypasses the parser, which is
                 # left mid-message, so the next exchange gets a fresh one.
                 self.parser = None
+            elif not self.response_head_done:
+                self._count_head(len(data))
+            elif head_done_before:
+                self._count_framing(len(data))
         finally:
             client.flush()
+
+    def _count_head(self, size: int) -> None:
+        """A read ended inside a response head, which llhttp and httptools hold until it ends:
+        past the limit the response is refused (502) rather than held without end."""
+        self.head_bytes += size
+        if self.head_bytes > self.max_head_bytes and self.client is not None:
+            self.client.upstream_failed(
+                "invalid", "response head larger than limits.max_response_header_bytes"
+            )
+            self.abort()
+
+    def _count_framing(self, size: int) -> None:
+        """Body bytes that carried no data, beyond what the data pays for (see
+        ``ClientConnection._count_chunked_framing``): past the limit the response is cut."""
+        excess = self.framing_excess + size - self.framing_credit
+        self.framing_credit = 0
+        self.framing_excess = excess if excess > 0 else 0
+        if excess > self.max_head_bytes and self.client is not None:
+            self.client.upstream_failed(
+                "invalid",
+                "chunk extensions or trailer fields larger than limits.max_response_header_bytes",
+            )
+            self.abort()
 
     def _pass_body(self, client: ClientConnection, data: bytes) -> None:
         """Forward the rest of a Content-Length body as read: no parser call and no copy per
@@ -231,6 +272,7 @@ class UpstreamConnection(asyncio.Protocol):
         client.response_head(self, self.status, self.reason, self.headers)
 
     def on_body(self, body: bytes) -> None:
+        self.framing_credit += 3 * len(body) + CHUNK_OVERHEAD_ALLOWANCE
         if self.body_left:
             self.body_left -= len(body)
         if self.client is not None:
@@ -248,11 +290,18 @@ class UpstreamPool:
     and the least likely to have been closed by the app's own idle timeout). Idle expiry is
     checked by the proxy's periodic sweep, so a request pays no timer."""
 
-    def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        loop: asyncio.AbstractEventLoop,
+        max_head_bytes: int = LimitsConfig.max_response_header_bytes,
+    ) -> None:
+        """``max_head_bytes``: ``limits.max_response_header_bytes``."""
         self.config = config
         self.loop = loop
         self.idle: deque[UpstreamConnection] = deque()
         self.open_connections = 0
+        self.max_head_bytes = max_head_bytes
         self.ssl: ssl.SSLContext | None = None
         self.server_hostname: str | None = None
         if config.tls is not None:
