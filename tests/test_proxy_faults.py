@@ -8,8 +8,12 @@ import contextlib
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import StartProxy
 from tests.proxy_support import (
+    AppRequest,
+    IncompleteResponse,
     RawApp,
     RawClient,
     exchange,
@@ -123,3 +127,159 @@ async def test_file_descriptor_exhaustion_does_not_kill_the_accept_loop(
         for _, writer in connections:
             writer.close()
         proxy.stop()
+
+
+# --- floods: every byte a peer sends is bounded in memory and in time (issue 11) ---------------
+
+#: A flood is this many bytes at most, sent in pieces of FLOOD_PIECE.
+FLOOD_BYTES = 64 << 20
+FLOOD_PIECE = 64 << 10
+#: The proxy's memory may grow by less than this while one peer floods it.
+FLOOD_RSS_GROWTH_KIB = 32 << 10
+
+#: Each flood: who sends it, what comes first, and the byte repeated after it without end.
+REQUEST_FLOODS = {
+    "request trailer field": (
+        b"POST /flood HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: ",
+        b"t",
+    ),
+    "request trailer fields": (
+        b"POST /flood HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n",
+        b"X-T: 1\r\n",
+    ),
+    "request chunk extension": (
+        b"POST /flood HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=",
+        b"e",
+    ),
+    "request chunk extensions after data": (
+        b"POST /flood HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n1;e",
+        b";e",
+    ),
+}
+#: The same for an app, and the answer: 502 while the head is not done, else a cut.
+RESPONSE_FLOODS = {
+    "response head field": (b"HTTP/1.1 200 OK\r\nX-Head: ", b"h", 502),
+    "response reason phrase": (b"HTTP/1.1 200 ", b"r", 502),
+    "response interim heads": (b"", b"HTTP/1.1 100 Continue\r\n\r\n", 502),
+    "response trailer field": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: ",
+        b"t",
+        "cut",
+    ),
+    "response chunk extension": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5;ext=",
+        b"e",
+        "cut",
+    ),
+}
+
+
+async def flood(writer: asyncio.StreamWriter, prefix: bytes, filler: bytes) -> int:
+    """Write ``prefix`` then ``filler`` over and over, up to FLOOD_BYTES or until the peer
+    goes away; returns the bytes written."""
+    piece = filler * (FLOOD_PIECE // len(filler))
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        writer.write(prefix)
+        while sent < FLOOD_BYTES:
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+    return sent
+
+
+async def live_status(proxy: ProxyProcess) -> int:
+    port = int(proxy.admin_url.rpartition(":")[2])
+    raw = await exchange(port, b"GET /live HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    return parse_responses(raw, [b"GET"])[0].status
+
+
+async def others_are_served(proxy: ProxyProcess, rounds: int = 20) -> None:
+    """Other clients get their answers, and the liveness probe answers, while a flood lasts
+    (each waits at most the exchange's own 10 s guard: a hang fails, no time is asserted)."""
+    keep_alive = await RawClient.connect(proxy.port)
+    try:
+        for index in range(rounds):
+            assert (await keep_alive.request(b"GET", b"/other-%d" % index)).status == 200
+            assert await normal_request(proxy.port) == 200
+            assert await live_status(proxy) == 200
+    finally:
+        await keep_alive.close()
+
+
+async def peak_growth_kib(proxy: ProxyProcess, baseline: int) -> int:
+    return proc_status_kib(proxy.proc.pid, "VmHWM") - baseline
+
+
+@pytest.mark.parametrize("name", sorted(REQUEST_FLOODS))
+async def test_a_request_flood_is_bounded_and_refused(
+    raw_app: RawApp, start_proxy: StartProxy, name: str
+) -> None:
+    prefix, filler = REQUEST_FLOODS[name]
+    proxy = await start_proxy(raw_app.port)
+    await others_are_served(proxy, rounds=2)  # warm: the baseline includes a served request
+    baseline = proc_status_kib(proxy.proc.pid, "VmRSS")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    flooding = asyncio.ensure_future(flood(writer, prefix, filler))
+    try:
+        await others_are_served(proxy)
+        with contextlib.suppress(ConnectionError):
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        await asyncio.wait_for(flooding, 30)
+    finally:
+        flooding.cancel()
+        writer.close()
+    growth = await peak_growth_kib(proxy, baseline)
+    assert growth < FLOOD_RSS_GROWTH_KIB, f"{growth} KiB for {name}"
+    await proxy.log.wait(r"400 for POST /flood from 127\.0\.0\.1: chunk extensions or trailer")
+    assert not [r for r in raw_app.requests if r.path == b"/flood" and r.body_read]
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+@pytest.mark.parametrize("name", sorted(RESPONSE_FLOODS))
+async def test_a_response_flood_is_bounded_and_refused_or_cut(
+    raw_app: RawApp, start_proxy: StartProxy, name: str, version: bytes
+) -> None:
+    """A head past limits.max_response_header_bytes is a 502; framing that carries no data
+    past it, once the response began, cuts the response (for HTTP/1.0, with a reset)."""
+    prefix, filler, outcome = RESPONSE_FLOODS[name]
+    sent: list[int] = []
+
+    @raw_app.route(b"/flood")
+    async def flooding(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        sent.append(await flood(writer, prefix, filler))
+        return False
+
+    proxy = await start_proxy(raw_app.port)
+    await others_are_served(proxy, rounds=2)
+    baseline = proc_status_kib(proxy.proc.pid, "VmRSS")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET /flood HTTP/" + version + b"\r\nHost: h\r\nConnection: close\r\n\r\n")
+        reading = asyncio.ensure_future(asyncio.wait_for(reader.read(), 30))
+        await others_are_served(proxy)
+        await raw_app.wait_for(lambda: bool(sent), 30)
+        try:
+            raw = await reading
+        except ConnectionResetError:
+            raw = None
+    finally:
+        writer.close()
+    growth = await peak_growth_kib(proxy, baseline)
+    assert growth < FLOOD_RSS_GROWTH_KIB, f"{growth} KiB for {name}"
+    assert sent[0] < FLOOD_BYTES, "the proxy stopped reading the flood"
+    if outcome == "cut":
+        if version == b"1.0":
+            assert raw is None, "a cut close-delimited body must end with a reset"
+        else:
+            assert raw is not None
+            with pytest.raises(IncompleteResponse):
+                parse_responses(raw, [b"GET"])
+        await proxy.log.wait(r"response to GET /flood from 127\.0\.0\.1 cut: chunk extensions")
+    else:
+        assert raw is not None
+        (response,) = parse_responses(raw, [b"GET"])
+        assert response.status == 502
+        await proxy.log.wait(r"502 for GET /flood .*larger than limits\.max_response_header_bytes")
