@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -15,6 +16,13 @@ from drainproxy.sim.kubelet import Container, ExecHook, HttpGetHook, terminate_p
 from drainproxy.sim.process import LogWatcher
 from drainproxy.sim.replica import free_port
 from tests.conftest import StartApp, StartProxy
+from tests.proxy_support import (
+    AppRequest,
+    IncompleteResponse,
+    RawApp,
+    parse_responses,
+    response_bytes,
+)
 from tests.support import slow_app
 
 PHASE = r"phase \w+ -> {}"
@@ -293,3 +301,94 @@ async def test_close_spread_closes_idle_connections_one_after_another(
     assert summary.group(1) == "3"
     for _, writer in connections:
         writer.close()
+
+
+# --- closing without losing or faking bytes (issue 11; RFC 9112 §9.6) ---------------------------
+
+BIG = 16 << 20
+
+
+async def test_a_pipelining_slow_reader_gets_the_whole_answer_and_a_clean_close(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    """During a drain the answer to the first request says Connection: close, and two more
+    requests follow it 50 ms apart; the proxy must not close with them unread (the kernel would
+    reset the connection and destroy the answer's tail): it shuts its side, discards them and
+    closes once the client has read everything."""
+
+    @raw_app.route(b"/big")
+    async def big(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(response_bytes(200, b"b" * BIG))
+        return True
+
+    proxy = await start_proxy(
+        raw_app.port,
+        {"drain": {"propagation": "100ms", "timeout": "60s"}, "termination_grace_period": "90s"},
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    proxy.send(signal.SIGTERM)
+    await proxy.log.wait(r"listener closed")
+    writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+
+    async def pipeline() -> None:
+        for index in (2, 3):
+            await asyncio.sleep(0.05)  # load shape from the issue, not synchronisation
+            writer.write(b"GET /more-%d HTTP/1.1\r\nHost: t\r\n\r\n" % index)
+
+    pipelining = asyncio.ensure_future(pipeline())
+    received = bytearray()
+    while data := await asyncio.wait_for(reader.read(64 << 10), 30):  # a reset raises here
+        received += data
+        await asyncio.sleep(0.002)  # a slow reader (load shape)
+    await pipelining
+    writer.close()
+    (response,) = parse_responses(bytes(received), [b"GET"] * 3)
+    assert (response.status, len(response.body)) == (200, BIG)
+    assert response.header(b"connection") == [b"close"]
+    assert [r.path for r in raw_app.requests] == [b"/big"]
+
+
+@pytest.mark.parametrize("trigger", ["drain.timeout", "shutdown"])
+@pytest.mark.parametrize(
+    ("version", "app_framing"),
+    [("1.0", "close"), ("1.0", "chunked"), ("1.0", "length"), ("1.1", "close"), ("1.1", "length")],
+)
+async def test_a_response_cut_by_the_proxy_never_looks_complete(
+    raw_app: RawApp, start_proxy: StartProxy, trigger: str, version: str, app_framing: str
+) -> None:
+    """Where the body ends at the close (an HTTP/1.0 client, no Content-Length from the app)
+    the cut is a reset; elsewhere the client sees a message short of its framing."""
+    framing = {
+        "close": b"Connection: close\r\n",
+        "chunked": b"Transfer-Encoding: chunked\r\n",
+        "length": b"Content-Length: 1000\r\n",
+    }[app_framing]
+    first = b"7\r\npartial\r\n" if app_framing == "chunked" else b"partial"
+    held = asyncio.Event()
+
+    @raw_app.route(b"/stream")
+    async def stream(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n" + first)
+        await writer.drain()
+        await held.wait()  # never set: the rest never comes
+        return False
+
+    proxy = await start_proxy(raw_app.port, {"drain": {"propagation": "100ms", "timeout": "300ms"}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /stream HTTP/" + version.encode() + b"\r\nHost: t\r\n\r\n")
+    received = await asyncio.wait_for(reader.readuntil(b"partial"), 10)
+    proxy.send(signal.SIGTERM if trigger == "drain.timeout" else signal.SIGQUIT)
+    ends_at_close = version == "1.0" and app_framing != "length"
+    try:
+        if ends_at_close:
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 10)
+        else:
+            with contextlib.suppress(ConnectionResetError):
+                received += await asyncio.wait_for(reader.read(), 10)
+            with pytest.raises(IncompleteResponse):
+                parse_responses(received, [b"GET"])
+    finally:
+        writer.close()
+        held.set()
+    await proxy.log.wait("drain.timeout: cut 1" if trigger == "drain.timeout" else "immediate")
