@@ -72,6 +72,7 @@ _LINGER_SECONDS = 2.0
 _REFUSAL_LINGER_SECONDS = 0.5
 
 _BODY_NONE, _BODY_LENGTH, _BODY_CHUNKED = 0, 1, 2
+_FRAMING_TOO_LARGE = "chunk extensions or trailer fields larger than limits.max_header_bytes"
 _FRAME_NONE, _FRAME_RAW, _FRAME_CHUNKED = 0, 1, 2
 #: Up to this many response bytes from one read of the app are joined into one ``write``;
 #: larger bodies go by ``writelines`` (writev) rather than be copied.
@@ -432,9 +433,7 @@ class ClientConnection(asyncio.Protocol):
         self.framing_credit = 0
         self.framing_excess = excess if excess > 0 else 0
         if excess > self.ctx.limits.max_header_bytes:
-            self._reject(
-                400, "chunk extensions or trailer fields larger than limits.max_header_bytes"
-            )
+            self._reject(400, _FRAMING_TOO_LARGE)
 
     def eof_received(self) -> bool | None:
         """The client closed its side. TCP cannot tell a half-close from a disconnect, so, as
@@ -522,11 +521,15 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.current
         assert req is not None
+        limits = self.ctx.limits
         if req.head_done:
-            return  # a trailer field: dropped
+            # A trailer field: dropped, but bounded as the head is (name, ": ", value, CRLF).
+            self.header_bytes += len(name) + len(value) + 4
+            if self.header_bytes > limits.max_header_bytes:
+                raise Rejection(400, _FRAMING_TOO_LARGE)
+            return
         req.headers.append((name, value))
         self.header_bytes += len(name) + len(value)
-        limits = self.ctx.limits
         if self.header_bytes > limits.max_header_bytes:
             raise Rejection(431, "request head larger than limits.max_header_bytes")
         if len(req.headers) > limits.max_headers:
@@ -537,6 +540,7 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         parser = self.parser
         req.head_done = True
+        self.header_bytes = 0  # from here on it counts trailer fields
         req.method = parser.get_method()
         req.version = version = parser.get_http_version()
         if version != "1.1" and version != "1.0":

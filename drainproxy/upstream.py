@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("drainproxy.upstream")
 
+_FRAMING_TOO_LARGE = (
+    "chunk extensions or trailer fields larger than limits.max_response_header_bytes"
+)
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to the app, bound to at most one client exchange at a time."""
@@ -39,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "parser_at_rest",
         "pool",
+        "read_size",
         "reading_paused",
         "reason",
         "response_head_done",
@@ -77,6 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
         #: ``limits.max_response_header_bytes`` (issue 11).
         self.max_head_bytes = pool.max_head_bytes
         self.head_bytes = 0
+        self.read_size = 0
         self.framing_excess = 0
         self.framing_credit = 0
 
@@ -152,6 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_response_bytes = True
         head_done_before = self.response_head_done
+        self.read_size = len(data)
         client.start_batch()
         try:
             parser.feed_data(data)
@@ -182,11 +189,14 @@ class UpstreamConnection(asyncio.Protocol):
         """A read ended inside a response head, which llhttp and httptools hold until it ends:
         past the limit the response is refused (502) rather than held without end."""
         self.head_bytes += size
-        if self.head_bytes > self.max_head_bytes and self.client is not None:
-            self.client.upstream_failed(
-                "invalid", "response head larger than limits.max_response_header_bytes"
-            )
-            self.abort()
+        if self.head_bytes > self.max_head_bytes:
+            self._fail("response head larger than limits.max_response_header_bytes")
+
+    def _fail(self, message: str) -> None:
+        """The response broke a limit: 502, or a cut if it began; this connection is done."""
+        if self.client is not None:
+            self.client.upstream_failed("invalid", message)
+        self.abort()
 
     def _count_framing(self, size: int) -> None:
         """Body bytes that carried no data, beyond what the data pays for (see
@@ -194,12 +204,8 @@ class UpstreamConnection(asyncio.Protocol):
         excess = self.framing_excess + size - self.framing_credit
         self.framing_credit = 0
         self.framing_excess = excess if excess > 0 else 0
-        if excess > self.max_head_bytes and self.client is not None:
-            self.client.upstream_failed(
-                "invalid",
-                "chunk extensions or trailer fields larger than limits.max_response_header_bytes",
-            )
-            self.abort()
+        if excess > self.max_head_bytes:
+            self._fail(_FRAMING_TOO_LARGE)
 
     def _pass_body(self, client: ClientConnection, data: bytes) -> None:
         """Forward the rest of a Content-Length body as read: no parser call and no copy per
@@ -252,8 +258,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.response_head_done:  # later calls are trailer fields: dropped
+        if not self.response_head_done:
             self.headers.append((name, value))
+            return
+        # A trailer field: dropped, but it shares the head's limit (name, ": ", value, CRLF).
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.max_head_bytes and self.client is not None:
+            self._fail(_FRAMING_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -263,6 +274,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = parser.should_keep_alive()
         if client is None:
             return
+        if (
+            self.read_size + self.head_bytes > self.max_head_bytes
+            and self._head_size() > self.max_head_bytes
+        ):
+            # This read may have carried a whole head past the limit: measure that head.
+            self._fail("response head larger than limits.max_response_header_bytes")
+            return
         if 100 <= self.status < 200 and self.status != 101:
             client.response_interim(self.status, self.reason, self.headers)
             self.headers = []
@@ -270,6 +288,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.response_head_done = True
         client.response_head(self, self.status, self.reason, self.headers)
+
+    def _head_size(self) -> int:
+        """The head just parsed, as sent: status line, fields, blank line."""
+        size = len("HTTP/1.1 200 \r\n\r\n") + len(self.reason)
+        for name, value in self.headers:
+            size += len(name) + len(value) + 4
+        return size
 
     def on_body(self, body: bytes) -> None:
         self.framing_credit += 3 * len(body) + CHUNK_OVERHEAD_ALLOWANCE

@@ -283,3 +283,43 @@ async def test_a_response_flood_is_bounded_and_refused_or_cut(
         (response,) = parse_responses(raw, [b"GET"])
         assert response.status == 502
         await proxy.log.wait(r"502 for GET /flood .*larger than limits\.max_response_header_bytes")
+
+
+# --- an app failing mid-response: the cut never looks complete (issue 11) ---------------------
+
+APP_FAILURES = {
+    "reset": lambda writer: writer.transport.abort(),
+    "close": lambda writer: writer.close(),
+    "garbage": lambda writer: writer.write(b"zz\r\n"),
+}
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+@pytest.mark.parametrize("app_framing", ["chunked", "length"])
+@pytest.mark.parametrize("failure", sorted(APP_FAILURES))
+async def test_an_app_failing_mid_response_never_looks_complete(
+    raw_app: RawApp, start_proxy: StartProxy, failure: str, app_framing: str, version: str
+) -> None:
+    """For an HTTP/1.0 client a chunked answer goes on close-delimited: its cut is a reset.
+    Any other cut leaves the client a message short of its framing."""
+    if failure == "garbage" and app_framing == "length":
+        pytest.skip("a Content-Length body has no framing to break")
+    framing = b"Transfer-Encoding: chunked" if app_framing == "chunked" else b"Content-Length: 99"
+    first = b"7\r\npartial\r\n" if app_framing == "chunked" else b"partial"
+
+    @raw_app.route(b"/fails")
+    async def fails(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n" + first)
+        await writer.drain()
+        APP_FAILURES[failure](writer)
+        return False
+
+    proxy = await start_proxy(raw_app.port)
+    request = b"GET /fails HTTP/" + version.encode() + b"\r\nHost: h\r\n\r\n"
+    if version == "1.0" and app_framing == "chunked":
+        with pytest.raises(ConnectionResetError):
+            await exchange(proxy.port, request)
+    else:
+        with pytest.raises((IncompleteResponse, ConnectionResetError)):
+            parse_responses(await exchange(proxy.port, request), [b"GET"])
+    await proxy.log.wait(r"response to GET /fails from 127\.0\.0\.1 cut")

@@ -11,10 +11,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 
 from tests.proxy_support import (
     AppRequest,
+    IncompleteResponse,
     RawApp,
     RawClient,
     exchange,
@@ -35,6 +37,7 @@ LIMITS = {
         "max_request_line": "1KiB",
         "max_header_bytes": "4KiB",
         "max_headers": 20,
+        "max_response_header_bytes": "16KiB",
         "max_body_bytes": "64KiB",
     },
 }
@@ -270,3 +273,105 @@ async def test_app_response_is_not_limited(app: RawApp, proxy: ProxyProcess) -> 
     response = await client.request(b"GET", b"/big-answer")
     assert (response.status, len(response.body)) == (200, 200_000)
     await client.close()
+
+
+# --- chunked framing beyond its data (issue 11): small chunks and trailers still pass ---------
+
+
+async def test_one_byte_chunks_and_small_trailers_pass_both_ways(
+    app: RawApp, proxy: ProxyProcess
+) -> None:
+    """Chunked framing may cost several times its data (``http1.CHUNK_OVERHEAD_ALLOWANCE``):
+    10,000 one-byte chunks are five times their data and still pass, request and response."""
+    chunks = b"".join(b"1;n=v\r\n%c\r\n" % (97 + i % 26) for i in range(10_000))
+    data = bytes(97 + i % 26 for i in range(10_000))
+
+    @app.route(b"/tiny-chunks")
+    async def tiny_chunks(request: AppRequest, writer: Writer) -> bool:
+        await request.read_body()
+        assert request.body == data
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunks
+            + b"0\r\nX-Trailer: "
+            + b"t" * 3000
+            + b"\r\n\r\n"
+        )
+        return True
+
+    client = await RawClient.connect(proxy.port)
+    client.writer.write(
+        b"POST /tiny-chunks HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunks
+        + b"0\r\nX-Trailer: "
+        + b"t" * 3000
+        + b"\r\n\r\n"
+    )
+    client.conn.send(h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"h")]))
+    client.conn.send(h11.EndOfMessage())
+    response = await client.read_response()
+    assert (response.status, response.body) == (200, data)
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        pytest.param(b"0\r\nX-Trailer: " + b"t" * 5000 + b"\r\n\r\n", id="long-trailer-field"),
+        pytest.param(b"0\r\n" + b"X-T: 1\r\n" * 700 + b"\r\n", id="many-trailer-fields"),
+        # llhttp skips extensions without a callback: they are counted per socket read, so
+        # the limit holds to within one read (up to 256 KiB).
+        pytest.param(
+            b"5;" + b"e" * (1 << 20) + b"\r\nhello\r\n0\r\n\r\n", id="long-chunk-extension"
+        ),
+    ],
+)
+async def test_chunked_framing_past_the_head_limit_gets_400(
+    app: RawApp, proxy: ProxyProcess, tail: bytes
+) -> None:
+    status, connection = await answer(
+        proxy.port,
+        b"POST /framing HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n" + tail,
+        b"POST",
+    )
+    assert (status, connection) == (400, b"close")
+    await proxy.log.wait(r"400 for POST /framing .*: chunk extensions or trailer fields larger")
+
+
+@pytest.mark.parametrize(
+    ("name", "response", "status"),
+    [
+        ("head", response_bytes(200, b"ok", [(b"X-Big", b"b" * 17000)]), 502),
+        # Many small heads: counted per socket read, so past the limit within one read.
+        ("interim-heads", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 10_000, 502),
+        (
+            "trailer",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+            + b"X-T: 1\r\n" * 3000
+            + b"\r\n",
+            None,
+        ),
+    ],
+)
+async def test_a_response_past_max_response_header_bytes_is_refused_or_cut(
+    app: RawApp, proxy: ProxyProcess, name: str, response: bytes, status: int | None
+) -> None:
+    """A head past the limit is a 502 and the connection goes on; a trailer section past it
+    (the response began) cuts the response. Either way the app connection is not reused."""
+    path = b"/too-much-" + name.encode()
+
+    @app.route(path)
+    async def too_much(request: AppRequest, writer: Writer) -> bool:
+        writer.write(response)
+        return True
+
+    client = await RawClient.connect(proxy.port)
+    if status is None:
+        with pytest.raises(IncompleteResponse):
+            await client.request(b"GET", path)
+    else:
+        assert (await client.request(b"GET", path)).status == status
+        assert (await client.request(b"GET", b"/after-" + path[1:])).status == 200
+    await client.close()
+    await proxy.log.wait(rf"GET /too-much-{name} .*larger than limits\.max_response_header_bytes")
