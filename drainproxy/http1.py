@@ -235,3 +235,22 @@ LAST_CHUNK = b"0\r\n\r\n"
 #: a peer cannot make the parser chew without end on bytes that carry no data (Go's net/http
 #: uses the same rule).
 CHUNK_OVERHEAD_ALLOWANCE = 16
+
+#: A head that spans socket reads is gathered until it may be complete, or this size, before the
+#: parser sees it: httptools joins the pieces of a field by concatenation, so a field fed one
+#: tiny read at a time costs the square of its size in copying (issue 11).
+GATHER_BYTES = 4096
+
+
+def gather_start(fed: bytes) -> bytearray:
+    """The buffer for gathering a head, after a read ``fed`` to the parser ended inside it: it
+    starts with the last 2 bytes fed (a shorter read is padded with LF, which can only make
+    ``may_end_head`` say yes early, never hold back a complete head)."""
+    return bytearray((b"\n\n" + fed[-2:])[-2:])
+
+
+def may_end_head(tail: bytes, data: bytes) -> bool:
+    """Whether a head whose bytes so far end with ``tail`` (its last 2 bytes) may end within
+    ``data``: an empty line, CRLF or bare LF (llhttp refuses a bare LF, but must see it to)."""
+    probe = tail + data
+    return b"\n\n" in probe or b"\n\r\n" in probe

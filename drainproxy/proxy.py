@@ -35,6 +35,7 @@ from drainproxy.http1 import (
     FORWARDED_FOR,
     FORWARDED_HOST,
     FORWARDED_PROTO,
+    GATHER_BYTES,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     FramingError,
@@ -42,6 +43,8 @@ from drainproxy.http1 import (
     HeadInfo,
     chunk_size_line,
     forward_head,
+    gather_start,
+    may_end_head,
     plain_response,
     reason_phrase,
     status_line,
@@ -286,6 +289,7 @@ class ClientConnection(asyncio.Protocol):
         "framing_credit",
         "framing_excess",
         "fresh",
+        "gathered",
         "head_bytes",
         "header_bytes",
         "idle_since",
@@ -348,6 +352,8 @@ class ClientConnection(asyncio.Protocol):
         #: data pays for (see ``_count_chunked_framing``), and what this read's data paid.
         self.framing_excess = 0
         self.framing_credit = 0
+        #: The reads of an unfinished head not yet fed to the parser (see ``_gather``).
+        self.gathered: bytearray | None = None
         self.idle_since: float | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -389,6 +395,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.must_close:
             return  # nothing more is parsed
+        if self.gathered is not None:
+            data = self._gather(data)
+            if not data:
+                return
         current = self.current
         in_head = current is not None and not current.head_done
         self.feeding = True
@@ -412,16 +422,38 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self.feeding = False
             self._send_deferred_head()
-        if current is not self.current or current is None:
-            return
-        if in_head:
-            if not current.head_done:
-                # The whole read belonged to one unfinished head: llhttp holds it, so count it.
+        after = self.current
+        if after is not None and not after.head_done:
+            # The read ended inside a head, which llhttp holds: count it, and gather the
+            # next reads rather than feed them one by one.
+            if in_head and after is current:
                 self.head_bytes += len(data)
                 if self.head_bytes > self.ctx.limits.max_header_bytes:
                     self._reject(431, "request head larger than limits.max_header_bytes")
-        elif current.body_mode == _BODY_CHUNKED:
+                    return
+            if len(data) < GATHER_BYTES:
+                self.gathered = gather_start(data)
+            return
+        if (
+            not in_head
+            and current is not None
+            and current is after
+            and current.body_mode == _BODY_CHUNKED
+        ):
             self._count_chunked_framing(len(data))
+
+    def _gather(self, data: bytes) -> bytes:
+        """Hold a read of an unfinished head until the head may be complete or
+        ``GATHER_BYTES`` are held; returns what to feed now (nothing, while holding). The
+        held bytes start with the last 2 bytes already fed, for finding the empty line."""
+        gathered = self.gathered
+        assert gathered is not None
+        tail = bytes(gathered[-2:])
+        gathered += data
+        if len(gathered) < GATHER_BYTES + 2 and not may_end_head(tail, data):
+            return b""
+        self.gathered = None
+        return bytes(gathered[2:]) if len(gathered) > 2 else b""
 
     def _count_chunked_framing(self, size: int) -> None:
         """Bound the bytes of a chunked body that carry no data: chunk extensions (llhttp skips

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from drainproxy.config import LimitsConfig, UpstreamConfig
-from drainproxy.http1 import CHUNK_OVERHEAD_ALLOWANCE, Headers
+from drainproxy.http1 import (
+    CHUNK_OVERHEAD_ALLOWANCE,
+    GATHER_BYTES,
+    Headers,
+    gather_start,
+    may_end_head,
+)
 from drainproxy.tls import upstream_context
 
 if TYPE_CHECKING:
@@ -34,6 +40,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "framing_credit",
         "framing_excess",
+        "gathered",
         "got_response_bytes",
         "head_bytes",
         "headers",
@@ -83,6 +90,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.max_head_bytes = pool.max_head_bytes
         self.head_bytes = 0
         self.read_size = 0
+        #: Reads of an unfinished head not yet fed to the parser (``ClientConnection._gather``).
+        self.gathered: bytearray | None = None
         self.framing_excess = 0
         self.framing_credit = 0
 
@@ -101,6 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.body_left = 0
         self.head_bytes = self.framing_excess = 0
+        self.gathered = None
         if self.write_paused:
             client.pause_reading_for_upstream()
 
@@ -157,6 +167,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self.got_response_bytes = True
+        gathered = self.gathered
+        if gathered is not None:
+            tail = bytes(gathered[-2:])
+            gathered += data
+            if len(gathered) < GATHER_BYTES + 2 and not may_end_head(tail, data):
+                return
+            self.gathered = None
+            data = bytes(gathered[2:])
         head_done_before = self.response_head_done
         self.read_size = len(data)
         client.start_batch()
@@ -180,6 +198,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.parser = None
             elif not self.response_head_done:
                 self._count_head(len(data))
+                if len(data) < GATHER_BYTES and not self.closed:
+                    self.gathered = gather_start(data)
             elif head_done_before:
                 self._count_framing(len(data))
         finally:
