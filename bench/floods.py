@@ -1,0 +1,192 @@
+"""What one flooding peer costs drainproxy (issue 11): CPU seconds, peak RSS growth, and the
+slowest answer another client got meanwhile, for two revisions side by side.
+
+    .venv/bin/python bench/floods.py --base 1bcf2ef --rev HEAD
+
+Each flood sends (or, from the app, answers) up to FLOOD_MIB MiB in 64 KiB writes, or stops when
+the proxy ends the connection; another client sends one keep-alive GET after another until
+then. The origin is an asyncio server in this process; each revision's proxy runs from
+``git archive`` (``harness.export_revision``) and is started afresh for each flood. CPU is
+utime + stime from /proc; the slowest answer is wall time on a shared machine: compare the
+revisions in one run, and read CPU and memory first."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness import (
+    Processes,
+    Target,
+    export_revision,
+    free_port,
+    start_drainproxy,
+    wait_until_serving,
+)
+
+FLOOD_MIB = 32
+PIECE = 64 << 10
+
+#: name: (sender, prefix, filler). The client's floods go to the proxy; the app's answer GET
+#: /flood.
+FLOODS = {
+    "request trailer field": (
+        "client",
+        b"POST /f HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: ",
+        b"t",
+    ),
+    "request chunk extension": (
+        "client",
+        b"POST /f HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n5;e=",
+        b"e",
+    ),
+    "response head (64 MiB in the issue)": ("app", b"HTTP/1.1 200 OK\r\nX-Head: ", b"h"),
+    "response trailer field": (
+        "app",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: ",
+        b"t",
+    ),
+}
+
+
+class Origin:
+    """``/flood`` answers with the current app flood; anything else with a tiny 200."""
+
+    def __init__(self) -> None:
+        self.flood: tuple[bytes, bytes] = (b"", b"")
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /flood "):
+                    await send_flood(writer, *self.flood)
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+
+async def send_flood(writer: asyncio.StreamWriter, prefix: bytes, filler: bytes) -> int:
+    piece = filler * (PIECE // len(filler))
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        writer.write(prefix)
+        while sent < FLOOD_MIB << 20:
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+    return sent
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_kib(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+async def other_client(port: int, stop: asyncio.Event) -> float:
+    """Keep-alive GETs until ``stop``; the slowest answer in seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    slowest = 0.0
+    try:
+        while not stop.is_set():
+            started = time.perf_counter()
+            writer.write(b"GET /other HTTP/1.1\r\nHost: b\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\nok")
+            slowest = max(slowest, time.perf_counter() - started)
+    finally:
+        writer.close()
+    return slowest
+
+
+async def flood_once(target: Target, origin: Origin, name: str) -> dict[str, float]:
+    sender, prefix, filler = FLOODS[name]
+    pid = target.pid
+    cpu_before, rss_before = cpu_seconds(pid), status_kib(pid, "VmRSS")
+    stop = asyncio.Event()
+    others = asyncio.ensure_future(other_client(target.port, stop))
+    reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+    started = time.perf_counter()
+    try:
+        if sender == "client":
+            await send_flood(writer, prefix, filler)
+        else:
+            origin.flood = (prefix, filler)
+            writer.write(b"GET /flood HTTP/1.1\r\nHost: b\r\n\r\n")
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+            while await asyncio.wait_for(reader.read(PIECE), 60):
+                pass
+    finally:
+        writer.close()
+    elapsed = time.perf_counter() - started
+    stop.set()
+    slowest = await others
+    return {
+        "cpu_s": cpu_seconds(pid) - cpu_before,
+        "rss_growth_mib": (status_kib(pid, "VmHWM") - rss_before) / 1024,
+        "wall_s": elapsed,
+        "slowest_other_s": slowest,
+    }
+
+
+async def measure(revisions: dict[str, Path]) -> None:
+    origin = Origin()
+    server = await asyncio.start_server(origin.serve, "127.0.0.1", free_port())
+    origin_port = server.sockets[0].getsockname()[1]
+    print(
+        f"| flood (up to {FLOOD_MIB} MiB) | revision | proxy CPU s | peak RSS growth MiB "
+        "| wall s | slowest other answer s |"
+    )
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in FLOODS:
+            for label, source in revisions.items():
+                processes = Processes(Path(tmp))
+                try:
+                    target = start_drainproxy(
+                        processes, Path(tmp) / label, origin_port, cpu=0, source=source
+                    )
+                    await asyncio.to_thread(wait_until_serving, target, processes)
+                    result = await flood_once(target, origin, name)
+                finally:
+                    processes.stop_all()
+                print(
+                    f"| {name} | {label} | {result['cpu_s']:.2f} | "
+                    f"{result['rss_growth_mib']:.1f} | {result['wall_s']:.2f} | "
+                    f"{result['slowest_other_s']:.3f} |",
+                    flush=True,
+                )
+    server.close()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="the revision before")
+    parser.add_argument("--rev", default="HEAD", help="the revision after")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        revisions = {}
+        for label in (args.base, args.rev):
+            dest = Path(tmp) / label
+            export_revision(label, dest)
+            revisions[label] = dest
+        asyncio.run(measure(revisions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
