@@ -21,14 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import (
-    Processes,
-    Target,
-    export_revision,
-    free_port,
-    start_drainproxy,
-    wait_until_serving,
-)
+from harness import Processes, Target, export_revision, start_drainproxy, wait_until_serving
+
+from drainproxy.sim.replica import free_port
 
 FLOOD_MIB = 32
 PIECE = 64 << 10
@@ -116,6 +111,7 @@ async def other_client(port: int, stop: asyncio.Event) -> float:
 async def flood_once(target: Target, origin: Origin, name: str) -> dict[str, float]:
     sender, prefix, filler = FLOODS[name]
     pid = target.pid
+    assert pid is not None
     cpu_before, rss_before = cpu_seconds(pid), status_kib(pid, "VmRSS")
     stop = asyncio.Event()
     others = asyncio.ensure_future(other_client(target.port, stop))

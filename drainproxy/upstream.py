@@ -109,7 +109,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.reason = b""
         self.body_left = 0
-        self.head_bytes = self.framing_excess = 0
+        self.head_bytes = self.framing_excess = self.framing_credit = 0
         self.gathered = None
         if self.write_paused:
             client.pause_reading_for_upstream()
@@ -317,9 +317,10 @@ class UpstreamConnection(asyncio.Protocol):
         return size
 
     def on_body(self, body: bytes) -> None:
-        self.framing_credit += 3 * len(body) + CHUNK_OVERHEAD_ALLOWANCE
         if self.body_left:
             self.body_left -= len(body)
+        else:  # chunked (or close-delimited): the data pays for the framing
+            self.framing_credit += 3 * len(body) + CHUNK_OVERHEAD_ALLOWANCE
         if self.client is not None:
             self.client.response_body(body)
 
