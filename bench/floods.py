@@ -3,12 +3,12 @@ slowest answer another client got meanwhile, for two revisions side by side.
 
     .venv/bin/python bench/floods.py --base 1bcf2ef --rev HEAD
 
-Each flood sends (or, from the app, answers) up to FLOOD_MIB MiB in 64 KiB writes, or stops when
-the proxy ends the connection; another client sends one keep-alive GET after another until
-then. The origin is an asyncio server in this process; each revision's proxy runs from
-``git archive`` (``harness.export_revision``) and is started afresh for each flood. CPU is
-utime + stime from /proc; the slowest answer is wall time on a shared machine: compare the
-revisions in one run, and read CPU and memory first."""
+Each flood sends (or, from the app, answers) up to its size in writes of its piece size, or
+stops when the proxy ends the connection; another client sends a keep-alive GET every 10 ms
+until then (a light load, so the proxy's CPU is the flood's). The origin is an asyncio server in
+this process; each revision's proxy runs from ``git archive`` (``harness.export_revision``) and
+is started afresh for each flood. CPU is utime + stime from /proc; the slowest answer is wall
+time on a shared machine: compare the revisions within one run, and read CPU and memory first."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -25,28 +26,54 @@ from harness import Processes, Target, export_revision, start_drainproxy, wait_u
 
 from drainproxy.sim.replica import free_port
 
-FLOOD_MIB = 32
 PIECE = 64 << 10
+_TRAILER = (
+    b"POST /f HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: "
+)
 
-#: name: (sender, prefix, filler). The client's floods go to the proxy; the app's answer GET
-#: /flood.
+
+class Flood:
+    def __init__(self, sender: str, prefix: bytes, filler: bytes, mib: int, piece: int) -> None:
+        self.sender, self.prefix, self.filler, self.mib, self.piece = (
+            sender,
+            prefix,
+            filler,
+            mib,
+            piece,
+        )
+
+    async def send(self, writer: asyncio.StreamWriter) -> int:
+        piece = self.filler * (self.piece // len(self.filler))
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            writer.write(self.prefix)
+            while sent < self.mib << 20:
+                writer.write(piece)
+                await writer.drain()
+                sent += len(piece)
+        return sent
+
+
+#: The client's floods go to the proxy; the app's answer GET /flood.
 FLOODS = {
-    "request trailer field": (
-        "client",
-        b"POST /f HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n0\r\nX-Trailer: ",
-        b"t",
-    ),
-    "request chunk extension": (
+    "request trailer field": Flood("client", _TRAILER, b"t", 32, PIECE),
+    "request trailer field, 1 KiB writes": Flood("client", _TRAILER, b"t", 4, 1024),
+    "request chunk extension": Flood(
         "client",
         b"POST /f HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n5;e=",
         b"e",
+        32,
+        PIECE,
     ),
-    "response head (64 MiB in the issue)": ("app", b"HTTP/1.1 200 OK\r\nX-Head: ", b"h"),
-    "response trailer field": (
+    "response head (64 MiB in the issue)": Flood(
+        "app", b"HTTP/1.1 200 OK\r\nX-Head: ", b"h", 64, PIECE
+    ),
+    "response trailer field": Flood(
         "app",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: ",
         b"t",
+        32,
+        PIECE,
     ),
 }
 
@@ -55,30 +82,18 @@ class Origin:
     """``/flood`` answers with the current app flood; anything else with a tiny 200."""
 
     def __init__(self) -> None:
-        self.flood: tuple[bytes, bytes] = (b"", b"")
+        self.flood: Flood | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                if head.startswith(b"GET /flood "):
-                    await send_flood(writer, *self.flood)
+                if head.startswith(b"GET /flood ") and self.flood is not None:
+                    await self.flood.send(writer)
                     return
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 await writer.drain()
         writer.close()
-
-
-async def send_flood(writer: asyncio.StreamWriter, prefix: bytes, filler: bytes) -> int:
-    piece = filler * (PIECE // len(filler))
-    sent = 0
-    with contextlib.suppress(ConnectionError):
-        writer.write(prefix)
-        while sent < FLOOD_MIB << 20:
-            writer.write(piece)
-            await writer.drain()
-            sent += len(piece)
-    return sent
 
 
 def cpu_seconds(pid: int) -> float:
@@ -94,7 +109,7 @@ def status_kib(pid: int, name: str) -> int:
 
 
 async def other_client(port: int, stop: asyncio.Event) -> float:
-    """Keep-alive GETs until ``stop``; the slowest answer in seconds."""
+    """Keep-alive GETs 10 ms apart until ``stop``; the slowest answer in seconds."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     slowest = 0.0
     try:
@@ -103,13 +118,13 @@ async def other_client(port: int, stop: asyncio.Event) -> float:
             writer.write(b"GET /other HTTP/1.1\r\nHost: b\r\n\r\n")
             await reader.readuntil(b"\r\n\r\nok")
             slowest = max(slowest, time.perf_counter() - started)
+            await asyncio.sleep(0.01)
     finally:
         writer.close()
     return slowest
 
 
-async def flood_once(target: Target, origin: Origin, name: str) -> dict[str, float]:
-    sender, prefix, filler = FLOODS[name]
+async def flood_once(target: Target, origin: Origin, flood: Flood) -> dict[str, float]:
     pid = target.pid
     assert pid is not None
     cpu_before, rss_before = cpu_seconds(pid), status_kib(pid, "VmRSS")
@@ -118,11 +133,14 @@ async def flood_once(target: Target, origin: Origin, name: str) -> dict[str, flo
     reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
     started = time.perf_counter()
     try:
-        if sender == "client":
-            await send_flood(writer, prefix, filler)
+        if flood.sender == "client":
+            writer.transport.get_extra_info("socket").setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+            )
+            await flood.send(writer)
         else:
-            origin.flood = (prefix, filler)
-            writer.write(b"GET /flood HTTP/1.1\r\nHost: b\r\n\r\n")
+            origin.flood = flood
+            writer.write(b"GET /flood HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
         with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
             while await asyncio.wait_for(reader.read(PIECE), 60):
                 pass
@@ -144,12 +162,12 @@ async def measure(revisions: dict[str, Path]) -> None:
     server = await asyncio.start_server(origin.serve, "127.0.0.1", free_port())
     origin_port = server.sockets[0].getsockname()[1]
     print(
-        f"| flood (up to {FLOOD_MIB} MiB) | revision | proxy CPU s | peak RSS growth MiB "
-        "| wall s | slowest other answer s |"
+        "| flood (MiB at most) | revision | proxy CPU s | peak RSS growth MiB | wall s "
+        "| slowest other answer s |"
     )
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in FLOODS:
+        for name, flood in FLOODS.items():
             for label, source in revisions.items():
                 processes = Processes(Path(tmp))
                 try:
@@ -157,11 +175,11 @@ async def measure(revisions: dict[str, Path]) -> None:
                         processes, Path(tmp) / label, origin_port, cpu=0, source=source
                     )
                     await asyncio.to_thread(wait_until_serving, target, processes)
-                    result = await flood_once(target, origin, name)
+                    result = await flood_once(target, origin, flood)
                 finally:
                     processes.stop_all()
                 print(
-                    f"| {name} | {label} | {result['cpu_s']:.2f} | "
+                    f"| {name} ({flood.mib}) | {label} | {result['cpu_s']:.2f} | "
                     f"{result['rss_growth_mib']:.1f} | {result['wall_s']:.2f} | "
                     f"{result['slowest_other_s']:.3f} |",
                     flush=True,
@@ -170,7 +188,7 @@ async def measure(revisions: dict[str, Path]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--base", required=True, help="the revision before")
     parser.add_argument("--rev", default="HEAD", help="the revision after")
     args = parser.parse_args(argv)
