@@ -20,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness import Processes, Target, export_revision, start_drainproxy, wait_until_serving
@@ -32,15 +33,15 @@ _TRAILER = (
 )
 
 
+@dataclass(frozen=True)
 class Flood:
-    def __init__(self, sender: str, prefix: bytes, filler: bytes, mib: int, piece: int) -> None:
-        self.sender, self.prefix, self.filler, self.mib, self.piece = (
-            sender,
-            prefix,
-            filler,
-            mib,
-            piece,
-        )
+    """``prefix``, then ``filler`` repeated: up to ``mib`` MiB in writes of ``piece`` bytes."""
+
+    sender: str  # "client" or "app"
+    prefix: bytes
+    filler: bytes
+    mib: int
+    piece: int
 
     async def send(self, writer: asyncio.StreamWriter) -> int:
         piece = self.filler * (self.piece // len(self.filler))
