@@ -1064,19 +1064,21 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _linger_expired(self, linger: float, buffered_before: int) -> None:
-        """Close, unless the client read some of what is still buffered for it since the last
-        look: then give it another ``linger`` seconds."""
+        """Close; but a client still reading what is buffered for it gets another ``linger``
+        seconds, and one that stopped reading it is cut (``force_close``)."""
         self.linger_timer = None
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         buffered = transport.get_write_buffer_size()
-        if buffered and buffered < buffered_before:
+        if not buffered:
+            transport.close()
+        elif buffered < buffered_before:
             self.linger_timer = self.ctx.loop.call_later(
                 linger, self._linger_expired, linger, buffered
             )
-            return
-        transport.close()
+        else:
+            self.force_close()
 
     def start_batch(self) -> None:
         """Collect what is written to the client while one read from the app is parsed, so a
