@@ -19,6 +19,7 @@ from tests.proxy_support import (
     exchange,
     parse_responses,
     proc_status_kib,
+    response_bytes,
 )
 from tests.support import ProxyProcess, base_config, deep_merge
 
@@ -323,3 +324,40 @@ async def test_an_app_failing_mid_response_never_looks_complete(
         with pytest.raises((IncompleteResponse, ConnectionResetError)):
             parse_responses(await exchange(proxy.port, request), [b"GET"])
     await proxy.log.wait(r"response to GET /fails from 127\.0\.0\.1 cut")
+
+
+# --- closes with input pending are staged (issue 11; RFC 9112 §9.6) ----------------------------
+
+
+@pytest.mark.parametrize("why", ["client-said-close", "request-refused"])
+async def test_closing_with_pipelined_input_pending_loses_no_answer_byte(
+    raw_app: RawApp, start_proxy: StartProxy, why: str
+) -> None:
+    """The answer that ends the connection (to a request that said Connection: close, or a
+    414) reaches a slow reader whole and ends with a FIN, though the client pipelined more
+    requests after it, which the proxy never reads."""
+    size = 4 << 20
+
+    @raw_app.route(b"/big")
+    async def big(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(response_bytes(200, b"c" * size))
+        return True
+
+    proxy = await start_proxy(raw_app.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    if why == "client-said-close":
+        writer.write(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        expected = [(200, size)]
+    else:
+        writer.write(b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+        expected = [(414, None)]
+    for index in range(3):
+        writer.write(b"GET /after-%d HTTP/1.1\r\nHost: h\r\n\r\n" % index)
+    received = bytearray()
+    while data := await asyncio.wait_for(reader.read(64 << 10), 30):  # a reset raises here
+        received += data
+        await asyncio.sleep(0.002)  # a slow reader (load shape)
+    writer.close()
+    responses = parse_responses(bytes(received), [b"GET"] * 4)
+    assert [(r.status, len(r.body) if r.status == 200 else None) for r in responses] == expected
+    assert not [r for r in raw_app.requests if r.path.startswith(b"/after")]
