@@ -287,7 +287,6 @@ class ClientConnection(asyncio.Protocol):
         "current",
         "feeding",
         "framing_credit",
-        "framing_excess",
         "fresh",
         "gathered",
         "head_bytes",
@@ -346,12 +345,15 @@ class ClientConnection(asyncio.Protocol):
         self.mark = 0.0
         #: No request has begun yet: the head timeout applies to the silence.
         self.fresh = True
+        #: Bytes of the request being parsed that are not body data, held to
+        #: ``limits.max_header_bytes`` (issue 11): reads that ended inside its head, and chunk
+        #: framing beyond what the data of the same read pays for (``framing_credit``; see
+        #: ``_count_chunked_framing``).
         self.head_bytes = 0
-        self.header_bytes = 0
-        #: Bytes of the chunked request body being read that carried no data, beyond what its
-        #: data pays for (see ``_count_chunked_framing``), and what this read's data paid.
-        self.framing_excess = 0
         self.framing_credit = 0
+        #: Its target and fields, trailer fields included (as in Node), as llhttp delivers
+        #: them, against the same limit.
+        self.header_bytes = 0
         #: The reads of an unfinished head not yet fed to the parser (see ``_gather``).
         self.gathered: bytearray | None = None
         self.idle_since: float | None = None
@@ -400,7 +402,12 @@ class ClientConnection(asyncio.Protocol):
             if not data:
                 return
         current = self.current
-        in_head = current is not None and not current.head_done
+        if current is None:
+            in_head = False
+        else:
+            in_head = not current.head_done
+            if not in_head:
+                self.framing_credit = 0  # what this read's data pays
         self.feeding = True
         try:
             self.parser.feed_data(data)
@@ -461,9 +468,8 @@ class ClientConnection(asyncio.Protocol):
         data pays for its own framing (``http1.CHUNK_OVERHEAD_ALLOWANCE``); the rest adds up,
         and past ``limits.max_header_bytes`` the request is refused, so an endless extension or
         trailer field costs one socket read of memory beyond the limit, not the heap (issue 11)."""
-        excess = self.framing_excess + size - self.framing_credit
-        self.framing_credit = 0
-        self.framing_excess = excess if excess > 0 else 0
+        excess = self.head_bytes + size - self.framing_credit
+        self.head_bytes = excess if excess > 0 else 0
         if excess > self.ctx.limits.max_header_bytes:
             self._reject(400, _FRAMING_TOO_LARGE)
 
@@ -538,7 +544,6 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = None
         self.fresh = False
         self.head_bytes = self.header_bytes = 0
-        self.framing_excess = self.framing_credit = 0
         if self.active is None:
             self.mark = self.ctx.loop.time()
 
@@ -555,7 +560,7 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         limits = self.ctx.limits
         if req.head_done:
-            # A trailer field: dropped, but bounded as the head is (name, ": ", value, CRLF).
+            # A trailer field: dropped, but counted with the head's (name, ": ", value, CRLF).
             self.header_bytes += len(name) + len(value) + 4
             if self.header_bytes > limits.max_header_bytes:
                 raise Rejection(400, _FRAMING_TOO_LARGE)
@@ -572,7 +577,6 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         parser = self.parser
         req.head_done = True
-        self.header_bytes = 0  # from here on it counts trailer fields
         req.method = parser.get_method()
         req.version = version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -882,7 +886,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.response_started:
             if (
                 conn.reused
-                and not conn.got_response_bytes
+                and not conn.read_size
                 and not req.retried
                 and req.method in IDEMPOTENT_METHODS
                 and req.body_mode == _BODY_NONE

@@ -39,14 +39,12 @@ class UpstreamConnection(asyncio.Protocol):
         "client",
         "closed",
         "framing_credit",
-        "framing_excess",
         "gathered",
-        "got_response_bytes",
-        "head_bytes",
         "headers",
         "idle_since",
         "keep_alive",
         "max_head_bytes",
+        "overhead",
         "parser",
         "parser_at_rest",
         "pool",
@@ -56,6 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         "response_head_done",
         "reused",
         "status",
+        "trailer_bytes",
         "transport",
         "tunnel",
         "write_paused",
@@ -71,7 +70,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.closed = False
         self.tunnel = False
-        self.got_response_bytes = False
+        #: The size of this exchange's last read from the app (0: no byte of a response yet).
+        self.read_size = 0
         self.response_head_done = False
         self.keep_alive = False
         self.status = 0
@@ -83,17 +83,17 @@ class UpstreamConnection(asyncio.Protocol):
         #: Bytes still to come of a body framed by Content-Length (set by the client side,
         #: which knows whether the response has a body at all); see ``_pass_body``.
         self.body_left = 0
-        #: Bytes of this exchange's response heads so far, counted per read that ended inside
-        #: one; and, once the head is done, body bytes that carried no data beyond what the data
-        #: pays for (chunk extensions, trailer fields). Both are held to
-        #: ``limits.max_response_header_bytes`` (issue 11).
+        #: Bytes of this exchange's response that are not body data, held to ``max_head_bytes``
+        #: (``limits.max_response_header_bytes``; issue 11): reads that ended inside a head (1xx
+        #: heads included), and chunk framing (extensions, trailers) beyond what the data of
+        #: the same read pays for (``framing_credit``; see ``_count_framing``); and, against
+        #: the same limit, its trailer fields as they come.
         self.max_head_bytes = pool.max_head_bytes
-        self.head_bytes = 0
-        self.read_size = 0
+        self.overhead = 0
+        self.framing_credit = 0
+        self.trailer_bytes = 0
         #: Reads of an unfinished head not yet fed to the parser (``ClientConnection._gather``).
         self.gathered: bytearray | None = None
-        self.framing_excess = 0
-        self.framing_credit = 0
 
     # --- binding to a client exchange -------------------------------------------------------
 
@@ -104,13 +104,11 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.parser_at_rest or self.parser is None:
             self.parser = httptools.HttpResponseParser(self)
         self.parser_at_rest = False
-        self.got_response_bytes = False
+        self.read_size = self.overhead = self.trailer_bytes = 0
         self.response_head_done = False
         self.headers = []
         self.reason = b""
         self.body_left = 0
-        self.head_bytes = self.framing_excess = self.framing_credit = 0
-        self.gathered = None
         if self.write_paused:
             client.pause_reading_for_upstream()
 
@@ -166,7 +164,6 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes from the app while no request is outstanding: the connection is unusable.
             self.abort()
             return
-        self.got_response_bytes = True
         gathered = self.gathered
         if gathered is not None:
             tail = bytes(gathered[-2:])
@@ -175,8 +172,10 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             self.gathered = None
             data = bytes(gathered[2:])
-        head_done_before = self.response_head_done
         self.read_size = len(data)
+        head_done_before = self.response_head_done
+        if head_done_before:
+            self.framing_credit = 0  # what this read's data pays (``_count_framing``)
         client.start_batch()
         try:
             parser.feed_data(data)
@@ -208,8 +207,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _count_head(self, size: int) -> None:
         """A read ended inside a response head, which llhttp and httptools hold until it ends:
         past the limit the response is refused (502) rather than held without end."""
-        self.head_bytes += size
-        if self.head_bytes > self.max_head_bytes:
+        self.overhead += size
+        if self.overhead > self.max_head_bytes:
             self._fail("response head larger than limits.max_response_header_bytes")
 
     def _fail(self, message: str) -> None:
@@ -219,11 +218,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.abort()
 
     def _count_framing(self, size: int) -> None:
-        """Body bytes that carried no data, beyond what the data pays for (see
-        ``ClientConnection._count_chunked_framing``): past the limit the response is cut."""
-        excess = self.framing_excess + size - self.framing_credit
-        self.framing_credit = 0
-        self.framing_excess = excess if excess > 0 else 0
+        """A read of the body through the parser (chunked): what its data does not pay for
+        (``http1.CHUNK_OVERHEAD_ALLOWANCE``) adds up; past the limit the response is cut."""
+        excess = self.overhead + size - self.framing_credit
+        self.overhead = excess if excess > 0 else 0
         if excess > self.max_head_bytes:
             self._fail(_FRAMING_TOO_LARGE)
 
@@ -281,9 +279,9 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.response_head_done:
             self.headers.append((name, value))
             return
-        # A trailer field: dropped, but it shares the head's limit (name, ": ", value, CRLF).
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.max_head_bytes and self.client is not None:
+        # A trailer field: dropped, but counted (name, ": ", value, CRLF).
+        self.trailer_bytes += len(name) + len(value) + 4
+        if self.trailer_bytes > self.max_head_bytes and self.client is not None:
             self._fail(_FRAMING_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
@@ -295,7 +293,7 @@ class UpstreamConnection(asyncio.Protocol):
         if client is None:
             return
         if (
-            self.read_size + self.head_bytes > self.max_head_bytes
+            self.read_size + self.overhead > self.max_head_bytes
             and self._head_size() > self.max_head_bytes
         ):
             # This read may have carried a whole head past the limit: measure that head.
