@@ -293,6 +293,7 @@ class ClientConnection(asyncio.Protocol):
         "header_bytes",
         "idle_since",
         "idle_timer",
+        "input_ended",
         "linger_timer",
         "lingering",
         "mark",
@@ -339,6 +340,8 @@ class ClientConnection(asyncio.Protocol):
         self.refused = False
         #: A staged close is under way (see ``_staged_close``).
         self.lingering = False
+        #: The client half-closed while its answer was on the way: no input can follow.
+        self.input_ended = False
         self.linger_timer: asyncio.TimerHandle | None = None
         self.close_reason = "client"
         #: When the connection last made progress in its current state (see ``check_timeouts``).
@@ -491,7 +494,7 @@ class ClientConnection(asyncio.Protocol):
             or not transport.can_write_eof()
         ):
             return False
-        self.must_close = True
+        self.must_close = self.input_ended = True
         self.current = self.queue = None
         return True
 
@@ -1045,7 +1048,8 @@ class ClientConnection(asyncio.Protocol):
         ``linger`` seconds without progress: a client that keeps reading what is buffered for
         it extends it. Closing at once with unread input (a pipelined request, a body we will
         not read) would make the kernel send a reset, which can destroy the answer unread.
-        ``linger`` 0, or TLS (asyncio's TLS transports have no half-close): close at once."""
+        ``linger`` 0, input ended, or TLS (asyncio's TLS transports have no half-close): close
+        at once."""
         transport = self.transport
         if self.closing or transport is None:
             return
@@ -1055,7 +1059,7 @@ class ClientConnection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
-        if not linger or not transport.can_write_eof():
+        if not linger or self.input_ended or not transport.can_write_eof():
             transport.close()
             return
         self.lingering = True
