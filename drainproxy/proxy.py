@@ -433,7 +433,9 @@ class ClientConnection(asyncio.Protocol):
             self.feeding = False
             self._send_deferred_head()
         after = self.current
-        if after is not None and not after.head_done:
+        if after is None:
+            return  # the read ended between requests
+        if not after.head_done:
             # The read ended inside a head, which llhttp holds: count it, and gather the
             # next reads rather than feed them one by one.
             if in_head and after is current:
@@ -444,12 +446,7 @@ class ClientConnection(asyncio.Protocol):
             if len(data) < GATHER_BYTES:
                 self.gathered = gather_start(data)
             return
-        if (
-            not in_head
-            and current is not None
-            and current is after
-            and current.body_mode == _BODY_CHUNKED
-        ):
+        if not in_head and current is after and after.body_mode == _BODY_CHUNKED:
             self._count_chunked_framing(len(data))
 
     def _gather(self, data: bytes) -> bytes:

@@ -191,7 +191,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.client.upstream_failed("invalid", f"invalid response from the app: {exc}")
             self.abort()
         else:
-            if self.body_left:
+            if self.client is None:
+                pass  # the exchange ended in this read: nothing is held
+            elif self.body_left:
                 # The body goes on past this read: the rest bypasses the parser, which is
                 # left mid-message, so the next exchange gets a fresh one.
                 self.parser = None
