@@ -16,6 +16,7 @@ from tests.proxy_support import (
     IncompleteResponse,
     RawApp,
     RawClient,
+    Response,
     exchange,
     parse_responses,
     proc_status_kib,
@@ -361,3 +362,47 @@ async def test_closing_with_pipelined_input_pending_loses_no_answer_byte(
     responses = parse_responses(bytes(received), [b"GET"] * 4)
     assert [(r.status, len(r.body) if r.status == 200 else None) for r in responses] == expected
     assert not [r for r in raw_app.requests if r.path.startswith(b"/after")]
+
+
+# --- heads spread over many reads are gathered, not parsed piece by piece (issue 11) ----------
+
+
+async def drip(writer: asyncio.StreamWriter, data: bytes, piece: int) -> None:
+    for start in range(0, len(data), piece):
+        writer.write(data[start : start + piece])
+        await writer.drain()
+        await asyncio.sleep(0.001)  # one read per piece (load shape, not synchronisation)
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3])
+async def test_heads_dripped_both_ways_are_parsed(
+    raw_app: RawApp, start_proxy: StartProxy, piece: int
+) -> None:
+    """The empty line that ends a head may fall across reads at any point."""
+    app = raw_app
+    proxy = await start_proxy(app.port)
+    path = b"/dripped-%d" % piece
+
+    async def dripped(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        await drip(writer, response_bytes(200, b"drip", [(b"X-Drip", b"d" * 50)]), piece)
+        return True
+
+    app.route(path)(dripped)
+    app.route(path + b"-again")(dripped)
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    head = b"GET " + path + b" HTTP/1.1\r\nHost: h\r\nX-Pad: " + b"p" * 50 + b"\r\n\r\n"
+    await drip(writer, head + head.replace(path, path + b"-again"), piece)
+    responses: list[Response] = []
+    data = b""
+    while len(responses) < 2:
+        more = await asyncio.wait_for(reader.read(65536), 10)
+        assert more, f"closed after {data!r}"
+        data += more
+        with contextlib.suppress(IncompleteResponse):
+            responses = parse_responses(data, [b"GET"] * 2, eof=False)
+    writer.close()
+    assert [(r.status, r.body, r.header(b"x-drip")) for r in responses] == [
+        (200, b"drip", [b"d" * 50])
+    ] * 2
+    assert [r.path for r in app.requests[-2:]] == [path, path + b"-again"]

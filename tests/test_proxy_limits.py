@@ -19,7 +19,6 @@ from tests.proxy_support import (
     IncompleteResponse,
     RawApp,
     RawClient,
-    Response,
     exchange,
     launch_proxy,
     parse_responses,
@@ -376,43 +375,3 @@ async def test_a_response_past_max_response_header_bytes_is_refused_or_cut(
         assert (await client.request(b"GET", b"/after-" + path[1:])).status == 200
     await client.close()
     await proxy.log.wait(rf"GET /too-much-{name} .*larger than limits\.max_response_header_bytes")
-
-
-# --- heads spread over many reads are gathered, not parsed piece by piece (issue 11) ----------
-
-
-async def drip(writer: Writer, data: bytes, piece: int) -> None:
-    for start in range(0, len(data), piece):
-        writer.write(data[start : start + piece])
-        await writer.drain()
-        await asyncio.sleep(0.001)  # one read per piece (load shape, not synchronisation)
-
-
-@pytest.mark.parametrize("piece", [1, 2, 3])
-async def test_heads_dripped_both_ways_are_parsed(
-    app: RawApp, proxy: ProxyProcess, piece: int
-) -> None:
-    """The empty line that ends a head may fall across reads at any point."""
-    path = b"/dripped-%d" % piece
-
-    async def dripped(request: AppRequest, writer: Writer) -> bool:
-        await drip(writer, response_bytes(200, b"drip", [(b"X-Drip", b"d" * 50)]), piece)
-        return True
-
-    app.route(path)(dripped)
-    app.route(path + b"-again")(dripped)
-
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    head = b"GET " + path + b" HTTP/1.1\r\nHost: h\r\nX-Pad: " + b"p" * 50 + b"\r\n\r\n"
-    await drip(writer, head + head.replace(path, path + b"-again"), piece)
-    responses: list[Response] = []
-    data = b""
-    while len(responses) < 2:
-        data += await asyncio.wait_for(reader.read(65536), 10)
-        with contextlib.suppress(IncompleteResponse):
-            responses = parse_responses(data, [b"GET"] * 2, eof=False)
-    writer.close()
-    assert [(r.status, r.body, r.header(b"x-drip")) for r in responses] == [
-        (200, b"drip", [b"d" * 50])
-    ] * 2
-    assert [r.path for r in app.requests[-2:]] == [path, path + b"-again"]
