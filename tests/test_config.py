@@ -102,6 +102,10 @@ BAD_CONFIGS = [
     ("limits: {max_header_bytes: 10 KB}", "limits.max_header_bytes: '10 KB' must be a size"),
     ("limits: {max_request_line: 0}", "limits.max_request_line: 0 must be at least 1 byte"),
     ("limits: {max_headers: 0}", "limits.max_headers: 0 must be a whole number, 1 or more"),
+    (
+        "limits: {max_response_header_bytes: lots}",
+        "limits.max_response_header_bytes: 'lots' must be a size",
+    ),
     ("limits: {max_connections: many}", "limits.max_connections: 'many' must be a whole number"),
     (
         "tls: {cert_file: /nonexistent/tls.crt, key_file: '{key}'}",
@@ -160,6 +164,7 @@ def test_good_config_with_every_new_section(tmp_path: Path, cert_files: dict[str
             "max_request_line": "4KiB",
             "max_header_bytes": 16384,
             "max_headers": 50,
+            "max_response_header_bytes": "128KiB",
             "max_body_bytes": "1MiB",
             "max_connections": 100,
         },
@@ -177,6 +182,7 @@ def test_good_config_with_every_new_section(tmp_path: Path, cert_files: dict[str
     assert loaded.upstream.tls is not None and loaded.upstream.tls.ca_file == cert_files["ca"]
     assert (loaded.timeouts.request_head, loaded.timeouts.client_idle) == (2.0, 0.0)
     assert (loaded.limits.max_request_line, loaded.limits.max_body_bytes) == (4096, 1 << 20)
+    assert loaded.limits.max_response_header_bytes == 128 << 10
     assert loaded.tls is not None and loaded.tls.client_cert == "optional"
 
 
