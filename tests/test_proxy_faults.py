@@ -346,6 +346,7 @@ async def test_closing_with_pipelined_input_pending_loses_no_answer_byte(
 
     proxy = await start_proxy(raw_app.port)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    expected: list[tuple[int, int | None]]
     if why == "client-said-close":
         writer.write(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         expected = [(200, size)]
