@@ -249,6 +249,16 @@ def gather_start(fed: bytes) -> bytearray:
     return bytearray((b"\n\n" + fed[-2:])[-2:])
 
 
+def gather_more(gathered: bytearray, data: bytes) -> bytes | None:
+    """Add a read to a head being gathered (see ``gather_start``): None while the head cannot
+    have ended and fewer than ``GATHER_BYTES`` are held, else the bytes to feed now."""
+    tail = bytes(gathered[-2:])
+    gathered += data
+    if len(gathered) < GATHER_BYTES + 2 and not may_end_head(tail, data):
+        return None
+    return bytes(gathered[2:])
+
+
 def may_end_head(tail: bytes, data: bytes) -> bool:
     """Whether a head whose bytes so far end with ``tail`` (its last 2 bytes) may end within
     ``data``: an empty line, CRLF or bare LF (llhttp refuses a bare LF, but must see it to)."""

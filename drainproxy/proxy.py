@@ -43,8 +43,8 @@ from drainproxy.http1 import (
     HeadInfo,
     chunk_size_line,
     forward_head,
+    gather_more,
     gather_start,
-    may_end_head,
     plain_response,
     reason_phrase,
     status_line,
@@ -357,7 +357,7 @@ class ClientConnection(asyncio.Protocol):
         #: Its target and fields, trailer fields included (as in Node), as llhttp delivers
         #: them, against the same limit.
         self.header_bytes = 0
-        #: The reads of an unfinished head not yet fed to the parser (see ``_gather``).
+        #: The reads of an unfinished head not yet fed to the parser (``http1.gather_more``).
         self.gathered: bytearray | None = None
         self.idle_since: float | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -401,9 +401,11 @@ class ClientConnection(asyncio.Protocol):
         if self.must_close:
             return  # nothing more is parsed
         if self.gathered is not None:
-            data = self._gather(data)
-            if not data:
-                return
+            held = gather_more(self.gathered, data)
+            if held is None:
+                return  # the head cannot have ended yet
+            self.gathered = None
+            data = held
         current = self.current
         if current is None:
             in_head = False
@@ -448,19 +450,6 @@ class ClientConnection(asyncio.Protocol):
             return
         if not in_head and current is after and after.body_mode == _BODY_CHUNKED:
             self._count_chunked_framing(len(data))
-
-    def _gather(self, data: bytes) -> bytes:
-        """Hold a read of an unfinished head until the head may be complete or
-        ``GATHER_BYTES`` are held; returns what to feed now (nothing, while holding). The
-        held bytes start with the last 2 bytes already fed, for finding the empty line."""
-        gathered = self.gathered
-        assert gathered is not None
-        tail = bytes(gathered[-2:])
-        gathered += data
-        if len(gathered) < GATHER_BYTES + 2 and not may_end_head(tail, data):
-            return b""
-        self.gathered = None
-        return bytes(gathered[2:]) if len(gathered) > 2 else b""
 
     def _count_chunked_framing(self, size: int) -> None:
         """Bound the bytes of a chunked body that carry no data: chunk extensions (llhttp skips

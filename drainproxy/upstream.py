@@ -16,8 +16,8 @@ from drainproxy.http1 import (
     CHUNK_OVERHEAD_ALLOWANCE,
     GATHER_BYTES,
     Headers,
+    gather_more,
     gather_start,
-    may_end_head,
 )
 from drainproxy.tls import upstream_context
 
@@ -92,7 +92,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.overhead = 0
         self.framing_credit = 0
         self.trailer_bytes = 0
-        #: Reads of an unfinished head not yet fed to the parser (``ClientConnection._gather``).
+        #: Reads of an unfinished head not yet fed to the parser (``http1.gather_more``).
         self.gathered: bytearray | None = None
 
     # --- binding to a client exchange -------------------------------------------------------
@@ -164,14 +164,12 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes from the app while no request is outstanding: the connection is unusable.
             self.abort()
             return
-        gathered = self.gathered
-        if gathered is not None:
-            tail = bytes(gathered[-2:])
-            gathered += data
-            if len(gathered) < GATHER_BYTES + 2 and not may_end_head(tail, data):
-                return
+        if self.gathered is not None:
+            held = gather_more(self.gathered, data)
+            if held is None:
+                return  # the head cannot have ended yet
             self.gathered = None
-            data = bytes(gathered[2:])
+            data = held
         self.read_size = len(data)
         head_done_before = self.response_head_done
         if head_done_before:
