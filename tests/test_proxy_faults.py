@@ -407,3 +407,47 @@ async def test_heads_dripped_both_ways_are_parsed(
         (200, b"drip", [b"d" * 50])
     ] * 2
     assert [r.path for r in app.requests[-2:]] == [path, path + b"-again"]
+
+
+async def test_a_tunnel_the_app_ends_reaches_a_still_sending_client_whole(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    """After an Upgrade the app sends its last 1 MiB and half-closes while the client is still
+    sending into the tunnel: the client gets every byte and a FIN, never a reset."""
+    last = b"L" * (1 << 20)
+
+    @raw_app.route(b"/tunnel")
+    async def tunnel(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n" + last
+        )
+        await writer.drain()
+        writer.write_eof()
+        with contextlib.suppress(ConnectionError):
+            while await request.reader.read(1 << 16):  # what the client still sends
+                pass
+        return False
+
+    proxy = await start_proxy(raw_app.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /tunnel HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n")
+
+    async def keep_sending() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b"c" * 4096)
+                await writer.drain()
+                await asyncio.sleep(0.001)  # load shape
+
+    sending = asyncio.ensure_future(keep_sending())
+    received = bytearray()
+    try:
+        while data := await asyncio.wait_for(reader.read(64 << 10), 30):  # a reset raises
+            received += data
+            await asyncio.sleep(0.002)  # a slow reader (load shape)
+    finally:
+        sending.cancel()
+        writer.close()
+    head, _, tail = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert tail == last
