@@ -164,13 +164,14 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes from the app while no request is outstanding: the connection is unusable.
             self.abort()
             return
+        self.read_size = len(data)
         if self.gathered is not None:
             held = gather_more(self.gathered, data)
             if held is None:
                 return  # the head cannot have ended yet
             self.gathered = None
             data = held
-        self.read_size = len(data)
+            self.read_size = len(data)
         head_done_before = self.response_head_done
         if head_done_before:
             self.framing_credit = 0  # what this read's data pays (``_count_framing``)
