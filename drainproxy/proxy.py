@@ -1005,18 +1005,18 @@ class ClientConnection(asyncio.Protocol):
         if self.close_delimited_to_client and (
             self.active is not None or transport.get_write_buffer_size()
         ):
-            self._reset()
+            self._reset(self.close_reason)
         else:
             transport.abort()
 
-    def _reset(self) -> None:
+    def _reset(self, reason: str = "cut") -> None:
         """Close with a TCP reset (a plain close could look like the end of the body); what is
         still buffered for the client is dropped."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         self.closing = True
-        self.close_reason = "cut"
+        self.close_reason = reason
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)

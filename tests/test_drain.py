@@ -391,4 +391,9 @@ async def test_a_response_cut_by_the_proxy_never_looks_complete(
     finally:
         writer.close()
         held.set()
-    await proxy.log.wait("drain.timeout: cut 1" if trigger == "drain.timeout" else "immediate")
+    if trigger == "drain.timeout":
+        await proxy.log.wait("drain.timeout: cut 1")
+        summary = await proxy.log.wait(r"drain summary: .* by force (\d+)")
+        assert summary.group(1) == "1", "a reset is counted as a forced close"
+    else:
+        await proxy.log.wait("immediate")
