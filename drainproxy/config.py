@@ -1,31 +1,129 @@
-"""Strict, typed configuration.
+"""Strict, typed configuration, its schema declared once.
 
-YAML is loaded with ``yaml.safe_load`` into frozen dataclasses. Unknown keys are errors, because a
-typo'd timeout that is silently ignored is exactly the kind of bug that shows up as 5xx during a
-rollout. Every error names the dotted field, the bad value and the rule.
+Each key is one dataclass field below: its type, its default, and in its metadata the reader that
+turns the YAML value into that type (the rule). One generic reader walks the schema, so a key, its
+default and its rule cannot drift apart; ``drainproxy/default.yaml`` documents the same defaults
+(a test holds it to the schema). Cross-field rules sit beside the section they concern
+(``_rules``).
+
+YAML is loaded with a safe loader that also refuses duplicate keys (the last one would silently
+win). Unknown keys are errors, because a typo'd timeout that is silently ignored is exactly the
+kind of bug that shows up as 5xx during a rollout. Every error names the dotted field, the value
+as written and the rule, and reading goes on after an error so one run reports them all. Values
+are read literally: ``${VAR}`` is not expanded (and is refused, since it is always a mistake).
+
+msgspec was measured as the schema library (issue 13): +2.5 MiB RSS on import in the serve
+process, and its own error texts and unit-less types would need a hook per key anyway, so plain
+dataclasses carry the schema.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import signal
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
-from drainproxy.errors import ConfigError
+from drainproxy.errors import ConfigError, ConfigErrors
 
 T = TypeVar("T")
+Reader = Callable[[str, Any], Any]
+#: A section's cross-field rules: its dotted name and the mapping as written in, errors out.
+SectionRules = Callable[[str, dict[Any, Any]], Iterator["ConfigError"]]
 
 #: Seconds kept free between the end of the app's stop and the kubelet's SIGKILL.
 GRACE_MARGIN = 2.0
+#: Longer than any drain, timeout or grace period anyone means (1e6s is a typo, not a plan).
+MAX_DURATION = 24 * 3600.0
+#: The admin token the shipped examples carry, to be replaced before use.
+PLACEHOLDER_TOKEN = "replace-me-with-a-random-token"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Go's time.ParseDuration syntax, as Kubernetes writes durations (1m30s, 1h2m3.5s, 500ms).
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNEXPANDED = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
+_PLACEHOLDER = re.compile(r"^(replace|change)[-_ ]?me", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Durations, kept as written
+
+
+class Duration(float):
+    """Seconds that remember how they were written, so messages show ``1m30s``, not ``90.0``."""
+
+    text: str
+
+    def __new__(cls, seconds: float, text: str | None = None) -> Duration:
+        self = super().__new__(cls, seconds)
+        self.text = text if text is not None else format_duration(seconds)
+        return self
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Duration, (float(self), self.text))
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as Go prints a duration: ``0s``, ``500ms``, ``30s``, ``1m30s``, ``277h46m40s``."""
+    if isinstance(seconds, Duration):
+        return seconds.text
+    if seconds == 0:
+        return "0s"
+    if abs(seconds) < 1:
+        return f"{seconds * 1000:.6g}ms"
+    hours, rest = divmod(seconds, 3600.0)
+    minutes, rest = divmod(rest, 60.0)
+    text = f"{int(hours)}h" if hours else ""
+    text += f"{int(minutes)}m" if hours or minutes else ""
+    return text + f"{round(rest, 6):g}s"
+
+
+def parse_duration(name: str, value: object) -> Duration:
+    """Seconds from a number (seconds) or a Go duration string such as ``500ms``, ``1m30s``;
+    finite, not negative, at most 24h."""
+    rule = "must be a duration such as 5s, 500ms or 1m30s"
+    if isinstance(value, bool):
+        raise ConfigError(name, value, rule)
+    if isinstance(value, int | float):
+        seconds, text = float(value), None
+    elif isinstance(value, str):
+        text = value.strip()
+        if text == "0":
+            seconds = 0.0
+        else:
+            parts = _DURATION_PART.findall(text)
+            if not parts or _DURATION_PART.sub("", text) != "":
+                raise ConfigError(name, value, rule)
+            seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    else:
+        raise ConfigError(name, value, rule)
+    if not math.isfinite(seconds):
+        raise ConfigError(name, value, "must be a finite duration")
+    if seconds < 0:
+        raise ConfigError(name, value, "must not be negative")
+    if seconds > MAX_DURATION:
+        raise ConfigError(name, value, f"must be at most {format_duration(MAX_DURATION)}")
+    return Duration(seconds, text)
+
+
+def _duration(text: str) -> Duration:
+    """A default, written as the docs write it."""
+    return parse_duration("default", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each takes the dotted name for error messages and the raw YAML value.
 
 
 @dataclass(frozen=True)
@@ -37,215 +135,49 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
-class AppCheck:
-    """How drainproxy decides the app is reachable: a TCP connect, or an HTTP GET of ``path``."""
-
-    kind: Literal["tcp", "http"] = "tcp"
-    path: str = "/"
-    interval: float = 1.0
-    timeout: float = 1.0
-
-
-@dataclass(frozen=True)
-class UpstreamTLSConfig:
-    """TLS to the app (an ``https://`` upstream URL). Without ``ca_file`` the system CAs apply."""
-
-    ca_file: str | None = None
-    verify: bool = True
-    server_name: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    url: str = "http://127.0.0.1:8000"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    connect_timeout: float = 5.0
-    response_timeout: float = 60.0
-    max_idle_connections: int = 64
-    idle_timeout: float = 30.0
-    check: AppCheck = field(default_factory=AppCheck)
-    #: Set exactly when the URL is https://.
-    tls: UpstreamTLSConfig | None = None
-
-
-@dataclass(frozen=True)
-class TimeoutsConfig:
-    """Client-side timeouts (the app's are in ``upstream``); 0 turns one off."""
-
-    request_head: float = 10.0
-    client_idle: float = 75.0
-    client_body: float = 30.0
-
-
-@dataclass(frozen=True)
-class LimitsConfig:
-    """Sizes and counts that bound what one client may make drainproxy hold."""
-
-    max_request_line: int = 8192
-    max_header_bytes: int = 32768
-    max_headers: int = 100
-    #: A response's status line and header fields (1xx heads included), and the chunk framing
-    #: of its body beyond its data (chunk extensions, trailer fields): more is answered 502.
-    max_response_header_bytes: int = 65536
-    #: None: no limit on request bodies.
-    max_body_bytes: int | None = None
-    #: None: ``auto``, half the open-file limit (each connection may need one to the app too).
-    max_connections: int | None = None
-
-
-ClientCertMode = Literal["none", "optional", "required"]
-
-
-@dataclass(frozen=True)
-class ListenerTLSConfig:
-    """TLS termination on ``listen``; the files are re-read when they change."""
-
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None = None
-    client_cert: ClientCertMode = "none"
-    reload_interval: float = 10.0
-
-
-ForwardedMode = Literal["preserve", "overwrite", "off"]
-
-
-@dataclass(frozen=True)
-class ForwardedConfig:
-    """X-Forwarded-* handling. ``preserve`` keeps a value an upstream balancer already set."""
-
-    x_forwarded_for: Literal["append", "off"] = "append"
-    x_forwarded_proto: ForwardedMode = "preserve"
-    x_forwarded_host: ForwardedMode = "preserve"
-
-
-@dataclass(frozen=True)
-class AdminConfig:
-    listen: Address = Address("0.0.0.0", 9901)
-    token: str | None = None
-
-
-@dataclass(frozen=True)
-class ProberRule:
-    """How many consecutive failed readiness checks make one prober mark the pod unready."""
-
-    failure_threshold: int
-    address: str | None = None
-    #: A regular expression searched in the prober's User-Agent.
-    user_agent: str | None = None
-
-
-@dataclass(frozen=True)
-class DrainConfig:
-    readiness_fail_delay: float = 0.0
-    propagation: float = 5.0
-    min: float = 0.0
-    timeout: float = 20.0
-    idle_grace: float = 0.5
-    close_spread: float = 0.0
-    #: ``fixed`` waits all of ``propagation``; ``evidence`` may end it early (see docs/drain.md).
-    propagation_mode: Literal["fixed", "evidence"] = "fixed"
-    propagation_min: float = 1.0
-    propagation_margin: float = 1.0
-    quiet: float = 1.0
-    default_failure_threshold: int = 3
-    probers: tuple[ProberRule, ...] = ()
-
-
-AppStopMethod = Literal["prestop", "signal", "http", "exec", "none"]
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """How the app is told to stop after the drain (waiting preStop calls are released after it)."""
-
-    stop: AppStopMethod = "prestop"
-    stop_timeout: float = 3.0
-    #: A ``signal.Signals`` name; used by ``stop: signal`` and by wrapper mode.
-    signal: str = "SIGTERM"
-    pidfile: str | None = None
-    process: str | None = None
-    kill_after_timeout: bool = False
-    url: str | None = None
-    method: str = "POST"
-    command: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    format: Literal["text", "json"] = "text"
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    access_log: bool = False
-
-
-@dataclass(frozen=True)
-class Config:
-    listen: Address = Address("0.0.0.0", 8080)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
-    forwarded: ForwardedConfig = field(default_factory=ForwardedConfig)
-    admin: AdminConfig = field(default_factory=AdminConfig)
-    drain: DrainConfig = field(default_factory=DrainConfig)
-    app: AppConfig = field(default_factory=AppConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    termination_grace_period: float = 30.0
-    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    tls: ListenerTLSConfig | None = None
-
-    def shutdown_budget(self) -> list[tuple[str, float]]:
-        """The terms that must fit in the termination grace period, in the order they elapse."""
-        return [
-            ("drain.readiness_fail_delay", self.drain.readiness_fail_delay),
-            ("drain.propagation", self.drain.propagation),
-            ("drain.timeout", self.drain.timeout),
-            ("app.stop_timeout", self.app.stop_timeout),
-            ("margin", GRACE_MARGIN),
-        ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Field readers: each takes the dotted name for error messages and the raw YAML value.
-
-
-def parse_duration(name: str, value: object) -> float:
-    """Seconds from a number (seconds) or a string such as ``500ms``, ``5s``, ``1m``."""
-    if isinstance(value, bool):
-        raise ConfigError(name, value, "must be a duration such as 5s, 500ms or 1m")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ConfigError(name, value, "must be a duration such as 5s, 500ms or 1m")
-    if seconds < 0:
-        raise ConfigError(name, value, "must not be negative")
-    return seconds
-
-
 def parse_address(name: str, value: object) -> Address:
     """``host:port``, ``:port`` (all interfaces) or ``[v6]:port``."""
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(name, value, "must be host:port, e.g. 0.0.0.0:8080")
     host, _, port_text = value.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
-    port = _port(name, value, port_text)
-    return Address(host, port)
-
-
-def _port(name: str, value: object, port_text: str) -> int:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(name, value, "port must be a number from 1 to 65535")
-    return int(port_text)
+    return Address(host, int(port_text))
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(name, value, "must be a whole number, 0 or more")
-    return value
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+_MAX_SIZE = 1024**4
+
+
+def parse_size(name: str, value: object) -> int:
+    """Bytes from a whole number or a string such as ``64KiB`` or ``1MiB``; 1 byte to 1 TiB."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise ConfigError(name, value, "must be a size in bytes such as 8192, 64KiB or 1MiB")
+    if size < 1:
+        raise ConfigError(name, value, "must be at least 1 byte")
+    if size > _MAX_SIZE:
+        raise ConfigError(name, value, "must be at most 1TiB")
+    return size
+
+
+def _whole_number(low: int, high: int) -> Reader:
+    def read(name: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(name, value, f"must be a whole number, {low} or more")
+        if value > high:
+            raise ConfigError(name, value, f"must be at most {high}")
+        return value
+
+    return read
+
+
+_count = _whole_number(1, 1_000_000)
 
 
 def _boolean(name: str, value: object) -> bool:
@@ -260,7 +192,7 @@ def _string(name: str, value: object) -> str:
     return value
 
 
-def _choice(*choices: str) -> Callable[[str, object], Any]:
+def _choice(*choices: str) -> Reader:
     def read(name: str, value: object) -> str:
         if value not in choices:
             raise ConfigError(name, value, "must be one of " + ", ".join(choices))
@@ -269,65 +201,23 @@ def _choice(*choices: str) -> Callable[[str, object], Any]:
     return read
 
 
-def _optional(reader: Callable[[str, object], T]) -> Callable[[str, object], T | None]:
-    def read(name: str, value: object) -> T | None:
+def _optional(reader: Reader) -> Reader:
+    def read(name: str, value: object) -> Any:
         return None if value is None else reader(name, value)
 
     return read
 
 
-def _section(
-    name: str, raw: object, readers: Mapping[str, Callable[[str, object], Any]]
-) -> dict[str, Any]:
-    """Read a mapping whose every key must be known; returns only the keys present."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(name or "config", raw, "must be a mapping of keys to values")
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        dotted = f"{name}.{key}" if name else str(key)
-        reader = readers.get(key) if isinstance(key, str) else None
-        if reader is None:
-            known = ", ".join(sorted(readers))
-            raise ConfigError(dotted, value, f"is not a known key (known here: {known})")
-        values[key] = reader(dotted, value)
-    return values
-
-
-def _upstream_url(name: str, value: object) -> dict[str, Any]:
+def _upstream_url(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise ConfigError(name, value, "must be an http://host:port URL")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
         raise ConfigError(name, value, "must be an http:// or https://host:port URL with no path")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise ConfigError(name, value, "port must be a number from 1 to 65535") from None
-    return {"url": value, "host": parts.hostname, "port": port}
-
-
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
-
-
-def parse_size(name: str, value: object) -> int:
-    """Bytes from a whole number or a string such as ``64KiB`` or ``1MiB``; at least 1."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str) and (match := _SIZE.match(value)):
-        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
-    else:
-        raise ConfigError(name, value, "must be a size in bytes such as 8192, 64KiB or 1MiB")
-    if size < 1:
-        raise ConfigError(name, value, "must be at least 1 byte")
-    return size
-
-
-def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(name, value, "must be a whole number, 1 or more")
     return value
 
 
@@ -341,219 +231,8 @@ def _readable_file(name: str, value: object) -> str:
     return path
 
 
-def _upstream_tls(name: str, raw: object) -> UpstreamTLSConfig:
-    tls = UpstreamTLSConfig(
-        **_section(
-            name,
-            raw,
-            {
-                "ca_file": _readable_file,
-                "verify": _boolean,
-                "server_name": _string,
-                "cert_file": _readable_file,
-                "key_file": _readable_file,
-            },
-        )
-    )
-    if (tls.cert_file is None) != (tls.key_file is None):
-        raise ConfigError(f"{name}.cert_file", tls.cert_file, f"and {name}.key_file go together")
-    _check_tls_files(name, tls.cert_file, tls.key_file, tls.ca_file, "ca_file")
-    return tls
-
-
-def _check_tls_files(
-    name: str, cert_file: str | None, key_file: str | None, ca_file: str | None, ca_key: str
-) -> None:
-    """Load the certificate files once, so ``drainproxy check`` finds a bad one, not a pod."""
-    import ssl  # here, not at the top: `drainproxy drain` and `check` without TLS skip 4 MiB
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if cert_file is not None and key_file is not None:
-        try:
-            context.load_cert_chain(cert_file, key_file)
-        except (OSError, ssl.SSLError) as exc:
-            rule = f"cannot be loaded with {name}.key_file: {exc}"
-            raise ConfigError(f"{name}.cert_file", cert_file, rule) from None
-    if ca_file is not None:
-        try:
-            context.load_verify_locations(ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{name}.{ca_key}", ca_file, f"cannot be loaded: {exc}") from None
-
-
-def _timeouts(name: str, raw: object) -> TimeoutsConfig:
-    return TimeoutsConfig(
-        **_section(
-            name,
-            raw,
-            {
-                "request_head": parse_duration,
-                "client_idle": parse_duration,
-                "client_body": parse_duration,
-            },
-        )
-    )
-
-
 def _connections_limit(name: str, value: object) -> int | None:
-    return None if value == "auto" else _count(name, value)
-
-
-def _limits(name: str, raw: object) -> LimitsConfig:
-    return LimitsConfig(
-        **_section(
-            name,
-            raw,
-            {
-                "max_request_line": parse_size,
-                "max_header_bytes": parse_size,
-                "max_headers": _count,
-                "max_response_header_bytes": parse_size,
-                "max_body_bytes": _optional(parse_size),
-                "max_connections": _connections_limit,
-            },
-        )
-    )
-
-
-def _listener_tls(name: str, raw: object) -> ListenerTLSConfig | None:
-    if raw is None:
-        return None
-    values = _section(
-        name,
-        raw,
-        {
-            "cert_file": _readable_file,
-            "key_file": _readable_file,
-            "client_ca_file": _readable_file,
-            "client_cert": _choice("none", "optional", "required"),
-            "reload_interval": parse_duration,
-        },
-    )
-    for key in ("cert_file", "key_file"):
-        if key not in values:
-            raise ConfigError(f"{name}.{key}", None, "is required when tls is set")
-    tls = ListenerTLSConfig(**values)
-    if (tls.client_cert != "none") != (tls.client_ca_file is not None):
-        raise ConfigError(
-            f"{name}.client_cert",
-            tls.client_cert,
-            f"must be optional or required exactly when {name}.client_ca_file is set",
-        )
-    if tls.reload_interval <= 0:
-        raise ConfigError(f"{name}.reload_interval", tls.reload_interval, "must be more than 0")
-    _check_tls_files(name, tls.cert_file, tls.key_file, tls.client_ca_file, "client_ca_file")
-    return tls
-
-
-def _app_check(name: str, raw: object) -> AppCheck:
-    values = _section(
-        name,
-        raw,
-        {
-            "kind": _choice("tcp", "http"),
-            "path": _string,
-            "interval": parse_duration,
-            "timeout": parse_duration,
-        },
-    )
-    check = AppCheck(**values)
-    if not check.path.startswith("/"):
-        raise ConfigError(f"{name}.path", check.path, "must start with /")
-    if check.interval <= 0:
-        raise ConfigError(f"{name}.interval", check.interval, "must be more than 0")
-    return check
-
-
-def _upstream(name: str, raw: object) -> UpstreamConfig:
-    if isinstance(raw, str):
-        return _upstream(name, {"url": raw})
-    values = _section(
-        name,
-        raw,
-        {
-            "url": _upstream_url,
-            "connect_timeout": parse_duration,
-            "response_timeout": parse_duration,
-            "max_idle_connections": _positive_int,
-            "idle_timeout": parse_duration,
-            "check": _app_check,
-            "tls": _optional(_upstream_tls),
-        },
-    )
-    if "url" not in values:
-        raise ConfigError(f"{name}.url", None, "is required (the app's http://host:port)")
-    values.update(values.pop("url"))
-    https = values["url"].startswith("https:")
-    if values.get("tls") is not None and not https:
-        given = cast(dict[str, Any], raw)["tls"]
-        raise ConfigError(f"{name}.tls", given, f"needs an https:// {name}.url")
-    if https and values.get("tls") is None:
-        values["tls"] = UpstreamTLSConfig()
-    return UpstreamConfig(**values)
-
-
-def _forwarded(name: str, raw: object) -> ForwardedConfig:
-    mode = _choice("preserve", "overwrite", "off")
-    return ForwardedConfig(
-        **_section(
-            name,
-            raw,
-            {
-                "x_forwarded_for": _choice("append", "off"),
-                "x_forwarded_proto": mode,
-                "x_forwarded_host": mode,
-            },
-        )
-    )
-
-
-def _admin(name: str, raw: object) -> AdminConfig:
-    return AdminConfig(
-        **_section(name, raw, {"listen": parse_address, "token": _optional(_string)})
-    )
-
-
-def _drain(name: str, raw: object) -> DrainConfig:
-    return DrainConfig(
-        **_section(
-            name,
-            raw,
-            {
-                "readiness_fail_delay": parse_duration,
-                "propagation": parse_duration,
-                "min": parse_duration,
-                "timeout": parse_duration,
-                "idle_grace": parse_duration,
-                "close_spread": parse_duration,
-                "propagation_mode": _choice("fixed", "evidence"),
-                "propagation_min": parse_duration,
-                "propagation_margin": parse_duration,
-                "quiet": parse_duration,
-                "default_failure_threshold": _count,
-                "probers": _probers,
-            },
-        )
-    )
-
-
-def _probers(name: str, raw: object) -> tuple[ProberRule, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(name, raw, "must be a list of {address, user_agent, failure_threshold}")
-    rules = []
-    for index, item in enumerate(raw):
-        dotted = f"{name}[{index}]"
-        values = _section(
-            dotted,
-            item,
-            {"address": _string, "user_agent": _regex, "failure_threshold": _count},
-        )
-        if "failure_threshold" not in values:
-            raise ConfigError(f"{dotted}.failure_threshold", None, "is required")
-        if "address" not in values and "user_agent" not in values:
-            raise ConfigError(dotted, item, "needs an address or a user_agent to match probers")
-        rules.append(ProberRule(**values))
-    return tuple(rules)
+    return None if value == "auto" else _whole_number(1, 100_000_000)(name, value)
 
 
 def _signal_name(name: str, value: object) -> str:
@@ -586,6 +265,241 @@ def _argv(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _check_tls_files(
+    name: str, cert_file: str | None, key_file: str | None, ca_file: str | None, ca_key: str
+) -> Iterator[ConfigError]:
+    """Load the certificate files once, so ``drainproxy check`` finds a bad one, not a pod."""
+    import ssl  # here, not at the top: `drainproxy drain` and `check` without TLS skip 4 MiB
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cert_file is not None and key_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            rule = f"cannot be loaded with {name}.key_file: {exc}"
+            yield ConfigError(f"{name}.cert_file", cert_file, rule)
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            yield ConfigError(f"{name}.{ca_key}", ca_file, f"cannot be loaded: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Declaring keys
+
+
+def key(default: Any, read: Reader, *, secret: bool = False, required: str | None = None) -> Any:
+    """A key with its default and reader; ``secret`` hides its value in every message;
+    ``required`` (the reason) makes it required whenever its section is written."""
+    meta = {"read": read, "secret": secret, "required": required}
+    return field(default=default, metadata=meta)
+
+
+def required_key(read: Reader, why: str) -> Any:
+    """A key with no default: its section cannot be written without it."""
+    return field(metadata={"read": read, "secret": False, "required": why})
+
+
+def section(cls: type[Any], *, shorthand: str | None = None) -> Any:
+    """A nested mapping that is always there (its keys' defaults apply); ``shorthand`` names the
+    key a bare scalar stands for (``upstream: http://...``)."""
+    return field(default_factory=cls, metadata={"section": cls, "shorthand": shorthand})
+
+
+def optional_section(cls: type[Any]) -> Any:
+    """A nested mapping that is off (``None``) unless written."""
+    return field(default=None, metadata={"section": cls, "optional": True})
+
+
+def items(cls: type[Any], shape: str) -> Any:
+    """A list of mappings, each read as ``cls``; ``shape`` describes one for error messages."""
+    return field(default=(), metadata={"items": cls, "shape": shape})
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema
+
+
+@dataclass(frozen=True)
+class AppCheck:
+    """How drainproxy decides the app is reachable: a TCP connect, or an HTTP GET of ``path``."""
+
+    kind: Literal["tcp", "http"] = key("tcp", _choice("tcp", "http"))
+    path: str = key("/", _string)
+    interval: float = key(_duration("1s"), parse_duration)
+    timeout: float = key(_duration("1s"), parse_duration)
+
+    def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
+        if not self.path.startswith("/"):
+            yield ConfigError(f"{name}.path", self.path, "must start with /")
+        if self.interval <= 0:
+            yield ConfigError(f"{name}.interval", self.interval, "must be more than 0")
+
+
+@dataclass(frozen=True)
+class UpstreamTLSConfig:
+    """TLS to the app (an ``https://`` upstream URL). Without ``ca_file`` the system CAs apply."""
+
+    ca_file: str | None = key(None, _readable_file)
+    verify: bool = key(True, _boolean)
+    server_name: str | None = key(None, _string)
+    cert_file: str | None = key(None, _readable_file)
+    key_file: str | None = key(None, _readable_file)
+
+    def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = (
+                ("cert_file", "key_file") if self.key_file is None else ("key_file", "cert_file")
+            )
+            yield ConfigError(
+                f"{name}.{given}", getattr(self, given), f"and {name}.{missing} go together"
+            )
+        yield from _check_tls_files(name, self.cert_file, self.key_file, self.ca_file, "ca_file")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = key("http://127.0.0.1:8000", _upstream_url, required="(the app's http://host:port)")
+    connect_timeout: float = key(_duration("5s"), parse_duration)
+    response_timeout: float = key(_duration("60s"), parse_duration)
+    max_idle_connections: int = key(64, _whole_number(0, 1_000_000))
+    idle_timeout: float = key(_duration("30s"), parse_duration)
+    check: AppCheck = section(AppCheck)
+    #: Set exactly when the URL is https:// (its defaults when not written).
+    tls: UpstreamTLSConfig | None = optional_section(UpstreamTLSConfig)
+    #: From ``url``.
+    host: str = field(init=False, compare=False, repr=False)
+    port: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        https = parts.scheme == "https"
+        object.__setattr__(self, "host", parts.hostname or "")
+        object.__setattr__(self, "port", parts.port or (443 if https else 80))
+        if https and self.tls is None:
+            object.__setattr__(self, "tls", UpstreamTLSConfig())
+
+    def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
+        if self.tls is not None and not self.url.startswith("https:"):
+            yield ConfigError(f"{name}.tls", raw["tls"], f"needs an https:// {name}.url")
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    """Client-side timeouts (the app's are in ``upstream``); 0 turns one off."""
+
+    request_head: float = key(_duration("10s"), parse_duration)
+    client_idle: float = key(_duration("75s"), parse_duration)
+    client_body: float = key(_duration("30s"), parse_duration)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Sizes and counts that bound what one client may make drainproxy hold."""
+
+    max_request_line: int = key(8192, parse_size)
+    max_header_bytes: int = key(32768, parse_size)
+    max_headers: int = key(100, _count)
+    #: None: no limit on request bodies.
+    max_body_bytes: int | None = key(None, _optional(parse_size))
+    #: None: ``auto``, half the open-file limit (each connection may need one to the app too).
+    max_connections: int | None = key(None, _connections_limit)
+
+
+ClientCertMode = Literal["none", "optional", "required"]
+
+
+@dataclass(frozen=True)
+class ListenerTLSConfig:
+    """TLS termination on ``listen``; the files are re-read when they change."""
+
+    cert_file: str = required_key(_readable_file, "when tls is set")
+    key_file: str = required_key(_readable_file, "when tls is set")
+    client_ca_file: str | None = key(None, _readable_file)
+    client_cert: ClientCertMode = key("none", _choice("none", "optional", "required"))
+    reload_interval: float = key(_duration("10s"), parse_duration)
+
+    def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
+        if (self.client_cert != "none") != (self.client_ca_file is not None):
+            yield ConfigError(
+                f"{name}.client_cert",
+                self.client_cert,
+                f"must be optional or required exactly when {name}.client_ca_file is set",
+            )
+        if self.reload_interval <= 0:
+            yield ConfigError(f"{name}.reload_interval", self.reload_interval, "must be more than 0")
+        yield from _check_tls_files(
+            name, self.cert_file, self.key_file, self.client_ca_file, "client_ca_file"
+        )
+
+
+ForwardedMode = Literal["preserve", "overwrite", "off"]
+_forwarded_mode = _choice("preserve", "overwrite", "off")
+
+
+@dataclass(frozen=True)
+class ForwardedConfig:
+    """X-Forwarded-* handling. ``preserve`` keeps a value an upstream balancer already set."""
+
+    x_forwarded_for: Literal["append", "off"] = key("append", _choice("append", "off"))
+    x_forwarded_proto: ForwardedMode = key("preserve", _forwarded_mode)
+    x_forwarded_host: ForwardedMode = key("preserve", _forwarded_mode)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: Address = key(Address("0.0.0.0", 9901), parse_address)
+    token: str | None = key(None, _optional(_string), secret=True)
+
+
+@dataclass(frozen=True)
+class ProberRule:
+    """How many consecutive failed readiness checks make one prober mark the pod unready."""
+
+    failure_threshold: int = required_key(_count, "")
+    address: str | None = key(None, _string)
+    #: A regular expression searched in the prober's User-Agent.
+    user_agent: str | None = key(None, _regex)
+
+    def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
+        if self.address is None and self.user_agent is None:
+            yield ConfigError(name, raw, "needs an address or a user_agent to match probers")
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    readiness_fail_delay: float = key(_duration("0s"), parse_duration)
+    propagation: float = key(_duration("5s"), parse_duration)
+    min: float = key(_duration("0s"), parse_duration)
+    timeout: float = key(_duration("20s"), parse_duration)
+    idle_grace: float = key(_duration("500ms"), parse_duration)
+    close_spread: float = key(_duration("0s"), parse_duration)
+    #: ``fixed`` waits all of ``propagation``; ``evidence`` may end it early (see docs/drain.md).
+    propagation_mode: Literal["fixed", "evidence"] = key("fixed", _choice("fixed", "evidence"))
+    propagation_min: float = key(_duration("1s"), parse_duration)
+    propagation_margin: float = key(_duration("1s"), parse_duration)
+    quiet: float = key(_duration("1s"), parse_duration)
+    default_failure_threshold: int = key(3, _count)
+    probers: tuple[ProberRule, ...] = items(ProberRule, "{address, user_agent, failure_threshold}")
+
+    def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
+        if self.min > self.timeout:
+            yield ConfigError(
+                f"{name}.min",
+                self.min,
+                f"must not exceed {name}.timeout ({format_duration(self.timeout)})",
+            )
+        if self.propagation_mode == "evidence" and self.propagation_min > self.propagation:
+            yield ConfigError(
+                f"{name}.propagation_min",
+                self.propagation_min,
+                f"must not exceed {name}.propagation ({format_duration(self.propagation)})",
+            )
+
+
+AppStopMethod = Literal["prestop", "signal", "http", "exec", "none"]
+
 #: The keys each stop method uses beyond stop, stop_timeout and signal.
 _APP_STOP_KEYS = {
     "signal": ("pidfile", "process", "kill_after_timeout"),
@@ -594,122 +508,349 @@ _APP_STOP_KEYS = {
 }
 
 
-def _app(name: str, raw: object) -> AppConfig:
-    values = _section(
-        name,
-        raw,
-        {
-            "stop": _choice("prestop", "signal", "http", "exec", "none"),
-            "stop_timeout": parse_duration,
-            "signal": _signal_name,
-            "pidfile": _string,
-            "process": _regex,
-            "kill_after_timeout": _boolean,
-            "url": _http_url,
-            "method": _choice("GET", "POST", "PUT", "PATCH", "DELETE"),
-            "command": _argv,
-        },
+@dataclass(frozen=True)
+class AppConfig:
+    """How the app is told to stop after the drain (waiting preStop calls are released after it)."""
+
+    stop: AppStopMethod = key("prestop", _choice("prestop", "signal", "http", "exec", "none"))
+    stop_timeout: float = key(_duration("3s"), parse_duration)
+    #: A ``signal.Signals`` name; used by ``stop: signal`` and by wrapper mode.
+    signal: str = key("SIGTERM", _signal_name)
+    pidfile: str | None = key(None, _string)
+    process: str | None = key(None, _regex)
+    kill_after_timeout: bool = key(False, _boolean)
+    url: str | None = key(None, _http_url)
+    method: str = key("POST", _choice("GET", "POST", "PUT", "PATCH", "DELETE"))
+    command: tuple[str, ...] | None = key(None, _argv)
+
+    def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
+        for method, keys in _APP_STOP_KEYS.items():
+            for used in keys:
+                if used in raw and self.stop != method:
+                    yield ConfigError(
+                        f"{name}.{used}", raw[used], f"is only used with {name}.stop: {method}"
+                    )
+        if self.stop == "signal" and (self.pidfile is None) == (self.process is None):
+            yield ConfigError(
+                f"{name}.stop",
+                self.stop,
+                f"needs exactly one of {name}.pidfile (a file holding the app's process id) and "
+                f"{name}.process (a regular expression matching its command line)",
+            )
+        if self.stop == "http" and self.url is None:
+            yield ConfigError(f"{name}.stop", self.stop, f"needs {name}.url (the URL to call)")
+        if self.stop == "exec" and self.command is None:
+            yield ConfigError(
+                f"{name}.stop", self.stop, f"needs {name}.command (an argv list to run)"
+            )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: Literal["text", "json"] = key("text", _choice("text", "json"))
+    level: Literal["debug", "info", "warning", "error"] = key(
+        "info", _choice("debug", "info", "warning", "error")
     )
-    app = AppConfig(**values)
-    for method, keys in _APP_STOP_KEYS.items():
-        for key in keys:
-            if key in values and app.stop != method:
-                raise ConfigError(
-                    f"{name}.{key}", values[key], f"is only used with {name}.stop: {method}"
+    access_log: bool = key(False, _boolean)
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Address = key(Address("0.0.0.0", 8080), parse_address)
+    upstream: UpstreamConfig = section(UpstreamConfig, shorthand="url")
+    forwarded: ForwardedConfig = section(ForwardedConfig)
+    admin: AdminConfig = section(AdminConfig)
+    drain: DrainConfig = section(DrainConfig)
+    app: AppConfig = section(AppConfig)
+    log: LogConfig = section(LogConfig)
+    termination_grace_period: float = key(_duration("30s"), parse_duration)
+    timeouts: TimeoutsConfig = section(TimeoutsConfig)
+    limits: LimitsConfig = section(LimitsConfig)
+    tls: ListenerTLSConfig | None = optional_section(ListenerTLSConfig)
+
+    def shutdown_budget(self) -> list[tuple[str, float]]:
+        """The terms that must fit in the termination grace period, in the order they elapse."""
+        return [
+            ("drain.readiness_fail_delay", self.drain.readiness_fail_delay),
+            ("drain.propagation", self.drain.propagation),
+            ("drain.timeout", self.drain.timeout),
+            ("app.stop_timeout", self.app.stop_timeout),
+            ("margin", GRACE_MARGIN),
+        ]
+
+    def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
+        if self.listen == self.admin.listen:
+            yield ConfigError("admin.listen", str(self.admin.listen), "must differ from listen")
+        for own, address in (("listen", self.listen), ("admin.listen", self.admin.listen)):
+            if _same_socket(self.upstream.host, self.upstream.port, address):
+                yield ConfigError(
+                    "upstream.url",
+                    self.upstream.url,
+                    f"is drainproxy's own {own} ({address}): it would proxy to itself; "
+                    "point it at the port the app listens on",
                 )
-    if app.stop == "signal" and (app.pidfile is None) == (app.process is None):
-        raise ConfigError(
-            f"{name}.stop",
-            app.stop,
-            f"needs exactly one of {name}.pidfile (a file holding the app's process id) and "
-            f"{name}.process (a regular expression matching its command line)",
-        )
-    if app.stop == "http" and app.url is None:
-        raise ConfigError(f"{name}.stop", app.stop, f"needs {name}.url (the URL to call)")
-    if app.stop == "exec" and app.command is None:
-        raise ConfigError(f"{name}.stop", app.stop, f"needs {name}.command (an argv list to run)")
-    return app
+        terms = self.shutdown_budget()
+        total = sum(seconds for _, seconds in terms)
+        if total > self.termination_grace_period:
+            shown = " + ".join(f"{name} {format_duration(seconds)}" for name, seconds in terms)
+            needed = format_duration(total)
+            yield ConfigError(
+                "termination_grace_period",
+                self.termination_grace_period,
+                f"is shorter than the shutdown needs: {shown} = {needed}; raise it to at least "
+                f"{needed} (and terminationGracePeriodSeconds in the pod spec) or shorten the "
+                "drain",
+            )
 
 
-def _log(name: str, raw: object) -> LogConfig:
-    return LogConfig(
-        **_section(
-            name,
-            raw,
-            {
-                "format": _choice("text", "json"),
-                "level": _choice("debug", "info", "warning", "error"),
-                "access_log": _boolean,
-            },
-        )
-    )
+def _same_socket(host: str, port: int, address: Address) -> bool:
+    """Would connecting to ``host:port`` reach a listener bound to ``address``?"""
+    if port != address.port:
+        return False
+    if address.host in _WILDCARD_HOSTS:
+        return host in _LOOPBACK_HOSTS or host in _WILDCARD_HOSTS
+    return host == address.host or (host in _LOOPBACK_HOSTS and address.host in _LOOPBACK_HOSTS)
 
 
-_TOP_LEVEL: dict[str, Callable[[str, object], Any]] = {
-    "listen": parse_address,
-    "upstream": _upstream,
-    "forwarded": _forwarded,
-    "admin": _admin,
-    "drain": _drain,
-    "app": _app,
-    "log": _log,
-    "termination_grace_period": parse_duration,
-    "timeouts": _timeouts,
-    "limits": _limits,
-    "tls": _listener_tls,
-}
+# ---------------------------------------------------------------------------------------------
+# Reading the schema
+
+
+@dataclass(frozen=True)
+class ConfigWarning:
+    """Something that loads but is likely wrong; ``name`` is stable (``check`` maps it to a rule)."""
+
+    name: str
+    field: str
+    message: str
+    fix: str
+
+
+class _Reading:
+    """One pass over the YAML: every error is collected, a bad value leaves its default."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+        self.written: set[str] = set()
+
+    def section(self, cls: type[T], name: str, raw: object) -> T | None:
+        """``cls`` read from ``raw``; None when it cannot be built (a required key is missing)."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            self.errors.append(ConfigError(name or "config", raw, "must be a mapping of keys to values"))
+            return None
+        schema = {item.name: item for item in fields(cls) if item.init}  # type: ignore[arg-type]
+        errors_before = len(self.errors)
+        values: dict[str, Any] = {}
+        for key_name, value in raw.items():
+            dotted = f"{name}.{key_name}" if name else str(key_name)
+            item = schema.get(key_name) if isinstance(key_name, str) else None
+            if item is None:
+                known = ", ".join(sorted(schema))
+                self.errors.append(
+                    ConfigError(dotted, value, f"is not a known key (known here: {known})")
+                )
+                continue
+            self.written.add(dotted)
+            try:
+                values[key_name] = self._value(item, dotted, value)
+            except ConfigError as exc:
+                self.errors.append(exc.hidden() if item.metadata.get("secret") else exc)
+        for item in schema.values():
+            why = item.metadata.get("required")
+            if why is not None and item.name not in raw:
+                dotted = f"{name}.{item.name}" if name else item.name
+                self.errors.append(ConfigError(dotted, None, f"is required {why}".rstrip()))
+        try:
+            instance = cls(**values)
+        except TypeError:  # a required key is missing (reported above)
+            return None
+        rules: SectionRules | None = getattr(instance, "_rules", None)
+        if rules is not None and len(self.errors) == errors_before:
+            self.errors.extend(rules(name, raw))
+        return instance
+
+    def _value(self, item: Field[Any], dotted: str, value: object) -> Any:
+        meta = item.metadata
+        if isinstance(value, str) and (unexpanded := _UNEXPANDED.search(value)):
+            raise ConfigError(
+                dotted,
+                value,
+                f"holds {unexpanded.group()}, but drainproxy reads its config literally and "
+                "expands no variables: write the value itself (or render the file, e.g. with "
+                "envsubst, before drainproxy reads it)",
+            )
+        if "section" in meta:
+            if value is None and meta.get("optional"):
+                return None
+            if meta.get("shorthand") and not isinstance(value, dict | type(None)):
+                value = {meta["shorthand"]: value}
+                self.written.add(f"{dotted}.{meta['shorthand']}")
+            built = self.section(meta["section"], dotted, value)
+            return built if built is not None else _default(item)
+        if "items" in meta:
+            if not isinstance(value, list):
+                raise ConfigError(dotted, value, f"must be a list of {meta['shape']}")
+            built_items = (
+                self.section(meta["items"], f"{dotted}[{index}]", one)
+                for index, one in enumerate(value)
+            )
+            return tuple(one for one in built_items if one is not None)
+        return meta["read"](dotted, value)
+
+
+def _default(item: Field[Any]) -> Any:
+    return item.default_factory() if item.default_factory is not MISSING else item.default
+
+
+@dataclass(frozen=True)
+class ConfigReport:
+    """A config read as far as it goes: ``config`` has the defaults where ``errors`` are."""
+
+    config: Config
+    errors: tuple[ConfigError, ...]
+    warnings: tuple[ConfigWarning, ...]
+    #: The dotted keys the file sets.
+    written: frozenset[str]
+
+    def checked(self) -> Config:
+        """The config, or every error at once."""
+        if self.errors:
+            raise ConfigErrors(self.errors)
+        return self.config
+
+
+def read_mapping(raw: object) -> ConfigReport:
+    """Read and cross-check already-parsed YAML, collecting every error and warning."""
+    reading = _Reading()
+    config = reading.section(Config, "", raw) or Config()
+    errors = tuple(reading.errors)
+    warnings = () if errors else tuple(config_warnings(config, frozenset(reading.written)))
+    return ConfigReport(config, errors, warnings, frozenset(reading.written))
 
 
 def config_from_mapping(raw: object) -> Config:
-    """Build and cross-check a Config from already-parsed YAML."""
-    config = Config(**_section("", raw, _TOP_LEVEL))
-    check_cross_field_rules(config)
-    return config
+    """Build and cross-check a Config from already-parsed YAML; raises every error at once."""
+    return read_mapping(raw).checked()
 
 
-def check_cross_field_rules(config: Config) -> None:
-    if config.listen == config.admin.listen:
-        raise ConfigError("admin.listen", str(config.admin.listen), "must differ from listen")
-    if config.drain.min > config.drain.timeout:
-        raise ConfigError(
-            "drain.min",
-            config.drain.min,
-            f"must not exceed drain.timeout ({config.drain.timeout:g}s)",
+def config_warnings(config: Config, written: frozenset[str]) -> Iterator[ConfigWarning]:
+    """What loads but should not go to production as is."""
+    token = config.admin.token
+    if token is not None and (token == PLACEHOLDER_TOKEN or _PLACEHOLDER.match(token)):
+        yield ConfigWarning(
+            "admin-token-placeholder",
+            "admin.token",
+            "admin.token is a placeholder (shipped in the examples, so public): anyone who can "
+            "reach the admin port can drain the pod and release the app's preStop hook",
+            "set admin.token to a random value (openssl rand -hex 16) and send the same value "
+            "in the app's preStop X-Drainproxy-Token header",
         )
-    evidence = config.drain.propagation_mode == "evidence"
-    if evidence and config.drain.propagation_min > config.drain.propagation:
-        raise ConfigError(
-            "drain.propagation_min",
-            config.drain.propagation_min,
-            f"must not exceed drain.propagation ({config.drain.propagation:g}s)",
+    response, drain = config.upstream.response_timeout, config.drain.timeout
+    chosen = {"upstream.response_timeout", "drain.timeout"} & written
+    if response > drain and chosen:
+        yield ConfigWarning(
+            "response-timeout-exceeds-drain",
+            "upstream.response_timeout",
+            f"upstream.response_timeout {format_duration(response)} exceeds drain.timeout "
+            f"{format_duration(drain)}: a request the app answers in between is served normally "
+            "but cut off (counted as forced) when it is in flight at a drain",
+            f"lower upstream.response_timeout to {format_duration(drain)}, or raise drain.timeout "
+            "(and the grace period) to cover the slowest response",
         )
-    terms = config.shutdown_budget()
-    total = sum(seconds for _, seconds in terms)
-    if total > config.termination_grace_period:
-        shown = " + ".join(f"{name} {seconds:g}s" for name, seconds in terms)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key written twice in one mapping (the last would win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(name, key_node)
+            except TypeError:  # an unhashable key: the base loader reports it
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {name!r} (first at line {first.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """One YAML document, duplicate keys refused; errors name ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", source, f"is not valid YAML: {describe_yaml_error(exc)}") from None
+
+
+def parse_yaml_stream(text: str) -> list[Any]:
+    """Every document of a multi-document YAML stream, duplicate keys refused."""
+    return list(yaml.load_all(text, Loader=_StrictLoader))  # noqa: S506 - a SafeLoader subclass
+
+
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """``line L, column C: problem``, without PyYAML's ``in "<unicode string>"``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def read_config_text(text: str, source: str) -> ConfigReport:
+    """Read a config file's text; a file that is not YAML, or sets nothing, raises ConfigError."""
+    raw = parse_yaml(text, source)
+    if raw is None:
         raise ConfigError(
-            "termination_grace_period",
-            config.termination_grace_period,
-            f"is shorter than the shutdown needs: {shown} = {total:g}s; raise it to at least "
-            f"{total:g}s (and terminationGracePeriodSeconds in the pod spec) or shorten the drain",
+            "config",
+            source,
+            "is empty (only comments or nothing): write at least upstream: http://127.0.0.1:PORT, "
+            "or leave out --config to run on the built-in defaults",
         )
+    return read_mapping(raw)
+
+
+def read_config(path: str | Path | None) -> ConfigReport:
+    """Read a YAML file, or the schema's defaults when ``path`` is None."""
+    if path is None:
+        return ConfigReport(Config(), (), (), frozenset())
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("config", str(path), f"cannot be read: {exc.strerror}") from None
+    return read_config_text(text, str(path))
 
 
 def load_config(path: str | Path | None) -> Config:
-    """Load a YAML file, or the embedded defaults when ``path`` is None."""
-    if path is None:
-        from importlib import resources  # 1 MiB (tempfile, shutil, random) only when used
+    """A YAML file's config, or the schema's defaults when ``path`` is None; every error in the
+    file is raised at once (``ConfigErrors``)."""
+    return read_config(path).checked()
 
-        text = resources.files("drainproxy").joinpath("default.yaml").read_text()
-        source = "<embedded defaults>"
-    else:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError("config", str(path), f"cannot be read: {exc.strerror}") from None
-        source = str(path)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", source, f"is not valid YAML: {exc}") from None
-    return config_from_mapping(raw if raw is not None else {})
+
+def default_file_text() -> str:
+    """The commented default config shipped in the package (it documents every key)."""
+    from importlib import resources  # 1 MiB (tempfile, shutil, random) only when used
+
+    return resources.files("drainproxy").joinpath("default.yaml").read_text()
+
+
+def shown_value(value: object) -> str:
+    """A config value as a user writes it: durations as ``30s``, addresses as ``host:port``."""
+    return repr(value) if isinstance(value, Duration) else str(value)
