@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from drainproxy import __version__
-from drainproxy.config import Config, load_config
+from drainproxy.config import Config, ConfigWarning, read_config
 from drainproxy.errors import ConfigError, DrainproxyError
 from drainproxy.logs import setup_logging
 
@@ -35,13 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="validate a config, and with --manifest the pod specs that run it"
     )
-    check.add_argument("--config", required=True, help="YAML config file")
+    check.add_argument(
+        "--config",
+        help="YAML config file (default: with --manifest, the config each pod's ConfigMap holds)",
+    )
     check.add_argument(
         "--manifest",
         action="append",
         default=[],
-        metavar="FILE",
-        help="Kubernetes YAML to lint together with the config (repeatable)",
+        metavar="PATH",
+        help="Kubernetes YAML or JSON to lint together with the config: a file, a directory "
+        "(its *.yaml, *.yml, *.json) or - for stdin (repeatable)",
     )
     check.add_argument("--format", choices=("text", "json"), default="text")
     drain = commands.add_parser(
@@ -63,50 +67,105 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return demo(args)
     if args.command == "check":
+        if args.config is None and not args.manifest:
+            _parser().error("check needs --config, --manifest or both")
         return check(args.config, args.manifest, args.format)
     try:
-        config = load_config(args.config)
+        report = read_config(args.config)
+        config = report.checked()
     except ConfigError as exc:
-        print(f"drainproxy: config error: {exc}", file=sys.stderr)
+        for error in exc.errors:
+            print(f"drainproxy: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "drain":
         return drain(config, args.wait)
     if args.command == "wrap":
-        return wrap(config, args.app_command)
-    return serve(config)
+        return wrap(config, args.app_command, report.warnings)
+    return serve(config, report.warnings)
 
 
-def check(config_path: str, manifests: list[str], output: str) -> int:
-    """Lint the config and the manifests: exit 1 on error findings, 2 if they do not load."""
-    from drainproxy.k8scheck import ManifestError, check_manifests, load_manifests
+def check(config_path: str | None, manifests: list[str], output: str) -> int:
+    """Lint the config and the manifests, reporting everything in one run: exit 2 if the config
+    or a manifest does not load, else 1 on error findings, else 0."""
+    from drainproxy.config import read_config, read_config_text
+    from drainproxy.k8scheck import (
+        RULES,
+        Finding,
+        ManifestDoc,
+        ManifestError,
+        PodConfig,
+        check_manifests,
+        config_findings,
+        load_manifests,
+        pod_configs,
+        workload_docs,
+    )
 
+    shown_config = config_path or "the pods' config"
     try:
-        config = load_config(config_path)
         docs = load_manifests(manifests)
-    except (ConfigError, ManifestError) as exc:
-        problem = f"{'config' if isinstance(exc, ConfigError) else 'manifest'} error: {exc}"
+    except ManifestError as exc:
+        problem = f"manifest error: {exc}"
         if output == "json":
-            print(json.dumps({"config": config_path, "error": problem, "findings": []}))
+            print(json.dumps({"config": shown_config, "error": problem, "findings": []}))
         else:
             print(f"drainproxy: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    findings = check_manifests(config, docs, config_path) if manifests else []
+    # What to check against what: the config given, or each workload's own.
+    units: list[tuple[str, PodConfig | None, list[ManifestDoc]]]
+    if config_path is not None:
+        units = [(config_path, None, docs)]
+    else:
+        units = [
+            (unit.source or unit.workload.where, unit, workload_docs(docs, unit.workload))
+            for unit in pod_configs(docs)
+        ]
+        if not units:
+            print(
+                "drainproxy: check: no container in the manifests runs drainproxy, so there is "
+                "no config to read: pass --config",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+    findings: list[Finding] = []
+    unloadable = False
+    for source, unit, unit_docs in units:
+        if unit is not None and unit.problem is not None:
+            findings.append(unit.problem)
+            continue
+        try:
+            if unit is None:
+                report = read_config(config_path)
+            elif unit.text is None:
+                report = read_config(None)
+            else:
+                report = read_config_text(unit.text, source)
+        except ConfigError as exc:  # unreadable, not YAML, empty: nothing to go on
+            findings.append(Finding(RULES["DP001"], source, str(exc), "fix the file"))
+            unloadable = True
+            continue
+        findings += config_findings(report, source)
+        unloadable |= bool(report.errors)
+        if manifests:
+            findings += check_manifests(report.config, unit_docs, source)
     errors = sum(finding.is_error for finding in findings)
     if output == "json":
-        report = {
-            "config": config_path,
+        report_json = {
+            "config": shown_config,
             "manifests": manifests,
             "errors": errors,
             "warnings": len(findings) - errors,
             "findings": [finding.as_dict() for finding in findings],
         }
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report_json, indent=2))
     else:
         for finding in findings:
             print(finding.line())
         checked = f" with {', '.join(manifests)}" if manifests else ""
         verdict = f"{errors} error(s), {len(findings) - errors} warning(s)" if findings else "ok"
-        print(f"{config_path}{checked}: {verdict}")
+        print(f"{shown_config}{checked}: {verdict}")
+    if unloadable:
+        return EXIT_CONFIG
     return 1 if errors else 0
 
 
@@ -121,11 +180,11 @@ def drain(config: Config, wait: bool) -> int:
     return 0
 
 
-def serve(config: Config) -> int:
-    return _run_logged(config, lambda loop_name: _serve(config, loop_name))
+def serve(config: Config, warnings: Sequence[ConfigWarning] = ()) -> int:
+    return _run_logged(config, warnings, lambda loop_name: _serve(config, loop_name))
 
 
-def wrap(config: Config, command: list[str]) -> int:
+def wrap(config: Config, command: list[str], warnings: Sequence[ConfigWarning] = ()) -> int:
     from drainproxy.wrapper import check_wrapper_config
 
     command = command[1:] if command[:1] == ["--"] else command
@@ -137,15 +196,27 @@ def wrap(config: Config, command: list[str]) -> int:
     except ConfigError as exc:
         print(f"drainproxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return _run_logged(config, lambda loop_name: _wrap(config, command, loop_name))
+    return _run_logged(config, warnings, lambda loop_name: _wrap(config, command, loop_name))
 
 
-def _run_logged(config: Config, run: Callable[[str], Coroutine[Any, Any, int]]) -> int:
-    """Logging as configured, uvloop if there is one, then ``run(loop_name)`` to its exit
-    status; what stops it from starting is logged and is exit status 1."""
+def _run_logged(
+    config: Config,
+    warnings: Sequence[ConfigWarning],
+    run: Callable[[str], Coroutine[Any, Any, int]],
+) -> int:
+    """Logging as configured, the config's warnings logged, uvloop if there is one, then
+    ``run(loop_name)`` to its exit status; what stops it from starting is logged and is exit
+    status 1."""
     import asyncio
 
     setup_logging(config.log.format, config.log.level)
+    for warning in warnings:
+        log.warning(
+            "config: %s; fix: %s",
+            warning.message,
+            warning.fix,
+            extra={"event": "config_warning", "field": warning.field},
+        )
     loop_name = _install_uvloop()
     try:
         return asyncio.run(run(loop_name))

@@ -428,7 +428,9 @@ class ListenerTLSConfig:
                 f"must be optional or required exactly when {name}.client_ca_file is set",
             )
         if self.reload_interval <= 0:
-            yield ConfigError(f"{name}.reload_interval", self.reload_interval, "must be more than 0")
+            yield ConfigError(
+                f"{name}.reload_interval", self.reload_interval, "must be more than 0"
+            )
         yield from _check_tls_files(
             name, self.cert_file, self.key_file, self.client_ca_file, "client_ca_file"
         )
@@ -622,7 +624,7 @@ def _same_socket(host: str, port: int, address: Address) -> bool:
 
 @dataclass(frozen=True)
 class ConfigWarning:
-    """Something that loads but is likely wrong; ``name`` is stable (``check`` maps it to a rule)."""
+    """Something that loads but is likely wrong; ``name`` is stable (check maps it to a rule)."""
 
     name: str
     field: str
@@ -642,7 +644,9 @@ class _Reading:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            self.errors.append(ConfigError(name or "config", raw, "must be a mapping of keys to values"))
+            self.errors.append(
+                ConfigError(name or "config", raw, "must be a mapping of keys to values")
+            )
             return None
         schema = {item.name: item for item in fields(cls) if item.init}  # type: ignore[arg-type]
         errors_before = len(self.errors)
@@ -795,14 +799,16 @@ class _StrictLoader(yaml.SafeLoader):
 def parse_yaml(text: str, source: str) -> Any:
     """One YAML document, duplicate keys refused; errors name ``source`` and the line."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError("config", source, f"is not valid YAML: {describe_yaml_error(exc)}") from None
+        raise ConfigError(
+            "config", source, f"is not valid YAML: {describe_yaml_error(exc)}"
+        ) from None
 
 
 def parse_yaml_stream(text: str) -> list[Any]:
     """Every document of a multi-document YAML stream, duplicate keys refused."""
-    return list(yaml.load_all(text, Loader=_StrictLoader))  # noqa: S506 - a SafeLoader subclass
+    return list(yaml.load_all(text, Loader=_StrictLoader))
 
 
 def describe_yaml_error(exc: yaml.YAMLError) -> str:

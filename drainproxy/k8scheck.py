@@ -13,15 +13,24 @@ import enum
 import math
 import posixpath
 import shlex
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import yaml
 
-from drainproxy.config import Config, config_from_mapping, load_config
+from drainproxy.config import (
+    Config,
+    ConfigReport,
+    describe_yaml_error,
+    format_duration,
+    parse_yaml_stream,
+    read_config_text,
+    shown_value,
+)
 from drainproxy.errors import ConfigError, DrainproxyError
 
 TOKEN_HEADER = "X-Drainproxy-Token"
@@ -68,6 +77,25 @@ class Rule:
 
 
 _RULE_LIST = (
+    Rule("DP001", "config-invalid", Severity.ERROR, "the config breaks a rule: drainproxy exits"),
+    Rule(
+        "DP002",
+        "admin-token-placeholder",
+        Severity.ERROR,
+        "admin.token is the examples' public placeholder",
+    ),
+    Rule(
+        "DP003",
+        "response-timeout-exceeds-drain",
+        Severity.WARNING,
+        "upstream.response_timeout is longer than drain.timeout",
+    ),
+    Rule(
+        "DP004",
+        "manifest-field-type",
+        Severity.ERROR,
+        "a manifest field drainproxy's rules read has the wrong type: Kubernetes rejects it",
+    ),
     Rule("DP100", "no-drainproxy", Severity.ERROR, "no container in the manifests runs drainproxy"),
     Rule(
         "DP101",
@@ -100,6 +128,12 @@ _RULE_LIST = (
         "the app's /prestop hook lacks the admin token drainproxy requires from the node",
     ),
     Rule(
+        "DP204",
+        "app-prestop-unchained",
+        Severity.ERROR,
+        "the app's own preStop hook runs at once instead of after drainproxy's drain",
+    ),
+    Rule(
         "DP301",
         "readiness-probe-misdirected",
         Severity.ERROR,
@@ -130,6 +164,18 @@ _RULE_LIST = (
         "a Service's targetPort is not drainproxy's listen port",
     ),
     Rule("DP402", "port-clash", Severity.ERROR, "two processes in the pod want the same port"),
+    Rule(
+        "DP403",
+        "upstream-port-unknown",
+        Severity.ERROR,
+        "no app container declares upstream.url's port, but they declare others",
+    ),
+    Rule(
+        "DP404",
+        "upstream-port-undeclared",
+        Severity.WARNING,
+        "no app container declares any port: upstream.url's port cannot be verified",
+    ),
     Rule(
         "DP501",
         "signal-needs-shared-pid",
@@ -165,6 +211,12 @@ _RULE_LIST = (
         "wrap-config",
         Severity.ERROR,
         "the config is not one drainproxy wrap accepts",
+    ),
+    Rule(
+        "DP507",
+        "non-root-conflict",
+        Severity.ERROR,
+        "drainproxy's container must run as non-root but would run as user 0: it never starts",
     ),
     Rule(
         "DP601",
@@ -252,13 +304,23 @@ class ManifestDoc:
     def where(self) -> str:
         return f"{self.source}: {self.kind}/{self.name}"
 
+    def shares_namespace_with(self, other: ManifestDoc) -> bool:
+        """Could both objects live in one namespace? A manifest without ``metadata.namespace``
+        is applied to the namespace of the command (``kubectl apply -n``), which is where the
+        other goes too when it says nothing, and may be the one it names when it does."""
+        return (
+            self.namespace is None or other.namespace is None or self.namespace == other.namespace
+        )
+
 
 def parse_manifests(text: str, source: str) -> list[ManifestDoc]:
-    """Every non-empty document of a multi-document YAML stream, each a Kubernetes object."""
+    """Every non-empty document of a multi-document YAML (or JSON) stream, each a Kubernetes
+    object; ``kind: List`` (``kubectl get -o yaml``) is read item by item. Duplicate keys are
+    refused, as the API server's strict decoding does."""
     try:
-        bodies = list(yaml.safe_load_all(text))
+        bodies = parse_yaml_stream(text)
     except yaml.YAMLError as exc:
-        raise ManifestError(f"{source}: not valid YAML: {exc}") from None
+        raise ManifestError(f"{source}: not valid YAML: {describe_yaml_error(exc)}") from None
     docs: list[ManifestDoc] = []
     for index, body in enumerate(bodies):
         if body is None:
@@ -266,20 +328,37 @@ def parse_manifests(text: str, source: str) -> list[ManifestDoc]:
         if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
             raise ManifestError(f"{source}: document {index + 1} is not a Kubernetes object")
         if body["kind"].endswith("List") and isinstance(body.get("items"), list):
-            docs.extend(ManifestDoc(source, item) for item in body["items"])
+            docs.extend(ManifestDoc(source, item) for item in _list(body["items"]))
         else:
             docs.append(ManifestDoc(source, body))
     return docs
 
 
-def load_manifests(paths: Iterable[str | Path]) -> list[ManifestDoc]:
+#: The files ``kubectl apply -f DIRECTORY`` reads (not recursive, as without ``-R``).
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def manifest_files(path: str | Path) -> list[Path]:
+    """``path`` itself, or the manifest files directly in it when it is a directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.suffix in MANIFEST_SUFFIXES and p.is_file())
+
+
+def load_manifests(paths: Iterable[str | Path], stdin: TextIO | None = None) -> list[ManifestDoc]:
+    """The documents of every path: a file, a directory of files, or ``-`` for ``stdin``."""
     docs: list[ManifestDoc] = []
-    for path in paths:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ManifestError(f"{path}: cannot be read: {exc.strerror}") from None
-        docs.extend(parse_manifests(text, str(path)))
+    for given in paths:
+        if str(given) == "-":
+            docs.extend(parse_manifests((stdin or sys.stdin).read(), "<stdin>"))
+            continue
+        for path in manifest_files(given):
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise ManifestError(f"{path}: cannot be read: {exc.strerror}") from None
+            docs.extend(parse_manifests(text, str(path)))
     return docs
 
 
@@ -491,10 +570,6 @@ def _runs_drainproxy_drain(words: Sequence[str]) -> bool:
     )
 
 
-def _seconds(value: float) -> str:
-    return f"{value:g}s"
-
-
 # ---------------------------------------------------------------------------------------------
 # The rules
 
@@ -506,13 +581,39 @@ class _Context:
     docs: Sequence[ManifestDoc]
 
 
+#: Kubernetes' defaults for the integer fields the rules read.
+_INTEGER_DEFAULTS = {
+    "periodSeconds": _PROBE_DEFAULT_PERIOD,
+    "failureThreshold": _PROBE_DEFAULT_FAILURES,
+    "terminationGracePeriodSeconds": DEFAULT_GRACE_SECONDS,
+}
+
+
+def _integer(
+    where: str, owner: Mapping[str, Any], path: str, key: str
+) -> Generator[Finding, None, int | None]:
+    """An integer field of a manifest (its Kubernetes default when absent); a value of another
+    type is a DP004 finding (the API server rejects it) and None, never a traceback."""
+    value = owner.get(key, _INTEGER_DEFAULTS[key])
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    yield _finding(
+        "DP004",
+        where,
+        f"{path}.{key} is {value!r}, not an integer: the API server rejects this manifest",
+        f"write {key} as a whole number of {'seconds' if 'Seconds' in key else 'times'} "
+        f"(e.g. {key}: {_INTEGER_DEFAULTS[key]})",
+    )
+    return None
+
+
 def _check_grace_period(ctx: _Context, pod: Pod) -> Iterator[Finding]:
-    grace = pod.spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
-    if not isinstance(grace, int | float) or isinstance(grace, bool):
+    grace = yield from _integer(pod.where(), pod.spec, "spec", "terminationGracePeriodSeconds")
+    if grace is None:
         return
     terms = ctx.config.shutdown_budget()
     total = sum(seconds for _, seconds in terms)
-    shown = " + ".join(f"{name} {_seconds(seconds)}" for name, seconds in terms)
+    shown = " + ".join(f"{name} {format_duration(seconds)}" for name, seconds in terms)
     setting = (
         "terminationGracePeriodSeconds"
         if "terminationGracePeriodSeconds" in pod.spec
@@ -522,7 +623,7 @@ def _check_grace_period(ctx: _Context, pod: Pod) -> Iterator[Finding]:
         yield _finding(
             "DP101",
             pod.where(),
-            f"the shutdown needs {shown} = {_seconds(total)}, more than {setting} {grace}: "
+            f"the shutdown needs {shown} = {format_duration(total)}, more than {setting} {grace}: "
             "the kubelet SIGKILLs the pod (exit 137) before the app has stopped",
             f"set terminationGracePeriodSeconds: {math.ceil(total)} or more (and "
             "termination_grace_period to match), or shorten drain.timeout / drain.propagation",
@@ -532,21 +633,60 @@ def _check_grace_period(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             "DP102",
             pod.where(),
             f"{ctx.config_source} says termination_grace_period "
-            f"{_seconds(ctx.config.termination_grace_period)} but the pod's {setting} is {grace}: "
+            f"{format_duration(ctx.config.termination_grace_period)} but the pod's {setting} "
+            f"is {grace}: "
             "drainproxy checks its budget against a grace period the kubelet does not use",
             f"make both {grace} seconds (termination_grace_period: {grace}s)",
         )
 
 
 def _prestop_hook_fix(ctx: _Context) -> str:
+    return f"add lifecycle.preStop.{_prestop_hook_text(ctx)} to the app container"
+
+
+def _prestop_hook_text(ctx: _Context) -> str:
     header = (
         f", httpHeaders: [{{name: {TOKEN_HEADER}, value: <admin.token>}}]"
         if ctx.config.admin.token
         else ""
     )
-    return (
-        f"add lifecycle.preStop.httpGet {{path: /prestop, port: {ctx.config.admin.listen.port}"
-        f"{header}}} to the app container"
+    return f"httpGet {{path: /prestop, port: {ctx.config.admin.listen.port}{header}}}"
+
+
+def _prestop_wait_command(ctx: _Context) -> str:
+    """A shell line that waits for the drain from inside the pod (loopback: no token needed)."""
+    url = f"http://127.0.0.1:{ctx.config.admin.listen.port}/prestop"
+    return f"wget -q -O /dev/null {url} || curl -fsS -o /dev/null {url}"
+
+
+def _unchained_sleep(ctx: _Context, where: str, seconds: object) -> Finding:
+    slept = f" {seconds}s" if seconds is not None else ""
+    return _finding(
+        "DP204",
+        where,
+        f"the app's preStop hook sleeps{slept}, a guess at how long the drain takes: the app "
+        "gets SIGTERM when the sleep ends, whether or not drainproxy has finished draining",
+        f"replace the sleep with lifecycle.preStop.{_prestop_hook_text(ctx)}, which returns "
+        "exactly when the drain is over",
+    )
+
+
+def _unchained_exec(ctx: _Context, where: str, hook: Mapping[str, Any]) -> Finding:
+    command = [str(word) for word in _get(hook, "exec", "command") or []]
+    script = command[2] if len(command) >= 3 and command[1] == "-c" else shlex.join(command)
+    words = _exec_words(hook)
+    if len(words) > 2 and posixpath.basename(words[0]) in _SHELLS and words[1] == "-c":
+        words = words[2:]
+    if words and posixpath.basename(words[0]) == "sleep" and len(words) <= 2:
+        return _unchained_sleep(ctx, where, words[1] if len(words) == 2 else None)
+    chained = f"{_prestop_wait_command(ctx)}; {script}"
+    return _finding(
+        "DP204",
+        where,
+        f"the app's own preStop command ({script}) runs at once, while drainproxy is still "
+        "draining: the app stops before the requests in flight are done",
+        f"keep it, but wait on drainproxy first: exec: {{command: [sh, -c, {chained!r}]}} "
+        "(wget or curl must be in the app's image; from inside the pod no token is needed)",
     )
 
 
@@ -569,16 +709,12 @@ def _check_app_hooks(ctx: _Context, pod: Pod) -> Iterator[Finding]:
         if "httpGet" in hook:
             yield from _check_http_prestop(ctx, pod, app, hook)
             continue
+        if "sleep" in hook:
+            yield _unchained_sleep(ctx, where, _get(hook, "sleep", "seconds"))
+            continue
         call = _exec_url(_exec_words(hook), "/prestop")
         if call is None:
-            what = "sleeps" if "sleep" in hook else "does not call drainproxy"
-            yield _finding(
-                "DP201",
-                where,
-                f"the preStop hook {what} instead of waiting on drainproxy's /prestop: the app "
-                "gets SIGTERM before the drain is over",
-                _prestop_hook_fix(ctx),
-            )
+            yield _unchained_exec(ctx, where, hook)
             continue
         url = urlsplit(call if "://" in call else f"http://{call}")
         try:
@@ -602,12 +738,15 @@ def _check_http_prestop(
     http = hook["httpGet"] if isinstance(hook["httpGet"], dict) else {}
     path = _http_path(hook)
     if path != "/prestop":
+        port = _resolve_port(http.get("port"), [app])
+        url = f"{str(http.get('scheme', 'HTTP')).lower()}://127.0.0.1:{port or '<port>'}{path}"
         yield _finding(
-            "DP201",
+            "DP204",
             where,
-            f"the preStop hook calls GET {path}, not drainproxy's /prestop: the app gets SIGTERM "
-            "before the drain is over",
-            _prestop_hook_fix(ctx),
+            f"the app's own preStop hook GET {path} runs at once, while drainproxy is still "
+            "draining (an httpGet hook cannot wait on drainproxy first)",
+            f"let drainproxy make that call after the drain: app.stop: http, app.url: {url}, "
+            f"app.method: GET; and make the hook {_prestop_hook_text(ctx)}",
         )
         return
     port = _resolve_port(http.get("port"), [app])
@@ -686,16 +825,18 @@ def _check_probes(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             "failureThreshold: 2}",
         )
     elif isinstance(probe, dict):
-        period = int(probe.get("periodSeconds", _PROBE_DEFAULT_PERIOD))
-        failures = int(probe.get("failureThreshold", _PROBE_DEFAULT_FAILURES))
+        period = yield from _integer(where, probe, "readinessProbe", "periodSeconds")
+        failures = yield from _integer(where, probe, "readinessProbe", "failureThreshold")
+        if period is None or failures is None:
+            return
         if period * failures > propagation:
             yield _finding(
                 "DP302",
                 where,
                 f"the readinessProbe needs up to periodSeconds {period} x failureThreshold "
                 f"{failures} = {period * failures}s to notice the drain, longer than "
-                f"drain.propagation {_seconds(propagation)}: the listener closes while the pod "
-                "is still an endpoint",
+                f"drain.propagation {format_duration(propagation)}: the listener closes while "
+                "the pod is still an endpoint",
                 "set periodSeconds: 1 and failureThreshold: 2, or raise drain.propagation to at "
                 f"least {period * failures}s plus your endpoint propagation time",
             )
@@ -738,9 +879,32 @@ def _selects(service: ManifestDoc, pod: Pod) -> bool:
     selector = _get(service.body, "spec", "selector")
     if not isinstance(selector, dict) or not selector:
         return False
-    if service.namespace != pod.template.doc.namespace:
+    if not service.shares_namespace_with(pod.template.doc):
         return False
     return all(pod.template.labels.get(key) == value for key, value in selector.items())
+
+
+def _port_owners(name: str, containers: Iterable[Mapping[str, Any]]) -> list[tuple[str, object]]:
+    """(container, containerPort) of every port called ``name``, in the order Kubernetes
+    searches them (it takes the first)."""
+    return [
+        (str(c.get("name", "?")), declared.get("containerPort"))
+        for c in containers
+        for declared in _list(c.get("ports"))
+        if declared.get("name") == name
+    ]
+
+
+def _listen_port_reference(ctx: _Context, pod: Pod) -> str:
+    """What a Service's targetPort should say: drainproxy's port name when that name resolves
+    to its listen port, else the number."""
+    listen_port = ctx.config.listen.port
+    for declared in _list(pod.proxy.get("ports")):
+        name = declared.get("name")
+        aimed = declared.get("containerPort") == listen_port and isinstance(name, str)
+        if aimed and _resolve_port(name, pod.running) == listen_port:
+            return f"{name} (drainproxy's port {listen_port})"
+    return str(listen_port)
 
 
 def _check_services(ctx: _Context, pod: Pod) -> Iterator[Finding]:
@@ -752,6 +916,22 @@ def _check_services(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             resolved = _resolve_port(target, pod.running)
             if resolved in allowed:
                 continue
+            owners = _port_owners(target, pod.running) if isinstance(target, str) else []
+            proxy_name = str(pod.proxy.get("name", "?"))
+            if len(owners) > 1 and any(owner == proxy_name for owner, _ in owners):
+                first, number = owners[0]
+                yield _finding(
+                    "DP401",
+                    service.where,
+                    f"port {port.get('port')} has targetPort {target}, a name that "
+                    f"{' and '.join(f'container {owner}' for owner, _ in owners)} all give a "
+                    f"port: Kubernetes resolves it to the first, container {first}'s {number}, "
+                    "so traffic bypasses the drain",
+                    f"rename container {first}'s port {target} (e.g. to app-{target}) so "
+                    f"{target} names only drainproxy's port {listen_port}, or set targetPort: "
+                    f"{listen_port}",
+                )
+                continue
             why = (
                 f"names no container port of {pod.where()}"
                 if resolved is None
@@ -761,13 +941,12 @@ def _check_services(ctx: _Context, pod: Pod) -> Iterator[Finding]:
                 "DP401",
                 service.where,
                 f"port {port.get('port')} has targetPort {target}, which {why}",
-                f"set targetPort: {listen_port} (or the name of drainproxy's container port "
-                f"{listen_port})",
+                f"set targetPort: {_listen_port_reference(ctx, pod)}",
             )
 
 
 def _check_ports(ctx: _Context, pod: Pod) -> Iterator[Finding]:
-    listen, admin, upstream = ctx.config.listen, ctx.config.admin.listen, ctx.config.upstream
+    listen, admin = ctx.config.listen, ctx.config.admin.listen
     owners: dict[tuple[int, str], list[str]] = {}
     for port, role in ((listen.port, "listen"), (admin.port, "admin.listen")):
         owners.setdefault((port, "TCP"), []).append(f"drainproxy's {role}")
@@ -788,18 +967,71 @@ def _check_ports(ctx: _Context, pod: Pod) -> Iterator[Finding]:
                 "give each container its own port (and change listen, admin.listen or the "
                 "app's port to match)",
             )
-    if upstream.host in _LOOPBACK_HOSTS and upstream.port in (listen.port, admin.port):
-        yield _finding(
-            "DP402",
-            pod.where(),
-            f"upstream.url {upstream.url} is drainproxy's own port: it would proxy to itself",
-            "point upstream.url at the port the app listens on",
-        )
 
 
 def _user(pod: Pod, container: Mapping[str, Any]) -> object:
-    own = _get(container, "securityContext", "runAsUser")
-    return own if own is not None else _get(pod.spec, "securityContext", "runAsUser")
+    return _security(pod, container, "runAsUser")
+
+
+def _check_upstream_port(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    """The app container should declare the port drainproxy forwards to; ``ports`` are only
+    informational in Kubernetes, but a mismatch with the ones declared is a wrong port."""
+    upstream = ctx.config.upstream
+    if pod.style is Style.WRAP or upstream.host not in _LOOPBACK_HOSTS:
+        return
+    others = [c for c in pod.running if c is not pod.proxy]
+    if not others or any(upstream.port in _declared_ports(c) for c in others):
+        return
+    declared = sorted({str(p) for c in others for p in _declared_ports(c)})
+    names = " and ".join(f"container {c.get('name', '?')}" for c in others)
+    if declared:
+        yield _finding(
+            "DP403",
+            pod.where(),
+            f"upstream.url {upstream.url} goes to port {upstream.port}, which no app container "
+            f"declares ({names} declare {', '.join(declared)}): nothing may listen there, and "
+            "the pod then never gets ready",
+            f"point upstream.url at the app's port (e.g. http://127.0.0.1:{declared[0]}), or "
+            f"declare containerPort {upstream.port} on the app container if it listens there",
+        )
+    else:
+        yield _finding(
+            "DP404",
+            pod.where(),
+            f"{names} declare no ports, so nothing confirms that the app listens on "
+            f"upstream.url's port {upstream.port}",
+            f"declare ports: [{{name: app, containerPort: {upstream.port}}}] on the app container",
+        )
+
+
+def _security(pod: Pod, container: Mapping[str, Any], key: str) -> object:
+    """A securityContext setting: the container's own, else the pod's."""
+    own = _get(container, "securityContext", key)
+    return own if own is not None else _get(pod.spec, "securityContext", key)
+
+
+def _check_non_root(ctx: _Context, pod: Pod) -> Iterator[Finding]:
+    """The kubelet refuses to start a container that must run as non-root but would run as
+    user 0 ("container's runAsUser breaks non-root policy")."""
+    if _security(pod, pod.proxy, "runAsNonRoot") is not True:
+        return
+    user = _security(pod, pod.proxy, "runAsUser")
+    if user != 0:
+        return
+    where = pod.where(pod.proxy)
+    source = (
+        "its own securityContext"
+        if _get(pod.proxy, "securityContext", "runAsUser") is not None
+        else "the pod's securityContext.runAsUser: 0"
+    )
+    yield _finding(
+        "DP507",
+        where,
+        f"runAsNonRoot is true but the container would run as user 0 (from {source}): the "
+        "kubelet refuses to start it, and the pod never gets ready",
+        f"set securityContext.runAsUser: {IMAGE_USER} on the drainproxy container (a container's "
+        "own runAsUser overrides the pod's; the app keeps the pod's)",
+    )
 
 
 def _check_signal_mode(ctx: _Context, pod: Pod) -> Iterator[Finding]:
@@ -890,10 +1122,12 @@ def _check_launch(ctx: _Context, pod: Pod) -> Iterator[Finding]:
     )
 
 
-def _mounted_file(pod: Pod, path: str) -> tuple[dict[str, Any] | None, str] | None:
+def _mounted_file(
+    proxy: Mapping[str, Any], spec: Mapping[str, Any], path: str
+) -> tuple[dict[str, Any] | None, str] | None:
     """The volume a file path of the proxy container lives on, and the path inside it."""
     best: tuple[int, str, str] | None = None
-    for mount in _list(pod.proxy.get("volumeMounts")):
+    for mount in _list(proxy.get("volumeMounts")):
         mount_path = str(mount.get("mountPath", "")).rstrip("/")
         sub_path = mount.get("subPath")
         if sub_path:
@@ -906,24 +1140,77 @@ def _mounted_file(pod: Pod, path: str) -> tuple[dict[str, Any] | None, str] | No
             best = (len(mount_path), str(mount.get("name")), inner)
     if best is None:
         return None
-    volume = next((v for v in _list(pod.spec.get("volumes")) if v.get("name") == best[1]), None)
+    volume = next((v for v in _list(spec.get("volumes")) if v.get("name") == best[1]), None)
     return volume, best[2]
 
 
-def _shown(value: object) -> str:
-    """A config value as a user wrote it: every float in Config is a duration in seconds."""
-    return _seconds(value) if isinstance(value, float) else str(value)
+@dataclass(frozen=True)
+class ConfigLocation:
+    """Where in the manifests a drainproxy container's ``--config`` file comes from."""
+
+    path: str
+    #: The volume holding it (None: the file is in the image).
+    volume: dict[str, Any] | None
+    inner: str
+    #: The ConfigMap's name, when the volume is one.
+    config_map: str | None = None
+    key: str | None = None
+    #: The ConfigMap, when it is among the manifests.
+    doc: ManifestDoc | None = None
+    #: The file's text, when the ConfigMap holds it.
+    text: str | None = None
+
+    @property
+    def source(self) -> str:
+        """How findings name the config read from the ConfigMap."""
+        where = self.doc.where if self.doc is not None else f"ConfigMap/{self.config_map}"
+        return f"{where} data.{self.key}"
+
+
+def locate_config(
+    docs: Sequence[ManifestDoc],
+    workload: ManifestDoc,
+    spec: Mapping[str, Any],
+    proxy: Mapping[str, Any],
+    path: str,
+) -> ConfigLocation:
+    """Follow ``path`` through the proxy container's mounts to a ConfigMap key in ``docs``."""
+    mounted = _mounted_file(proxy, spec, path)
+    volume, inner = mounted if mounted else (None, path)
+    config_map = _get(volume, "configMap")
+    if not isinstance(config_map, dict):
+        return ConfigLocation(path, volume, inner)
+    name = str(config_map.get("name"))
+    items = _list(config_map.get("items"))
+    key = next((i.get("key") for i in items if i.get("path") == inner), None) if items else inner
+    doc = next(
+        (
+            d
+            for d in docs
+            if d.kind == "ConfigMap" and d.name == name and d.shares_namespace_with(workload)
+        ),
+        None,
+    )
+    data = _get(doc.body, "data") if doc is not None else None
+    text = data.get(key) if isinstance(data, dict) and key is not None else None
+    shown_key = str(key) if key is not None else None
+    return ConfigLocation(
+        path, volume, inner, name, shown_key, doc, text if isinstance(text, str) else None
+    )
 
 
 def _differences(given: object, other: object, prefix: str = "") -> list[str]:
     if given == other:
         return []
+    if prefix == "admin.token":
+        return [f"{prefix} (the values differ; not shown)"]
     if not (is_dataclass(given) and is_dataclass(other)):
-        return [f"{prefix} ({_shown(given)} given, {_shown(other)} in the pod)"]
+        return [f"{prefix} ({shown_value(given)} given, {shown_value(other)} in the pod)"]
     found: list[str] = []
     for item in fields(given):
-        dotted = f"{prefix}.{item.name}" if prefix else item.name
-        found += _differences(getattr(given, item.name), getattr(other, item.name), dotted)
+        if item.compare:
+            dotted = f"{prefix}.{item.name}" if prefix else item.name
+            found += _differences(getattr(given, item.name), getattr(other, item.name), dotted)
     return found
 
 
@@ -931,7 +1218,7 @@ def _check_config_source(ctx: _Context, pod: Pod) -> Iterator[Finding]:
     where = pod.where(pod.proxy)
     path = pod.launch.config_path
     if path is None:
-        differences = _differences(ctx.config, load_config(None))
+        differences = _differences(ctx.config, Config())
         if differences:
             yield _finding(
                 "DP601",
@@ -941,11 +1228,9 @@ def _check_config_source(ctx: _Context, pod: Pod) -> Iterator[Finding]:
                 f"mount {ctx.config_source} from a ConfigMap and pass --config",
             )
         return
-    mounted = _mounted_file(pod, path)
-    volume, inner = mounted if mounted else (None, path)
-    config_map = _get(volume, "configMap")
-    if not isinstance(config_map, dict):
-        source = "the image" if mounted is None else f"volume {_get(volume, 'name')}"
+    found = locate_config(ctx.docs, pod.template.doc, pod.spec, pod.proxy, path)
+    if found.config_map is None:
+        source = "the image" if found.volume is None else f"volume {_get(found.volume, 'name')}"
         yield _finding(
             "DP602",
             where,
@@ -954,39 +1239,33 @@ def _check_config_source(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             "mount the config from a ConfigMap listed in the manifests given to check",
         )
         return
-    name = config_map.get("name")
-    items = _list(config_map.get("items"))
-    key = next((i.get("key") for i in items if i.get("path") == inner), None) if items else inner
-    namespace = pod.template.doc.namespace
-    config_maps = (d for d in ctx.docs if d.kind == "ConfigMap" and d.namespace == namespace)
-    doc = next((d for d in config_maps if d.name == name), None)
-    if doc is None:
+    if found.doc is None:
         yield _finding(
             "DP602",
             where,
-            f"drainproxy reads {path} from ConfigMap {name}, which is not in the manifests given: "
-            f"cannot compare it with {ctx.config_source}",
-            f"pass the manifest holding ConfigMap {name} to check as well",
+            f"drainproxy reads {path} from ConfigMap {found.config_map}, which is not in the "
+            f"manifests given: cannot compare it with {ctx.config_source}",
+            f"pass the manifest holding ConfigMap {found.config_map} to check as well",
         )
         return
-    data = _get(doc.body, "data")
-    text = data.get(key) if isinstance(data, dict) and key is not None else None
-    if not isinstance(text, str):
+    if found.text is None:
         yield _finding(
             "DP603",
-            doc.where,
-            f"has no key {key or inner!r}, which drainproxy's --config {path} needs: the file "
-            "does not exist in the container and drainproxy will not start",
-            f"add data.{inner} holding the config (or fix the volume's items)",
+            found.doc.where,
+            f"has no key {found.key or found.inner!r}, which drainproxy's --config {path} needs: "
+            "the file does not exist in the container and drainproxy will not start",
+            f"add data.{found.inner} holding the config (or fix the volume's items)",
         )
         return
+    if found.source == ctx.config_source:
+        return  # the config under check is this very one
     try:
-        in_pod = config_from_mapping(yaml.safe_load(text) or {})
-    except (ConfigError, yaml.YAMLError) as exc:
+        in_pod = read_config_text(found.text, found.source).checked()
+    except ConfigError as exc:
         yield _finding(
             "DP604",
-            doc.where,
-            f"data.{key} does not load: {exc}",
+            found.doc.where,
+            f"data.{found.key} does not load: " + "; ".join(str(e) for e in exc.errors),
             f"put the content of {ctx.config_source} there",
         )
         return
@@ -994,8 +1273,8 @@ def _check_config_source(ctx: _Context, pod: Pod) -> Iterator[Finding]:
     if differences:
         yield _finding(
             "DP601",
-            doc.where,
-            f"data.{key} differs from {ctx.config_source} at " + ", ".join(differences),
+            found.doc.where,
+            f"data.{found.key} differs from {ctx.config_source} at " + ", ".join(differences),
             f"regenerate the ConfigMap from {ctx.config_source} "
             "(kubectl create configmap --from-file ... --dry-run=client -o yaml)",
         )
@@ -1007,6 +1286,8 @@ _POD_RULES = (
     _check_probes,
     _check_services,
     _check_ports,
+    _check_upstream_port,
+    _check_non_root,
     _check_signal_mode,
     _check_launch,
     _check_config_source,
@@ -1016,7 +1297,8 @@ _POD_RULES = (
 def check_manifests(
     config: Config, docs: Sequence[ManifestDoc], config_source: str = "the config"
 ) -> list[Finding]:
-    """Every finding for the pods in ``docs`` that run drainproxy, in manifest order."""
+    """Every finding for the pods in ``docs`` that run drainproxy, in manifest order. A manifest
+    field of a type a rule cannot read is a DP004 finding, never an exception."""
     ctx = _Context(config, config_source, docs)
     findings: list[Finding] = []
     pods = [pod for t in pod_templates(docs) if (pod := find_pod(t, config)) is not None]
@@ -1033,5 +1315,99 @@ def check_manifests(
         ]
     for pod in pods:
         for rule in _POD_RULES:
-            findings.extend(rule(ctx, pod))
+            try:
+                findings.extend(rule(ctx, pod))
+            except (TypeError, ValueError, AttributeError, KeyError) as exc:
+                findings.append(_unreadable(pod, rule.__name__, exc))
     return findings
+
+
+def _unreadable(pod: Pod, rule: str, exc: Exception) -> Finding:
+    what = rule.removeprefix("_check_").replace("_", " ")
+    return _finding(
+        "DP004",
+        pod.where(),
+        f"a field of the pod spec has a type the {what} rules cannot read ({exc}): the API "
+        "server would reject it, and those rules were skipped",
+        "validate the manifest (kubectl apply --dry-run=server, or kubeconform) and fix the type",
+    )
+
+
+_WARNING_RULES = {
+    "admin-token-placeholder": "DP002",
+    "response-timeout-exceeds-drain": "DP003",
+}
+
+
+def config_findings(report: ConfigReport, where: str) -> list[Finding]:
+    """The config's own errors (DP001, one each) and warnings, as findings."""
+    findings = [
+        _finding(
+            "DP001",
+            where,
+            str(error),
+            f"change {error.field} as the message says (config/drainproxy.yaml documents "
+            "every key)",
+        )
+        for error in report.errors
+    ]
+    findings += [
+        _finding(_WARNING_RULES[warning.name], where, warning.message, warning.fix)
+        for warning in report.warnings
+    ]
+    return findings
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    """The config one workload's drainproxy reads, found through its mounts."""
+
+    workload: ManifestDoc
+    #: Its source (``<file>: ConfigMap/<name> data.<key>``); None when not found.
+    source: str | None
+    #: The file's text; None for the embedded defaults (no ``--config``) or when not found.
+    text: str | None
+    #: Why it was not found, as a finding.
+    problem: Finding | None = None
+
+
+def pod_configs(docs: Sequence[ManifestDoc]) -> list[PodConfig]:
+    """For ``check --manifest`` without ``--config``: each workload running drainproxy with the
+    config its ConfigMap holds (the embedded defaults when it runs without ``--config``)."""
+    found: list[PodConfig] = []
+    for template in pod_templates(docs):
+        containers = _list(template.spec.get("containers")) + _list(
+            template.spec.get("initContainers")
+        )
+        launched = ((c, drainproxy_launch(c)) for c in containers)
+        proxy, launch = next(((c, how) for c, how in launched if how is not None), (None, None))
+        if proxy is None or launch is None:
+            continue
+        doc = template.doc
+        if launch.config_path is None:
+            found.append(PodConfig(doc, "<embedded defaults>", None))
+            continue
+        location = locate_config(docs, doc, template.spec, proxy, launch.config_path)
+        if location.text is not None:
+            found.append(PodConfig(doc, location.source, location.text))
+            continue
+        found.append(
+            PodConfig(
+                doc,
+                None,
+                None,
+                _finding(
+                    "DP602",
+                    f"{doc.where} container {proxy.get('name', '?')}",
+                    f"drainproxy reads {launch.config_path}, which no ConfigMap among the "
+                    "manifests holds: nothing to check this workload against",
+                    "pass the ConfigMap's manifest too, or the config file with --config",
+                ),
+            )
+        )
+    return found
+
+
+def workload_docs(docs: Sequence[ManifestDoc], workload: ManifestDoc) -> list[ManifestDoc]:
+    """``docs`` with every pod-bearing object but ``workload`` left out."""
+    return [d for d in docs if d is workload or d.kind not in _TEMPLATE_PATHS]

@@ -15,6 +15,7 @@ from drainproxy import __version__
 from drainproxy.appcheck import AppProbe
 from drainproxy.appstop import AppStopError, StopMethod, stop_method_for, stop_then_release
 from drainproxy.config import Address, Config
+from drainproxy.errors import ConfigError
 from drainproxy.lifecycle import (
     DrainLifecycle,
     DrainSource,
@@ -132,7 +133,12 @@ class Server:
         from drainproxy.admin import start_admin
 
         await self._open_listener()
-        self._stop_admin = await start_admin(self)
+        try:
+            self._stop_admin = await start_admin(self)
+        except OSError as exc:
+            if self._listener is not None:
+                self._listener.close()
+            raise _bind_error("admin.listen", self.config.admin.listen, exc) from None
         self.probe.start()
         self._install_signal_handlers()
         self._log_start()
@@ -340,7 +346,13 @@ class Server:
 
     async def _open_listener(self) -> None:
         listen = self.config.listen
-        self._listener = await self.loop.create_server(
+        try:
+            self._listener = await self._create_listener(listen)
+        except OSError as exc:
+            raise _bind_error("listen", listen, exc) from None
+
+    async def _create_listener(self, listen: Address) -> asyncio.Server:
+        return await self.loop.create_server(
             lambda: ClientConnection(self.proxy),
             listen.host,
             listen.port,
@@ -401,6 +413,11 @@ class Server:
         if self._stop_admin is not None:
             await self._stop_admin()
         log.info("exiting with status %d", self.exit_code, extra={"event": "exit"})
+
+
+def _bind_error(key: str, address: Address, exc: OSError) -> ConfigError:
+    """A listener that cannot be opened, named by its config key (issue 15)."""
+    return ConfigError(key, str(address), f"cannot be listened on: {exc.strerror or exc}")
 
 
 def _plain(value: object) -> object:
