@@ -120,6 +120,7 @@ def check(config_path: str | None, manifests: list[str], output: str) -> int:
             (unit.source or unit.workload.where, unit, workload_docs(docs, unit.workload))
             for unit in pod_configs(docs)
         ]
+        shown_config = ", ".join(source for source, _, _ in units)
         if not units:
             print(
                 "drainproxy: check: no container in the manifests runs drainproxy, so there is "

@@ -756,7 +756,11 @@ def config_warnings(config: Config, written: frozenset[str]) -> Iterator[ConfigW
             "in the app's preStop X-Drainproxy-Token header",
         )
     response, drain = config.upstream.response_timeout, config.drain.timeout
-    chosen = {"upstream.response_timeout", "drain.timeout"} & written
+    # The defaults (60s, 20s) are a known pair, documented in default.yaml; warn once either is
+    # chosen.
+    chosen = (
+        "upstream.response_timeout" in written and response != UpstreamConfig().response_timeout
+    ) or ("drain.timeout" in written and drain != DrainConfig().timeout)
     if response > drain and chosen:
         yield ConfigWarning(
             "response-timeout-exceeds-drain",

@@ -374,6 +374,11 @@ def _list(node: object) -> list[dict[str, Any]]:
     return [item for item in node if isinstance(item, dict)] if isinstance(node, list) else []
 
 
+def _strings(node: object) -> list[str]:
+    """An argv-like list (``command``, ``args``) as strings; anything else as empty."""
+    return [str(item) for item in node] if isinstance(node, list) else []
+
+
 # ---------------------------------------------------------------------------------------------
 # How drainproxy is started in a container
 
@@ -411,8 +416,8 @@ def _launch_from_argv(argv: Sequence[str], start: int, under_shell: bool) -> Lau
 
 def drainproxy_launch(container: Mapping[str, Any]) -> Launch | None:
     """How this container runs drainproxy as a proxy (serve or wrap), or None if it does not."""
-    command = [str(token) for token in container.get("command") or []]
-    args = [str(token) for token in container.get("args") or []]
+    command = _strings(container.get("command"))
+    args = _strings(container.get("args"))
     if not command:
         if not _is_drainproxy_image(container.get("image")):
             return None
@@ -543,7 +548,7 @@ def _http_path(handler: Mapping[str, Any]) -> str:
 def _exec_words(handler: Mapping[str, Any]) -> list[str]:
     """An exec handler's argv, with shell scripts (``sh -c "..."``) split into words."""
     words: list[str] = []
-    for token in (str(t) for t in _get(handler, "exec", "command") or []):
+    for token in _strings(_get(handler, "exec", "command")):
         if any(space in token for space in " \t\n;&|"):
             try:
                 words += shlex.split(token.replace(";", " ; "))
@@ -557,7 +562,10 @@ def _exec_words(handler: Mapping[str, Any]) -> list[str]:
 def _exec_url(words: Sequence[str], path: str) -> str | None:
     """The URL an exec hook calls on ``path`` (e.g. curl's argument), if any."""
     for word in words:
-        url = urlsplit(word if "://" in word else f"http://{word}")
+        try:
+            url = urlsplit(word if "://" in word else f"http://{word}")
+        except ValueError:  # not a URL (e.g. "[" in a shell word)
+            continue
         if url.path == path and url.hostname:
             return word
     return None
@@ -672,7 +680,7 @@ def _unchained_sleep(ctx: _Context, where: str, seconds: object) -> Finding:
 
 
 def _unchained_exec(ctx: _Context, where: str, hook: Mapping[str, Any]) -> Finding:
-    command = [str(word) for word in _get(hook, "exec", "command") or []]
+    command = _strings(_get(hook, "exec", "command"))
     script = command[2] if len(command) >= 3 and command[1] == "-c" else shlex.join(command)
     words = _exec_words(hook)
     if len(words) > 2 and posixpath.basename(words[0]) in _SHELLS and words[1] == "-c":
@@ -953,7 +961,10 @@ def _check_ports(ctx: _Context, pod: Pod) -> Iterator[Finding]:
     for container in pod.running:
         name = str(container.get("name", "?"))
         for declared in _list(container.get("ports")):
-            key = (declared.get("containerPort", 0), str(declared.get("protocol", "TCP")))
+            number = declared.get("containerPort")
+            if not isinstance(number, int):
+                continue
+            key = (number, str(declared.get("protocol", "TCP")))
             if container is pod.proxy and key in ((listen.port, "TCP"), (admin.port, "TCP")):
                 continue
             owners.setdefault(key, []).append(f"container {name}")

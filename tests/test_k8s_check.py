@@ -7,6 +7,8 @@ one thing, and expects the rule's code with the telling part of its message.
 from __future__ import annotations
 
 import copy
+import functools
+import io
 import json
 import re
 from collections.abc import Callable
@@ -17,10 +19,19 @@ from unittest.mock import ANY
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from drainproxy.cli import main
-from drainproxy.config import config_from_mapping, load_config
-from drainproxy.k8scheck import RULES, ManifestDoc, check_manifests, parse_manifests
+from drainproxy.config import PLACEHOLDER_TOKEN, load_config, read_mapping
+from drainproxy import k8scheck
+from drainproxy.k8scheck import (
+    RULES,
+    ManifestDoc,
+    check_manifests,
+    config_findings,
+    parse_manifests,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 STYLES = {
@@ -29,18 +40,27 @@ STYLES = {
     "shared-pid": ("k8s/shared-process-namespace.yaml", "config/k8s-shared-pid.yaml"),
     "wrap": ("k8s/wrapper.yaml", "config/k8s-wrap.yaml"),
 }
-TOKEN = "replace-me-with-a-random-token"
+#: The shipped examples carry PLACEHOLDER_TOKEN (DP002); the tests replace it, as users must.
+TOKEN = "8c1f0e5a9d2b47e6a3f1c0d9e8b7a6f5"
 
 Docs = list[dict[str, Any]]
 
 
+def shipped_text(style: str) -> str:
+    return (REPO / STYLES[style][0]).read_text().replace(PLACEHOLDER_TOKEN, TOKEN)
+
+
+@functools.cache
+def _shipped_docs(style: str) -> tuple[dict[str, Any], ...]:
+    return tuple(doc for doc in yaml.safe_load_all(shipped_text(style)) if doc)
+
+
 def shipped(style: str) -> Docs:
-    manifest, _ = STYLES[style]
-    return [doc for doc in yaml.safe_load_all((REPO / manifest).read_text()) if doc]
+    return copy.deepcopy(list(_shipped_docs(style)))
 
 
 def config_text(style: str) -> str:
-    return (REPO / STYLES[style][1]).read_text()
+    return (REPO / STYLES[style][1]).read_text().replace(PLACEHOLDER_TOKEN, TOKEN)
 
 
 def find(docs: Docs, kind: str) -> dict[str, Any]:
@@ -63,10 +83,14 @@ def config_map_data(docs: Docs) -> dict[str, Any]:
 
 
 def lint(style: str, docs: Docs, config_overrides: str = "") -> list[tuple[str, str]]:
+    """What ``check`` reports: the config's own findings, then the manifests' (on the config as
+    far as it loads)."""
     config_path = STYLES[style][1]
-    config = config_from_mapping(yaml.safe_load(config_text(style) + config_overrides))
+    report = read_mapping(yaml.safe_load(config_text(style) + config_overrides))
     parsed = [ManifestDoc("test.yaml", doc) for doc in docs]
-    return [(f.rule.code, f.line()) for f in check_manifests(config, parsed, config_path)]
+    findings = config_findings(report, config_path)
+    findings += check_manifests(report.config, parsed, config_path)
+    return [(f.rule.code, f.line()) for f in findings]
 
 
 @dataclass(frozen=True)
@@ -211,16 +235,30 @@ CASES = [
     Case(
         "app hook sleeps instead",
         "shared-pid",
-        "DP201",
-        "the preStop hook sleeps instead of waiting",
+        "DP204",
+        "the app's preStop hook sleeps 20s, a guess at how long the drain takes",
         _set(_app, lifecycle={"preStop": {"sleep": {"seconds": 20}}}),
+    ),
+    Case(
+        "app exec hook sleeps in a shell",
+        "classic",
+        "DP204",
+        "sleeps 10s, a guess at how long the drain takes",
+        _set(_app, lifecycle={"preStop": {"exec": {"command": ["sh", "-c", "sleep 10"]}}}),
     ),
     Case(
         "app hook calls another path",
         "classic",
-        "DP201",
-        "calls GET /shutdown, not drainproxy's /prestop",
+        "DP204",
+        "the app's own preStop hook GET /shutdown runs at once",
         _set(_app_hook, path="/shutdown"),
+    ),
+    Case(
+        "app exec hook stops the app itself",
+        "native",
+        "DP204",
+        "the app's own preStop command (catalina.sh stop) runs at once",
+        _set(_app, lifecycle={"preStop": {"exec": {"command": ["catalina.sh", "stop"]}}}),
     ),
     Case(
         "app hook on the proxy port",
@@ -349,10 +387,63 @@ CASES = [
     Case(
         "upstream is drainproxy itself",
         "wrap",
-        "DP402",
-        "upstream.url http://127.0.0.1:8080 is drainproxy's own port",
+        "DP001",
+        "upstream.url: 'http://127.0.0.1:8080' is drainproxy's own listen (0.0.0.0:8080)",
         lambda docs: None,
         config="upstream: http://127.0.0.1:8080\n",
+    ),
+    Case(
+        "the shipped placeholder token",
+        "classic",
+        "DP002",
+        "admin.token is a placeholder (shipped in the examples, so public)",
+        _set(_app_hook, httpHeaders=[{"name": "X-Drainproxy-Token", "value": PLACEHOLDER_TOKEN}]),
+        config=f"admin: {{listen: 0.0.0.0:9901, token: {PLACEHOLDER_TOKEN}}}\n",
+    ),
+    Case(
+        "responses allowed to take longer than the drain",
+        "native",
+        "DP003",
+        "upstream.response_timeout 1m30s exceeds drain.timeout 15s",
+        lambda docs: None,
+        config="upstream: {url: 'http://127.0.0.1:8000', response_timeout: 1m30s}\n",
+    ),
+    Case(
+        "readiness periodSeconds as a duration string",
+        "classic",
+        "DP004",
+        "readinessProbe.periodSeconds is '1s', not an integer: the API server rejects",
+        lambda docs: _proxy(docs)["readinessProbe"].update(periodSeconds="1s"),
+    ),
+    Case(
+        "grace period as a string",
+        "native",
+        "DP004",
+        "spec.terminationGracePeriodSeconds is '30', not an integer",
+        _set(pod_spec, terminationGracePeriodSeconds="30"),
+    ),
+    Case(
+        "app listens on another port than upstream.url's",
+        "classic",
+        "DP403",
+        "upstream.url http://127.0.0.1:8000 goes to port 8000, which no app container declares "
+        "(container app declare 8080",
+        lambda docs: _app(docs)["ports"][0].update(containerPort=8080),
+    ),
+    Case(
+        "app declares no ports",
+        "shared-pid",
+        "DP404",
+        "container app declare no ports",
+        _drop(_app, "ports"),
+    ),
+    Case(
+        "pod runs as root, drainproxy must not",
+        "classic",
+        "DP507",
+        "runAsNonRoot is true but the container would run as user 0 (from the pod's "
+        "securityContext.runAsUser: 0)",
+        lambda docs: pod_spec(docs)["securityContext"].update(runAsUser=0),
     ),
     Case(
         "signal stop without a shared process namespace",
@@ -568,6 +659,13 @@ def write_manifest(tmp_path: Path, docs: Docs) -> str:
     return str(path)
 
 
+def write_config(tmp_path: Path, style: str, text: str | None = None) -> str:
+    """The style's config (its token replaced) as a file, for the command line."""
+    path = tmp_path / Path(STYLES[style][1]).name
+    path.write_text(config_text(style) if text is None else text)
+    return str(path)
+
+
 def test_cli_exits_1_on_errors_with_one_line_per_finding(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -575,7 +673,8 @@ def test_cli_exits_1_on_errors_with_one_line_per_finding(
     pod_spec(docs)["terminationGracePeriodSeconds"] = 20
     _app(docs).pop("lifecycle")
     manifest = write_manifest(tmp_path, docs)
-    assert main(["check", "--config", STYLES["classic"][1], "--manifest", manifest]) == 1
+    config = write_config(tmp_path, "classic")
+    assert main(["check", "--config", config, "--manifest", manifest]) == 1
     lines = capsys.readouterr().out.splitlines()
     codes = [re.search(r": (?:error|warning) (DP\d+) ", line) for line in lines[:-1]]
     assert [code.group(1) if code else line for code, line in zip(codes, lines, strict=False)] == [
@@ -583,13 +682,14 @@ def test_cli_exits_1_on_errors_with_one_line_per_finding(
         "DP102",
         "DP201",
     ]
-    assert lines[-1] == f"config/k8s-classic.yaml with {manifest}: 2 error(s), 1 warning(s)"
+    assert lines[-1] == f"{config} with {manifest}: 2 error(s), 1 warning(s)"
 
 
 def test_cli_exits_0_on_warnings_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = [doc for doc in shipped("classic") if doc["kind"] != "ConfigMap"]
     manifest = write_manifest(tmp_path, docs)
-    assert main(["check", "--config", STYLES["classic"][1], "--manifest", manifest]) == 0
+    config = write_config(tmp_path, "classic")
+    assert main(["check", "--config", config, "--manifest", manifest]) == 0
     assert ": warning DP602 config-unverifiable: " in capsys.readouterr().out
 
 
@@ -597,7 +697,8 @@ def test_cli_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     docs = shipped("native")
     _proxy(docs).pop("lifecycle")
     manifest = write_manifest(tmp_path, docs)
-    argv = ["check", "--config", STYLES["native"][1], "--manifest", manifest, "--format", "json"]
+    config = write_config(tmp_path, "native")
+    argv = ["check", "--config", config, "--manifest", manifest, "--format", "json"]
     assert main(argv) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["errors"] == 1 and report["warnings"] == 0
@@ -629,14 +730,38 @@ def test_cli_unreadable_manifest_exits_2(
     assert report["error"].startswith(f"manifest error: {missing}: cannot be read")
 
 
-def test_cli_bad_config_exits_2_naming_the_field(
+def test_cli_reports_every_config_error_and_every_manifest_finding_in_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Config errors are findings (DP001), and the manifests are still checked, on the config as
+    far as it loads: nothing hides behind the first error."""
+    config = tmp_path / "c.yaml"
+    config.write_text("drain: {timeout: 40s, propagation: soon}\nlog: {level: loud}\n")
+    docs = shipped("classic")
+    _app(docs).pop("lifecycle")
+    manifest = write_manifest(tmp_path, docs)
+    assert main(["check", "--config", str(config), "--manifest", manifest]) == 2
+    out = capsys.readouterr().out
+    assert f"{config}: error DP001 config-invalid: drain.propagation: 'soon' must be a dur" in out
+    assert f"{config}: error DP001 config-invalid: log.level: 'loud' must be one of" in out
+    assert "drain.timeout 40s + app.stop_timeout 3s + margin 2s = 50s, more than" in out  # DP101
+    assert "container app: error DP201 app-prestop-missing: no preStop hook" in out
+    assert "Traceback" not in out
+
+
+def test_cli_reports_a_cross_field_config_error_with_durations_as_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("drain: {timeout: 40s}\n")
-    manifest = STYLES["classic"][0]
-    assert main(["check", "--config", str(config), "--manifest", manifest]) == 2
-    assert "config error: termination_grace_period: 30.0 is shorter" in capsys.readouterr().err
+    config.write_text("drain: {timeout: 1m30s}\n")
+    assert main(["check", "--config", str(config), "--format", "json"]) == 2
+    (finding,) = json.loads(capsys.readouterr().out)["findings"]
+    assert finding["code"] == "DP001"
+    assert finding["message"].startswith(
+        "termination_grace_period: 30s is shorter than the shutdown needs: "
+        "drain.readiness_fail_delay 0s + drain.propagation 5s + drain.timeout 1m30s + "
+        "app.stop_timeout 3s + margin 2s = 1m40s; raise it to at least 1m40s"
+    )
 
 
 def test_grace_budget_sum_is_the_config_budget() -> None:
@@ -655,3 +780,256 @@ def test_every_rule_is_documented_with_its_name_and_severity() -> None:
     docs = (REPO / "docs" / "kubernetes.md").read_text()
     for rule in RULES.values():
         assert f"| {rule.code} | `{rule.name}` | {rule.severity.value} |" in docs, rule.code
+
+
+# --- issue 15: check tells the truth --------------------------------------------------------
+
+
+def _in_namespace(docs: Docs, kind: str, namespace: str) -> None:
+    find(docs, kind)["metadata"]["namespace"] = namespace
+
+
+def test_a_service_without_namespace_is_in_the_workloads() -> None:
+    """``kubectl apply -n`` puts an object without metadata.namespace where the workload that
+    names one goes: the Service still selects the pod, and the ConfigMap is found."""
+    docs = shipped("classic")
+    _in_namespace(docs, "Deployment", "default")
+    assert lint("classic", docs) == []
+    find(docs, "Service")["spec"]["ports"][0]["targetPort"] = 8000
+    assert [code for code, _ in lint("classic", docs)] == ["DP401"]
+
+
+def test_objects_in_two_named_namespaces_do_not_meet() -> None:
+    docs = shipped("classic")
+    _in_namespace(docs, "Deployment", "shop")
+    _in_namespace(docs, "Service", "other")
+    _in_namespace(docs, "ConfigMap", "other")
+    find(docs, "Service")["spec"]["ports"][0]["targetPort"] = 8000
+    assert [code for code, _ in lint("classic", docs)] == ["DP602"]
+
+
+def test_two_containers_naming_a_port_http_get_no_circular_advice() -> None:
+    """Kubernetes resolves a targetPort name to the first container declaring it; the advice
+    must not be "use the name http" when http is the app's."""
+    docs = shipped("classic")
+    _app(docs)["ports"][0]["name"] = "http"
+    findings = lint("classic", docs)
+    assert [code for code, _ in findings] == ["DP401"]
+    line = findings[0][1]
+    assert "container app and container drainproxy all give a port: Kubernetes resolves it to "
+    "the first, container app's 8000" in line
+    fix = line.split("; fix: ", 1)[1]
+    assert "rename container app's port http" in fix
+    assert "targetPort: 8080" in fix
+    assert "targetPort: http" not in fix
+
+
+def test_targetport_advice_names_drainproxys_port_when_the_name_is_its_own() -> None:
+    docs = shipped("native")
+    find(docs, "Service")["spec"]["ports"][0]["targetPort"] = 8000
+    (line,) = [line for code, line in lint("native", docs) if code == "DP401"]
+    assert line.endswith("fix: set targetPort: http (drainproxy's port 8080)")
+
+
+def test_a_non_root_container_that_sets_its_own_user_may_run_in_a_root_pod() -> None:
+    docs = shipped("classic")
+    pod_spec(docs)["securityContext"]["runAsUser"] = 0
+    _proxy(docs)["securityContext"]["runAsUser"] = 10001
+    assert lint("classic", docs) == []
+    _proxy(docs)["securityContext"]["runAsUser"] = 0
+    (line,) = [line for code, line in lint("classic", docs) if code == "DP507"]
+    assert "(from its own securityContext)" in line
+
+
+def test_a_chained_exec_prestop_that_waits_first_is_accepted() -> None:
+    docs = shipped("classic")
+    script = "wget -q -O /dev/null http://127.0.0.1:9901/prestop; exec catalina.sh stop"
+    _app(docs)["lifecycle"] = {"preStop": {"exec": {"command": ["sh", "-c", script]}}}
+    assert lint("classic", docs) == []
+
+
+def test_the_chaining_advice_keeps_the_apps_own_command() -> None:
+    docs = shipped("classic")
+    _app(docs)["lifecycle"] = {"preStop": {"exec": {"command": ["catalina.sh", "stop"]}}}
+    (line,) = [line for code, line in lint("classic", docs) if code == "DP204"]
+    assert "wget -q -O /dev/null http://127.0.0.1:9901/prestop" in line
+    assert "; catalina.sh stop" in line
+    assert "DP201" not in line and "missing" not in line
+
+
+def test_an_http_prestop_of_the_app_is_moved_to_app_stop_http() -> None:
+    docs = shipped("classic")
+    _app_hook(docs).update(path="/quit", port="app")
+    (line,) = [line for code, line in lint("classic", docs) if code == "DP204"]
+    assert "app.stop: http, app.url: http://127.0.0.1:8000/quit, app.method: GET" in line
+
+
+def test_upstream_port_declared_by_a_second_app_container_is_enough() -> None:
+    docs = shipped("classic")
+    _app(docs)["ports"][0]["containerPort"] = 8081
+    spec = pod_spec(docs)
+    spec["containers"].insert(
+        0,
+        {
+            "name": "helper",
+            "image": "x",
+            "ports": [{"containerPort": 8000}],
+            "lifecycle": copy.deepcopy(_app(docs)["lifecycle"]),
+        },
+    )
+    assert [code for code, _ in lint("classic", docs)] == []
+
+
+def test_tokens_never_appear_in_findings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Findings end up in CI logs: no value of admin.token is printed, good or bad."""
+    docs = shipped("classic")
+    _app_hook(docs)["httpHeaders"][0]["value"] = "the-pods-own-secret-0001"
+    data = config_map_data(docs)
+    data["drainproxy.yaml"] = data["drainproxy.yaml"].replace(TOKEN, "the-configmap-secret-02")
+    manifest = write_manifest(tmp_path, docs)
+    config = write_config(tmp_path, "classic")
+    for output in ("text", "json"):
+        assert main(["check", "--config", config, "--manifest", manifest, "--format", output]) == 1
+        out = capsys.readouterr().out
+        assert "admin.token (the values differ; not shown)" in out
+        assert "DP203" in out
+        for secret in (TOKEN, "the-pods-own-secret-0001", "the-configmap-secret-02"):
+            assert secret not in out
+    bad = write_config(
+        tmp_path, "classic", config_text("classic").replace(TOKEN, "[" + TOKEN + "]")
+    )
+    assert main(["check", "--config", bad]) == 2
+    out = capsys.readouterr().out
+    assert "admin.token: <hidden> must be a non-empty string" in out
+    assert TOKEN not in out
+
+
+def test_manifest_without_config_reads_the_pods_configmap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--manifest`` alone: the config is what the pod mounts, and ``-`` is stdin."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(shipped_text("native")))
+    assert main(["check", "--manifest", "-"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("ConfigMap/web-drainproxy data.drainproxy.yaml with -: ok\n"), out
+    docs = shipped("native")
+    data = config_map_data(docs)
+    data["drainproxy.yaml"] = data["drainproxy.yaml"].replace("propagation: 5s", "propagation: 1s")
+    manifest = write_manifest(tmp_path, docs)
+    assert main(["check", "--manifest", manifest]) == 1
+    out = capsys.readouterr().out
+    assert "error DP302 readiness-probe-slow" in out and "drain.propagation 1s" in out
+    assert "DP601" not in out
+
+
+def test_manifest_without_config_reports_the_configmaps_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = shipped("classic")
+    data = config_map_data(docs)
+    data["drainproxy.yaml"] += "drain: {timeout: 15s}\n"  # a second drain key
+    manifest = write_manifest(tmp_path, docs)
+    assert main(["check", "--manifest", manifest]) == 2
+    out = capsys.readouterr().out
+    assert (
+        f"{manifest}: ConfigMap/web-drainproxy data.drainproxy.yaml: error DP001 config-invalid: "
+        f"config: '{manifest}: ConfigMap/web-drainproxy data.drainproxy.yaml' is not valid YAML: "
+        "line " in out
+    )
+    assert "duplicate key 'drain' (first at line" in out
+
+
+def test_manifest_without_config_and_without_its_configmap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = [doc for doc in shipped("classic") if doc["kind"] != "ConfigMap"]
+    assert main(["check", "--manifest", write_manifest(tmp_path, docs)]) == 0
+    assert "DP602 config-unverifiable: drainproxy reads /etc/drainproxy/drainproxy.yaml, which "
+    "no ConfigMap among the manifests holds" in capsys.readouterr().out
+    assert main(["check", "--manifest", write_manifest(tmp_path, [find(docs, "Service")])]) == 2
+    assert "pass --config" in capsys.readouterr().err
+
+
+def test_a_directory_of_manifests_is_read_like_kubectl_apply_f(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = shipped("wrap")
+    (tmp_path / "deploy").mkdir()
+    for index, doc in enumerate(docs):
+        suffix = ".json" if doc["kind"] == "Service" else ".yaml"
+        text = json.dumps(doc) if suffix == ".json" else yaml.safe_dump(doc)
+        (tmp_path / "deploy" / f"{index}-{doc['kind'].lower()}{suffix}").write_text(text)
+    (tmp_path / "deploy" / "README.md").write_text("not a manifest\n")
+    config = write_config(tmp_path, "wrap")
+    assert main(["check", "--config", config, "--manifest", str(tmp_path / "deploy")]) == 0
+    find(docs, "Service")["spec"]["ports"][0]["targetPort"] = 8000
+    (tmp_path / "deploy" / "2-service.json").write_text(json.dumps(find(docs, "Service")))
+    assert main(["check", "--config", config, "--manifest", str(tmp_path / "deploy")]) == 1
+    assert f"{tmp_path / 'deploy' / '2-service.json'}: Service/web: error DP401" in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_duplicate_key_in_a_manifest_is_refused_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "dup.yaml"
+    manifest.write_text("kind: Service\nmetadata: {name: a}\nmetadata: {name: b}\n")
+    assert main(["check", "--config", "config/drainproxy.yaml", "--manifest", str(manifest)]) == 2
+    assert (
+        f"manifest error: {manifest}: not valid YAML: line 3, column 1: duplicate key "
+        "'metadata' (first at line 2)" in capsys.readouterr().err
+    )
+
+
+_SCALARS = st.one_of(
+    st.text(max_size=5), st.integers(-2, 70000), st.booleans(), st.none(), st.floats()
+)
+_WRONG = st.one_of(
+    _SCALARS,
+    st.lists(_SCALARS, max_size=2),
+    st.dictionaries(st.text(max_size=3), _SCALARS, max_size=2),
+)
+
+
+def _paths(node: object, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(node, dict):
+        return [p for key, value in node.items() for p in _paths(value, (*path, key))] + [path]
+    if isinstance(node, list):
+        return [p for index, value in enumerate(node) for p in _paths(value, (*path, index))] + [
+            path
+        ]
+    return [path]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(STYLES)), st.data())
+def test_no_manifest_value_of_a_wrong_type_raises(style: str, data: st.DataObject) -> None:
+    """Whatever a field holds (``periodSeconds: "1s"``, a list for a map), check reports
+    findings and never raises."""
+    docs = shipped(style)
+    for _ in range(3):
+        doc_index = data.draw(st.integers(0, len(docs) - 1))
+        path = data.draw(st.sampled_from([p for p in _paths(docs[doc_index]) if p]))
+        node: Any = docs[doc_index]
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = data.draw(_WRONG)
+    lint(style, docs)
+
+
+def test_a_rule_that_cannot_read_a_field_is_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last line of defence behind the typed reads: a rule tripping over a type nobody
+    foresaw reports DP004 and the other rules still run."""
+
+    def _check_something(ctx: object, pod: object) -> list[Any]:
+        raise TypeError("'float' object is not iterable")
+
+    monkeypatch.setattr("drainproxy.k8scheck._POD_RULES", (_check_something, *k8scheck._POD_RULES))
+    docs = shipped("classic")
+    _app(docs).pop("lifecycle")
+    findings = lint("classic", docs)
+    assert [code for code, _ in findings] == ["DP004", "DP201"]
+    assert "the something rules cannot read ('float' object is not iterable)" in findings[0][1]

@@ -3,6 +3,7 @@ ConfigMaps that hold exactly the config files they stand for."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
+
+from drainproxy.config import PLACEHOLDER_TOKEN
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,23 +85,41 @@ def test_configmap_holds_the_config_file_verbatim(style: Style) -> None:
     assert config_map["data"] == {"drainproxy.yaml": style.config.read_text()}
 
 
-@pytest.mark.parametrize("style", STYLES, ids=IDS)
-def test_shipped_manifest_passes_check_clean(style: Style) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "drainproxy",
-            "check",
-            "--config",
-            str(style.config.relative_to(REPO)),
-            "--manifest",
-            str(style.manifest.relative_to(REPO)),
-        ],
+def run_check(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "drainproxy", "check", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
+        input=stdin,
+        check=False,
     )
+
+
+@pytest.mark.parametrize("style", STYLES, ids=IDS)
+def test_shipped_manifest_passes_check_once_its_token_is_replaced(
+    style: Style, tmp_path: Path
+) -> None:
+    """As shipped, the only finding is the public placeholder token (DP002); replaced in the
+    config and the manifest (as the comments ask), check is clean, with the config given or read
+    from the ConfigMap (the manifest on stdin)."""
+    config_arg = str(style.config.relative_to(REPO))
+    manifest_arg = str(style.manifest.relative_to(REPO))
+    result = run_check("--config", config_arg, "--manifest", manifest_arg, "--format", "json")
+    codes = {finding["code"] for finding in json.loads(result.stdout)["findings"]}
+    has_token = PLACEHOLDER_TOKEN in style.config.read_text()
+    assert codes == ({"DP002"} if has_token else set()), result.stdout
+    assert result.returncode == (1 if has_token else 0)
+    token = "0f4c2d9b7e1a4c3f8b6d5e2a1c9f7b3d"
+    config = tmp_path / style.config.name
+    config.write_text(style.config.read_text().replace(PLACEHOLDER_TOKEN, token))
+    manifest_text = style.manifest.read_text().replace(PLACEHOLDER_TOKEN, token)
+    result = run_check("--config", str(config), "--manifest", "-", stdin=manifest_text)
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.splitlines()[-1].endswith(": ok")
+    result = run_check("--manifest", "-", stdin=manifest_text)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines()[-1] == (
+        "<stdin>: ConfigMap/web-drainproxy data.drainproxy.yaml with -: ok"
+    )
