@@ -142,7 +142,7 @@ def check(config_path: str | None, manifests: list[str], output: str) -> int:
             else:
                 report = read_config_text(unit.text, source)
         except ConfigError as exc:  # unreadable, not YAML, empty: nothing to go on
-            findings.append(Finding(RULES["DP001"], source, str(exc), "fix the file"))
+            findings.append(Finding(RULES["DP001"], source, str(exc), "correct the file as said"))
             unloadable = True
             continue
         findings += config_findings(report, source)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -417,7 +418,8 @@ class Server:
 
 def _bind_error(key: str, address: Address, exc: OSError) -> ConfigError:
     """A listener that cannot be opened, named by its config key (issue 15)."""
-    return ConfigError(key, str(address), f"cannot be listened on: {exc.strerror or exc}")
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return ConfigError(key, str(address), f"cannot be listened on: {reason}")
 
 
 def _plain(value: object) -> object:

@@ -4,17 +4,37 @@ tests run it as a process) and by ``drainproxy serve``, which must not print a t
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 import yaml
 
+from drainproxy.appcheck import ReachabilityLog
 from drainproxy.cli import EXIT_CONFIG, main
-from drainproxy.config import load_config
-from tests.support import REPO
+from drainproxy.config import (
+    PLACEHOLDER_TOKEN,
+    Config,
+    ConfigReport,
+    DrainConfig,
+    ProberRule,
+    UpstreamTLSConfig,
+    default_file_text,
+    format_duration,
+    load_config,
+    read_config,
+    read_config_text,
+)
+from drainproxy.errors import ConfigErrors
+from tests.conftest import StartProxy
+from tests.support import REPO, ProxyProcess, base_config, deep_merge, free_port
 
 APP = {"upstream": "http://127.0.0.1:8000"}
 
@@ -126,7 +146,69 @@ BAD_CONFIGS = [
         "tls.reload_interval: 0s must be more than 0",
     ),
     ("- just\n- a list", "config: ['just', 'a list'] must be a mapping of keys to values"),
-    ("listen: [", "is not valid YAML"),
+    ("listen: [", "is not valid YAML: line 1, column 10: expected the node content"),
+    # issue 15: durations as Kubernetes writes them, and nothing absurd
+    ("drain: {timeout: .inf}", "drain.timeout: inf must be a finite duration"),
+    ("drain: {timeout: .nan}", "drain.timeout: nan must be a finite duration"),
+    ("drain: {timeout: 1.0e+6}", "drain.timeout: 1000000.0 must be at most 24h"),
+    ("drain: {timeout: 25h}", "drain.timeout: '25h' must be at most 24h"),
+    ("drain: {timeout: 1m30}", "drain.timeout: '1m30' must be a duration such as"),
+    ("drain: {timeout: -5s}", "drain.timeout: '-5s' must be a duration such as"),
+    ("drain: {timeout: 5 minutes}", "drain.timeout: '5 minutes' must be a duration"),
+    ("limits: {max_body_bytes: 2TiB}", "limits.max_body_bytes: '2TiB' must be at most 1TiB"),
+    ("limits: {max_headers: 1000000000}", "limits.max_headers: 1000000000 must be at most"),
+    ("limits: {max_connections: .inf}", "limits.max_connections: inf must be a whole number"),
+    # issue 15: YAML pitfalls
+    ("listen: ':8080'\nlisten: ':8081'", "duplicate key 'listen' (first at line 1)"),
+    ("drain:\n  timeout: 5s\n  timeout: 6s", "line 3, column 3: duplicate key 'timeout'"),
+    ("# only a comment\n", "is empty (only comments or nothing)"),
+    ("", "is empty (only comments or nothing)"),
+    (
+        "upstream: ${APP_URL}",
+        "upstream: '${APP_URL}' holds ${APP_URL}, but drainproxy reads its config literally",
+    ),
+    ("admin: {token: '${DRAINPROXY_TOKEN}'}", "admin.token: <hidden> holds ${DRAINPROXY_TOKEN}"),
+    ("admin: {token: 12345}", "admin.token: <hidden> must be a non-empty string"),
+    # issue 15: an upstream that is drainproxy itself
+    (
+        "upstream: http://127.0.0.1:8080",
+        "upstream.url: 'http://127.0.0.1:8080' is drainproxy's own listen (0.0.0.0:8080): it "
+        "would proxy to itself",
+    ),
+    (
+        "upstream: http://localhost:9901",
+        "upstream.url: 'http://localhost:9901' is drainproxy's own admin.listen (0.0.0.0:9901)",
+    ),
+    (
+        "listen: 127.0.0.1:8080\nupstream: http://127.0.0.1:8080",
+        "is drainproxy's own listen (127.0.0.1:8080)",
+    ),
+    (
+        "listen: '[::]:8080'\nupstream: 'http://[::1]:8080'",
+        "upstream.url: 'http://[::1]:8080' is drainproxy's own listen ([::]:8080)",
+    ),
+    # issue 17: the rules a mutant may remove
+    (
+        "drain: {propagation_mode: evidence, propagation: 3s, propagation_min: 3500ms}",
+        "drain.propagation_min: 3500ms must not exceed drain.propagation (3s)",
+    ),
+    (
+        "drain: {probers: [{user_agent: '^kube-probe/'}]}",
+        "drain.probers[0].failure_threshold: None is required",
+    ),
+    (
+        "drain: {probers: [{failure_threshold: 2}]}",
+        "drain.probers[0]: {'failure_threshold': 2} needs an address or a user_agent",
+    ),
+    (
+        "drain: {probers: {address: 10.0.0.5}}",
+        "drain.probers: {'address': '10.0.0.5'} must be a list",
+    ),
+    ("tls: {cert_file: '{cert}'}", "tls.key_file: None is required when tls is set"),
+    (
+        "upstream: {url: 'https://127.0.0.1:8443', tls: {key_file: '{key}'}}",
+        "upstream.tls.key_file: '{key}' and upstream.tls.cert_file go together",
+    ),
 ]
 
 
@@ -146,13 +228,13 @@ def test_check_names_field_value_and_rule(
 ) -> None:
     path = tmp_path / "bad.yaml"
     body = fill(text, cert_files)
-    if "upstream" not in body and not body.startswith(("-", "listen: [")):
+    if "upstream" not in body and not body.startswith(("-", "listen: [", "#")) and body:
         body += "\nupstream: http://127.0.0.1:8000\n"
     path.write_text(body)
     assert main(["check", "--config", str(path)]) == EXIT_CONFIG
-    err = capsys.readouterr().err
-    assert err.startswith("drainproxy: config error: ")
-    assert fill(message, cert_files) in err
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: error DP001 config-invalid: ")
+    assert fill(message, cert_files) in out
 
 
 def test_good_config_with_every_new_section(tmp_path: Path, cert_files: dict[str, str]) -> None:
@@ -213,7 +295,7 @@ def test_check_as_a_process(tmp_path: Path) -> None:
     bad.write_text("upstream: http://127.0.0.1:8000\nlimits: {max_headers: none}\n")
     result = run_cli("check", "--config", str(bad))
     assert result.returncode == EXIT_CONFIG
-    assert "limits.max_headers: 'none' must be a whole number, 1 or more" in result.stderr
+    assert "limits.max_headers: 'none' must be a whole number, 1 or more" in result.stdout
 
 
 def test_serve_with_a_bad_config_exits_without_a_traceback(tmp_path: Path) -> None:
@@ -223,3 +305,252 @@ def test_serve_with_a_bad_config_exits_without_a_traceback(tmp_path: Path) -> No
     assert result.returncode == EXIT_CONFIG
     assert "timeouts.client_body: 'forever' must be a duration" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+# --- issue 15 item 5 and issue 13 item 4 ------------------------------------------------------
+
+
+def read(text: str) -> ConfigReport:
+    return read_config_text(text, "test.yaml")
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("1m30s", 90.0),
+        ("1h2m3.5s", 3723.5),
+        ("500ms", 0.5),
+        ("1.5h", 5400.0),
+        ("2m0.25s", 120.25),
+        ("1500us", 0.0015),
+        ("0", 0.0),
+        (7, 7.0),
+        (0.25, 0.25),
+    ],
+)
+def test_durations_as_kubernetes_writes_them_and_shown_as_written(
+    written: object, seconds: float
+) -> None:
+    """Go's time.ParseDuration syntax; the value keeps its spelling for every message."""
+    config = read(f"upstream: http://127.0.0.1:8000\ndrain: {{idle_grace: {written}}}\n").checked()
+    assert config.drain.idle_grace == pytest.approx(seconds)
+    shown = written if isinstance(written, str) and written != "0" else format_duration(seconds)
+    assert repr(config.drain.idle_grace) == shown
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0, "0s"),
+        (0.5, "500ms"),
+        (30, "30s"),
+        (90, "1m30s"),
+        (3723.5, "1h2m3.5s"),
+        (1e6, "277h46m40s"),
+    ],
+)
+def test_computed_durations_print_like_go(seconds: float, shown: str) -> None:
+    assert format_duration(seconds) == shown
+
+
+def test_every_error_of_a_file_is_reported_at_once() -> None:
+    text = (
+        "listen: nowhere\nupstream: {url: 'http://127.0.0.1:8000', connect_timeout: soon}\n"
+        "drain: {timeout: 5s, propagation: 1h, extra: 1}\nlog: {level: loud}\n"
+    )
+    with pytest.raises(ConfigErrors) as raised:
+        read(text).checked()
+    assert [error.field for error in raised.value.errors] == [
+        "listen",
+        "upstream.connect_timeout",
+        "drain.extra",
+        "log.level",
+    ]
+    # The cross-field budget is judged only once every field reads: 1h would be noise here.
+    assert "termination_grace_period" not in str(raised.value)
+
+
+def test_a_bad_value_leaves_its_default_for_the_rest_of_the_check() -> None:
+    report = read("upstream: http://127.0.0.1:9000\ndrain: {timeout: soon, propagation: 2s}\n")
+    assert [error.field for error in report.errors] == ["drain.timeout"]
+    assert (report.config.upstream.port, report.config.drain.propagation) == (9000, 2.0)
+    assert report.config.drain.timeout == DrainConfig().timeout
+
+
+def test_propagation_min_up_to_propagation_is_accepted_and_ignored_in_fixed_mode() -> None:
+    evidence = "drain: {propagation_mode: evidence, propagation: 3s, propagation_min: 3s}\n"
+    assert read("upstream: http://127.0.0.1:8000\n" + evidence).checked().drain.propagation_min == 3
+    fixed = "drain: {propagation_mode: fixed, propagation: 3s, propagation_min: 4s}\n"
+    assert read("upstream: http://127.0.0.1:8000\n" + fixed).checked().drain.propagation_min == 4
+
+
+def test_prober_rules_match_by_address_or_user_agent_alone() -> None:
+    text = (
+        "upstream: http://127.0.0.1:8000\ndrain:\n  probers:\n"
+        "    - {address: 10.0.0.5, failure_threshold: 2}\n"
+        "    - {user_agent: '^kube-probe/', failure_threshold: 1}\n"
+    )
+    assert read(text).checked().drain.probers == (
+        ProberRule(failure_threshold=2, address="10.0.0.5"),
+        ProberRule(failure_threshold=1, user_agent="^kube-probe/"),
+    )
+
+
+def test_an_https_upstream_without_tls_verifies_with_the_system_cas() -> None:
+    config = read("upstream: https://app.internal:8443\n").checked()
+    assert config.upstream.tls == UpstreamTLSConfig()
+    assert (config.upstream.host, config.upstream.port) == ("app.internal", 8443)
+    assert read("upstream: https://app.internal\n").checked().upstream.port == 443
+    assert read("upstream: http://127.0.0.1:8000\n").checked().upstream.tls is None
+
+
+def test_an_upstream_on_another_interface_with_drainproxys_port_is_not_a_loop() -> None:
+    config = read("listen: 10.0.0.5:8080\nupstream: http://127.0.0.1:8080\n").checked()
+    assert config.upstream.port == config.listen.port
+
+
+def test_the_placeholder_token_and_a_chosen_response_timeout_warn() -> None:
+    report = read(
+        f"upstream: {{url: 'http://127.0.0.1:8000', response_timeout: 45s}}\n"
+        f"admin: {{token: {PLACEHOLDER_TOKEN}}}\n"
+    )
+    assert [(w.name, w.field) for w in report.warnings] == [
+        ("admin-token-placeholder", "admin.token"),
+        ("response-timeout-exceeds-drain", "upstream.response_timeout"),
+    ]
+    assert PLACEHOLDER_TOKEN not in " ".join(w.message + w.fix for w in report.warnings)
+    assert "upstream.response_timeout 45s exceeds drain.timeout 20s" in report.warnings[1].message
+    assert read("upstream: http://127.0.0.1:8000\n").warnings == ()
+    assert read("upstream: {url: 'http://127.0.0.1:8000', response_timeout: 20s}\n").warnings == ()
+    chosen_drain = read("upstream: http://127.0.0.1:8000\ndrain: {timeout: 10s}\n").warnings
+    assert [w.name for w in chosen_drain] == ["response-timeout-exceeds-drain"]
+
+
+def _schema_keys(cls: type[Any], prefix: str = "") -> list[str]:
+    keys = []
+    for item in fields(cls):
+        if not item.init:
+            continue
+        dotted = f"{prefix}{item.name}"
+        nested = item.metadata.get("section") or item.metadata.get("items")
+        keys += [dotted, *(_schema_keys(nested, dotted + ".") if nested else [])]
+    return keys
+
+
+def _documented_keys(text: str) -> set[str]:
+    """Every ``key:`` the file writes or shows in a comment, with its section path from the
+    indentation (a comment's own indentation counts after its ``#``); flow mappings inside a
+    comment (the probers example) count as keys of that list."""
+    keys: set[str] = set()
+    stack: list[tuple[int, str]] = []
+    for line in text.splitlines():
+        match = re.match(r"^( *)(?:# ?( *))?([a-z_]+):(?: |$)", line)
+        if match is None:  # a comment continuing the last key's flow example
+            if stack:
+                last = ".".join(name for _, name in stack)
+                keys.update(f"{last}.{k}" for k in re.findall(r"[{,] ?([a-z_]+):", line))
+            continue
+        indent = len(match.group(1)) + len(match.group(2) or "")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        dotted = ".".join([*(name for _, name in stack), match.group(3)])
+        keys.add(dotted)
+        stack.append((indent, match.group(3)))
+        keys.update(f"{dotted}.{k}" for k in re.findall(r"[{,] ?([a-z_]+):", line))
+    return keys
+
+
+def test_the_commented_default_file_documents_every_key_with_the_schemas_default() -> None:
+    """defaults are declared once, in the schema: the shipped default file (embedded and in
+    config/) must load to exactly Config() and name every key."""
+    text = default_file_text()
+    assert text == (REPO / "config" / "drainproxy.yaml").read_text()
+    assert load_config(REPO / "config" / "drainproxy.yaml") == Config()
+    missing = [key for key in _schema_keys(Config) if key not in _documented_keys(text)]
+    assert missing == []
+
+
+def test_the_key_finder_can_find_a_missing_key() -> None:
+    """Proves the documentation test can fail."""
+    text = default_file_text().replace("  quiet: 1s\n", "")
+    assert "drain.quiet" not in _documented_keys(text)
+
+
+def test_no_config_file_means_the_schemas_defaults() -> None:
+    assert load_config(None) == Config()
+    assert read_config(None).warnings == ()
+
+
+def test_serve_refuses_an_empty_config_file_naming_it(tmp_path: Path) -> None:
+    for text in ("", "# everything commented out\n#listen: :8080\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        result = run_cli("serve", "--config", str(empty))
+        assert result.returncode == EXIT_CONFIG
+        assert result.stderr == (
+            f"drainproxy: config error: config: '{empty}' is empty (only comments or nothing): "
+            "write at least upstream: http://127.0.0.1:PORT, or leave out --config to run on the "
+            "built-in defaults\n"
+        )
+
+
+def test_serve_prints_every_config_error_one_per_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstream: http://127.0.0.1:8000\ndrain: {timeout: 1d}\nlog: {level: loud}\n")
+    result = run_cli("serve", "--config", str(bad))
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.splitlines() == [
+        "drainproxy: config error: drain.timeout: '1d' must be a duration such as 5s, 500ms or "
+        "1m30s",
+        "drainproxy: config error: log.level: 'loud' must be one of debug, info, warning, error",
+    ]
+
+
+@pytest.mark.parametrize("key", ["listen", "admin.listen"])
+async def test_a_listener_that_cannot_bind_names_its_key(
+    key: str, tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        overrides: dict[str, Any] = (
+            {"listen": f"127.0.0.1:{port}"}
+            if key == "listen"
+            else {"admin": {"listen": f"127.0.0.1:{port}"}}
+        )
+        config = deep_merge(base_config(free_port()), overrides)
+        proxy = ProxyProcess(config, tmp_path)
+        try:
+            assert await proxy.exited() == 1
+            assert f"{key}: '127.0.0.1:{port}' cannot be listened on: Address already in use" in (
+                proxy.log.text()
+            )
+            assert "Traceback" not in proxy.log.text()
+        finally:
+            proxy.stop()
+
+
+async def test_an_unreachable_app_is_logged_with_its_url(start_proxy: StartProxy) -> None:
+    closed = free_port()
+    proxy = await start_proxy(closed, {"log": {"format": "json"}}, wait_ready=False)
+    line = await proxy.log.wait(r'"app unreachable at http://127\.0\.0\.1:\d+: .*')
+    record = json.loads(line.string)
+    assert record["level"] == "warning"
+    assert (record["event"], record["url"]) == ("app_check", f"http://127.0.0.1:{closed}")
+    assert "Connection refused" in record["msg"]
+    assert "/ready answers 503 until it answers (a TCP connect every 100ms)" in record["msg"]
+
+
+def test_an_unreachable_app_is_logged_at_once_then_rate_limited() -> None:
+    reports = ReachabilityLog(repeat=30)
+    seen = [(t, reports.observe(ok, t)) for t, ok in [(0, False), (1, False), (29, False)]]
+    assert seen == [(0, "unreachable"), (1, None), (29, None)]
+    assert reports.observe(False, 30) == "still unreachable"
+    assert reports.unreachable_for(30) == 30
+    assert reports.observe(False, 59) is None
+    assert reports.observe(False, 60) == "still unreachable"
+    assert reports.observe(True, 61) == "reachable"
+    assert reports.observe(True, 200) is None
+    assert reports.observe(False, 201) == "unreachable"
+    assert ReachabilityLog().observe(True, 0) == "reachable"

@@ -22,9 +22,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from drainproxy import k8scheck
 from drainproxy.cli import main
 from drainproxy.config import PLACEHOLDER_TOKEN, load_config, read_mapping
-from drainproxy import k8scheck
 from drainproxy.k8scheck import (
     RULES,
     ManifestDoc,
@@ -816,8 +816,10 @@ def test_two_containers_naming_a_port_http_get_no_circular_advice() -> None:
     findings = lint("classic", docs)
     assert [code for code, _ in findings] == ["DP401"]
     line = findings[0][1]
-    assert "container app and container drainproxy all give a port: Kubernetes resolves it to "
-    "the first, container app's 8000" in line
+    assert (
+        "container app and container drainproxy all give a port: Kubernetes resolves it to "
+        "the first, container app's 8000" in line
+    )
     fix = line.split("; fix: ", 1)[1]
     assert "rename container app's port http" in fix
     assert "targetPort: 8080" in fix
@@ -946,8 +948,10 @@ def test_manifest_without_config_and_without_its_configmap(
 ) -> None:
     docs = [doc for doc in shipped("classic") if doc["kind"] != "ConfigMap"]
     assert main(["check", "--manifest", write_manifest(tmp_path, docs)]) == 0
-    assert "DP602 config-unverifiable: drainproxy reads /etc/drainproxy/drainproxy.yaml, which "
-    "no ConfigMap among the manifests holds" in capsys.readouterr().out
+    assert (
+        "DP602 config-unverifiable: drainproxy reads /etc/drainproxy/drainproxy.yaml, which "
+        "no ConfigMap among the manifests holds" in capsys.readouterr().out
+    )
     assert main(["check", "--manifest", write_manifest(tmp_path, [find(docs, "Service")])]) == 2
     assert "pass --config" in capsys.readouterr().err
 
