@@ -186,7 +186,7 @@ def serve(config: Config, warnings: Sequence[ConfigWarning] = ()) -> int:
 
 
 def wrap(config: Config, command: list[str], warnings: Sequence[ConfigWarning] = ()) -> int:
-    from drainproxy.wrapper import check_wrapper_config
+    from drainproxy.config import check_wrapper_config
 
     command = command[1:] if command[:1] == ["--"] else command
     if not command:

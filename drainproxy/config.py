@@ -854,6 +854,17 @@ def load_config(path: str | Path | None) -> Config:
     return read_config(path).checked()
 
 
+def check_wrapper_config(config: Config) -> None:
+    """``drainproxy wrap`` signals its child's process group itself: no other stop method."""
+    if config.app.stop != "prestop":
+        raise ConfigError(
+            "app.stop",
+            config.app.stop,
+            "is not used in wrapper mode, where the child's process group gets app.signal: "
+            "leave it at prestop",
+        )
+
+
 def default_file_text() -> str:
     """The commented default config shipped in the package (it documents every key)."""
     from importlib import resources  # 1 MiB (tempfile, shutil, random) only when used

@@ -1097,7 +1097,7 @@ def _check_launch(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             "containers",
         )
     if pod.style is Style.WRAP:
-        from drainproxy.wrapper import check_wrapper_config
+        from drainproxy.config import check_wrapper_config
 
         try:
             check_wrapper_config(ctx.config)

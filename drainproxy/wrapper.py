@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from drainproxy.appstop import KILL_CONFIRM_SECONDS, signal_and_wait
 from drainproxy.config import Config
-from drainproxy.errors import ConfigError, DrainproxyError
+from drainproxy.errors import DrainproxyError
 from drainproxy.lifecycle import DrainSource, Phase
 from drainproxy.server import Server
 
@@ -54,16 +54,6 @@ class ChildStartError(DrainproxyError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def check_wrapper_config(config: Config) -> None:
-    if config.app.stop != "prestop":
-        raise ConfigError(
-            "app.stop",
-            config.app.stop,
-            "is not used in wrapper mode, where the child's process group gets app.signal: "
-            "leave it at prestop",
-        )
 
 
 async def run_wrapped(config: Config, command: Sequence[str], loop_name: str) -> int:

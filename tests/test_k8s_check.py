@@ -11,6 +11,8 @@ import functools
 import io
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -1037,3 +1039,21 @@ def test_a_rule_that_cannot_read_a_field_is_a_finding(monkeypatch: pytest.Monkey
     findings = lint("classic", docs)
     assert [code for code, _ in findings] == ["DP004", "DP201"]
     assert "the something rules cannot read ('float' object is not iterable)" in findings[0][1]
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_check_imports_neither_aiohttp_nor_the_data_path(style: str) -> None:
+    """``check`` runs in CI and in admission paths: no HTTP framework, no proxy (issue 13)."""
+    manifest, config = STYLES[style]
+    script = (
+        "import sys\n"
+        "from drainproxy.cli import main\n"
+        f"main(['check', '--config', {config!r}, '--manifest', {manifest!r}])\n"
+        "banned = ('aiohttp', 'drainproxy.proxy', 'drainproxy.upstream', 'drainproxy.http1',\n"
+        "          'drainproxy.server', 'drainproxy.wrapper')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp' or m in banned))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout + result.stderr
