@@ -182,7 +182,7 @@ def drain(config: Config, wait: bool) -> int:
 
 
 def serve(config: Config, warnings: Sequence[ConfigWarning] = ()) -> int:
-    return _run_logged(config, warnings, lambda loop_name: _serve(config, loop_name))
+    return _run_logged(config, lambda loop_name: _serve(config, warnings, loop_name))
 
 
 def wrap(config: Config, command: list[str], warnings: Sequence[ConfigWarning] = ()) -> int:
@@ -197,20 +197,10 @@ def wrap(config: Config, command: list[str], warnings: Sequence[ConfigWarning] =
     except ConfigError as exc:
         print(f"drainproxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return _run_logged(config, warnings, lambda loop_name: _wrap(config, command, loop_name))
+    return _run_logged(config, lambda loop_name: _wrap(config, command, warnings, loop_name))
 
 
-def _run_logged(
-    config: Config,
-    warnings: Sequence[ConfigWarning],
-    run: Callable[[str], Coroutine[Any, Any, int]],
-) -> int:
-    """Logging as configured, the config's warnings logged, uvloop if there is one, then
-    ``run(loop_name)`` to its exit status; what stops it from starting is logged and is exit
-    status 1."""
-    import asyncio
-
-    setup_logging(config.log.format, config.log.level)
+def _log_config_warnings(warnings: Sequence[ConfigWarning]) -> None:
     for warning in warnings:
         log.warning(
             "config: %s; fix: %s",
@@ -218,6 +208,14 @@ def _run_logged(
             warning.fix,
             extra={"event": "config_warning", "field": warning.field},
         )
+
+
+def _run_logged(config: Config, run: Callable[[str], Coroutine[Any, Any, int]]) -> int:
+    """Logging as configured, uvloop if there is one, then ``run(loop_name)`` to its exit
+    status; what stops it from starting is logged and is exit status 1."""
+    import asyncio
+
+    setup_logging(config.log.format, config.log.level)
     loop_name = _install_uvloop()
     try:
         return asyncio.run(run(loop_name))
@@ -229,17 +227,22 @@ def _run_logged(
         return 1
 
 
-async def _serve(config: Config, loop_name: str) -> int:
+async def _serve(config: Config, warnings: Sequence[ConfigWarning], loop_name: str) -> int:
     from drainproxy.server import Server
 
-    return await Server(config, loop_name).run()
+    server = Server(config, loop_name)
+    _log_config_warnings(warnings)  # with the server bound, so each line carries its phase
+    return await server.run()
 
 
-async def _wrap(config: Config, command: list[str], loop_name: str) -> int:
+async def _wrap(
+    config: Config, command: list[str], warnings: Sequence[ConfigWarning], loop_name: str
+) -> int:
     """An app command that cannot be started ends drainproxy with the shell's status for that
     (127 not found, 126 not executable)."""
     from drainproxy.wrapper import ChildStartError, run_wrapped
 
+    _log_config_warnings(warnings)
     try:
         return await run_wrapped(config, command, loop_name)
     except ChildStartError as exc:

@@ -35,7 +35,7 @@ from drainproxy.errors import ConfigError, ConfigErrors
 T = TypeVar("T")
 Reader = Callable[[str, Any], Any]
 #: A section's cross-field rules: its dotted name and the mapping as written in, errors out.
-SectionRules = Callable[[str, dict[Any, Any]], Iterator["ConfigError"]]
+SectionRules = Callable[[str, dict[Any, Any]], Iterator[ConfigError]]
 
 #: Seconds kept free between the end of the app's stop and the kubelet's SIGKILL.
 GRACE_MARGIN = 2.0

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trustme
 import yaml
+from aiohttp import web
 
 from drainproxy.appcheck import ReachabilityLog
 from drainproxy.cli import EXIT_CONFIG, main
@@ -33,7 +34,7 @@ from drainproxy.config import (
     read_config_text,
 )
 from drainproxy.errors import ConfigErrors
-from tests.conftest import StartProxy
+from tests.conftest import StartApp, StartProxy
 from tests.support import REPO, ProxyProcess, base_config, deep_merge, free_port
 
 APP = {"upstream": "http://127.0.0.1:8000"}
@@ -554,3 +555,20 @@ def test_an_unreachable_app_is_logged_at_once_then_rate_limited() -> None:
     assert reports.observe(True, 200) is None
     assert reports.observe(False, 201) == "unreachable"
     assert ReachabilityLog().observe(True, 0) == "reachable"
+
+
+async def test_serve_logs_the_configs_warnings_without_the_token(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
+    port = await start_app(web.Application())
+    overrides = {"admin": {"token": PLACEHOLDER_TOKEN}, "log": {"format": "json"}}
+    proxy = await start_proxy(port, overrides)
+    line = await proxy.log.wait(r'"config: admin\.token is a placeholder.*')
+    record = json.loads(line.string)
+    assert (record["level"], record["event"], record["field"]) == (
+        "warning",
+        "config_warning",
+        "admin.token",
+    )
+    assert record["phase"] == "serving"
+    assert PLACEHOLDER_TOKEN not in proxy.log.text()
