@@ -25,7 +25,7 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -192,10 +192,13 @@ def _string(name: str, value: object) -> str:
     return value
 
 
-def _choice(*choices: str) -> Reader:
+def one_of(choices: Any) -> Reader:
+    """The reader of a ``Literal[...]`` type: its values are the choices (declared once)."""
+    allowed: tuple[str, ...] = get_args(choices)
+
     def read(name: str, value: object) -> str:
-        if value not in choices:
-            raise ConfigError(name, value, "must be one of " + ", ".join(choices))
+        if value not in allowed:
+            raise ConfigError(name, value, "must be one of " + ", ".join(allowed))
         return str(value)
 
     return read
@@ -321,11 +324,14 @@ def items(cls: type[Any], shape: str) -> Any:
 # The schema
 
 
+CheckKind = Literal["tcp", "http"]
+
+
 @dataclass(frozen=True)
 class AppCheck:
     """How drainproxy decides the app is reachable: a TCP connect, or an HTTP GET of ``path``."""
 
-    kind: Literal["tcp", "http"] = key("tcp", _choice("tcp", "http"))
+    kind: CheckKind = key("tcp", one_of(CheckKind))
     path: str = key("/", _string)
     interval: float = key(_duration("1s"), parse_duration)
     timeout: float = key(_duration("1s"), parse_duration)
@@ -417,7 +423,7 @@ class ListenerTLSConfig:
     cert_file: str = required_key(_readable_file, "when tls is set")
     key_file: str = required_key(_readable_file, "when tls is set")
     client_ca_file: str | None = key(None, _readable_file)
-    client_cert: ClientCertMode = key("none", _choice("none", "optional", "required"))
+    client_cert: ClientCertMode = key("none", one_of(ClientCertMode))
     reload_interval: float = key(_duration("10s"), parse_duration)
 
     def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
@@ -437,16 +443,16 @@ class ListenerTLSConfig:
 
 
 ForwardedMode = Literal["preserve", "overwrite", "off"]
-_forwarded_mode = _choice("preserve", "overwrite", "off")
+ForwardedForMode = Literal["append", "off"]
 
 
 @dataclass(frozen=True)
 class ForwardedConfig:
     """X-Forwarded-* handling. ``preserve`` keeps a value an upstream balancer already set."""
 
-    x_forwarded_for: Literal["append", "off"] = key("append", _choice("append", "off"))
-    x_forwarded_proto: ForwardedMode = key("preserve", _forwarded_mode)
-    x_forwarded_host: ForwardedMode = key("preserve", _forwarded_mode)
+    x_forwarded_for: ForwardedForMode = key("append", one_of(ForwardedForMode))
+    x_forwarded_proto: ForwardedMode = key("preserve", one_of(ForwardedMode))
+    x_forwarded_host: ForwardedMode = key("preserve", one_of(ForwardedMode))
 
 
 @dataclass(frozen=True)
@@ -469,6 +475,9 @@ class ProberRule:
             yield ConfigError(name, raw, "needs an address or a user_agent to match probers")
 
 
+PropagationMode = Literal["fixed", "evidence"]
+
+
 @dataclass(frozen=True)
 class DrainConfig:
     readiness_fail_delay: float = key(_duration("0s"), parse_duration)
@@ -478,7 +487,7 @@ class DrainConfig:
     idle_grace: float = key(_duration("500ms"), parse_duration)
     close_spread: float = key(_duration("0s"), parse_duration)
     #: ``fixed`` waits all of ``propagation``; ``evidence`` may end it early (see docs/drain.md).
-    propagation_mode: Literal["fixed", "evidence"] = key("fixed", _choice("fixed", "evidence"))
+    propagation_mode: PropagationMode = key("fixed", one_of(PropagationMode))
     propagation_min: float = key(_duration("1s"), parse_duration)
     propagation_margin: float = key(_duration("1s"), parse_duration)
     quiet: float = key(_duration("1s"), parse_duration)
@@ -501,6 +510,7 @@ class DrainConfig:
 
 
 AppStopMethod = Literal["prestop", "signal", "http", "exec", "none"]
+HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 #: The keys each stop method uses beyond stop, stop_timeout and signal.
 _APP_STOP_KEYS = {
@@ -514,7 +524,7 @@ _APP_STOP_KEYS = {
 class AppConfig:
     """How the app is told to stop after the drain (waiting preStop calls are released after it)."""
 
-    stop: AppStopMethod = key("prestop", _choice("prestop", "signal", "http", "exec", "none"))
+    stop: AppStopMethod = key("prestop", one_of(AppStopMethod))
     stop_timeout: float = key(_duration("3s"), parse_duration)
     #: A ``signal.Signals`` name; used by ``stop: signal`` and by wrapper mode.
     signal: str = key("SIGTERM", _signal_name)
@@ -522,7 +532,7 @@ class AppConfig:
     process: str | None = key(None, _regex)
     kill_after_timeout: bool = key(False, _boolean)
     url: str | None = key(None, _http_url)
-    method: str = key("POST", _choice("GET", "POST", "PUT", "PATCH", "DELETE"))
+    method: HttpMethod = key("POST", one_of(HttpMethod))
     command: tuple[str, ...] | None = key(None, _argv)
 
     def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
@@ -547,12 +557,14 @@ class AppConfig:
             )
 
 
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
 @dataclass(frozen=True)
 class LogConfig:
-    format: Literal["text", "json"] = key("text", _choice("text", "json"))
-    level: Literal["debug", "info", "warning", "error"] = key(
-        "info", _choice("debug", "info", "warning", "error")
-    )
+    format: LogFormat = key("text", one_of(LogFormat))
+    level: LogLevel = key("info", one_of(LogLevel))
     access_log: bool = key(False, _boolean)
 
 
