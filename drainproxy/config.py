@@ -47,7 +47,9 @@ PLACEHOLDER_TOKEN = "replace-me-with-a-random-token"
 # Go's time.ParseDuration syntax, as Kubernetes writes durations (1m30s, 1h2m3.5s, 500ms).
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_UNEXPANDED = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
+#: ``${VAR}`` (shell, envsubst) and ``$(VAR)`` (Kubernetes' command and args): never expanded
+#: here. A bare ``$VAR`` is left alone: a token or a regular expression may hold one.
+_UNEXPANDED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}|\$\([A-Za-z_][A-Za-z0-9_]*\)")
 _PLACEHOLDER = re.compile(r"^(replace|change)[-_ ]?me", re.IGNORECASE)
 
 

@@ -170,6 +170,7 @@ BAD_CONFIGS = [
     ),
     ("admin: {token: '${DRAINPROXY_TOKEN}'}", "admin.token: <hidden> holds ${DRAINPROXY_TOKEN}"),
     ("admin: {token: 12345}", "admin.token: <hidden> must be a non-empty string"),
+    ("admin: {token: $(ADMIN_TOKEN)}", "admin.token: <hidden> holds $(ADMIN_TOKEN), but"),
     # issue 15: an upstream that is drainproxy itself
     (
         "upstream: http://127.0.0.1:8080",
@@ -403,6 +404,11 @@ def test_an_https_upstream_without_tls_verifies_with_the_system_cas() -> None:
     assert (config.upstream.host, config.upstream.port) == ("app.internal", 8443)
     assert read("upstream: https://app.internal\n").checked().upstream.port == 443
     assert read("upstream: http://127.0.0.1:8000\n").checked().upstream.tls is None
+
+
+def test_a_dollar_sign_alone_is_a_value_like_any_other() -> None:
+    text = "upstream: http://127.0.0.1:8000\nadmin: {token: 'a$Secret${x'}\n"
+    assert read(text).checked().admin.token == "a$Secret${x"
 
 
 def test_an_upstream_on_another_interface_with_drainproxys_port_is_not_a_loop() -> None:
