@@ -189,6 +189,23 @@ BAD_CONFIGS = [
         "listen: '[::]:8080'\nupstream: 'http://[::1]:8080'",
         "upstream.url: 'http://[::1]:8080' is drainproxy's own listen ([::]:8080)",
     ),
+    ("listen: ':0'", "listen: ':0' port must be a number from 1 to 65535"),
+    ("app: {signal: SIGFOO}", "app.signal: 'SIGFOO' must be a signal name such as SIGTERM"),
+    (
+        "app: {stop: http, url: 'ftp://127.0.0.1/quit'}",
+        "app.url: 'ftp://127.0.0.1/quit' must be an",
+    ),
+    ("app: {stop: exec, command: []}", "app.command: [] must be a non-empty list of strings"),
+    ("app: {stop: http}", "app.stop: 'http' needs app.url (the URL to call)"),
+    ("app: {stop: exec}", "app.stop: 'exec' needs app.command (an argv list to run)"),
+    (
+        "upstream: {url: 'http://127.0.0.1:8000', check: {interval: 0s}}",
+        "upstream.check.interval: 0s must be more than 0",
+    ),
+    (
+        "listen: 127.0.0.1:8080\nupstream: http://localhost:8080",
+        "upstream.url: 'http://localhost:8080' is drainproxy's own listen (127.0.0.1:8080)",
+    ),
     # issue 17: the rules a mutant may remove
     (
         "drain: {propagation_mode: evidence, propagation: 3s, propagation_min: 3500ms}",
@@ -345,6 +362,7 @@ def test_durations_as_kubernetes_writes_them_and_shown_as_written(
     [
         (0, "0s"),
         (0.5, "500ms"),
+        (1, "1s"),
         (30, "30s"),
         (90, "1m30s"),
         (3723.5, "1h2m3.5s"),
@@ -429,6 +447,8 @@ def test_the_placeholder_token_and_a_chosen_response_timeout_warn() -> None:
     assert "upstream.response_timeout 45s exceeds drain.timeout 20s" in report.warnings[1].message
     assert read("upstream: http://127.0.0.1:8000\n").warnings == ()
     assert read("upstream: {url: 'http://127.0.0.1:8000', response_timeout: 20s}\n").warnings == ()
+    own_placeholder = read("upstream: http://127.0.0.1:8000\nadmin: {token: change-me}\n")
+    assert [w.name for w in own_placeholder.warnings] == ["admin-token-placeholder"]
     chosen_drain = read("upstream: http://127.0.0.1:8000\ndrain: {timeout: 10s}\n").warnings
     assert [w.name for w in chosen_drain] == ["response-timeout-exceeds-drain"]
 
@@ -578,3 +598,29 @@ async def test_serve_logs_the_configs_warnings_without_the_token(
     )
     assert record["phase"] == "serving"
     assert PLACEHOLDER_TOKEN not in proxy.log.text()
+
+
+def test_the_bounds_themselves_are_allowed() -> None:
+    """Each rule's limit is inclusive: 24h, 1TiB, a million headers, drain.min = drain.timeout."""
+    config = read(
+        "upstream: http://127.0.0.1:8000\ntermination_grace_period: 24h\n"
+        "timeouts: {client_idle: 24h}\n"
+        "limits: {max_body_bytes: 1TiB, max_headers: 1000000, max_request_line: 1}\n"
+        "drain: {min: 20s, timeout: 20s}\n"
+    ).checked()
+    assert (config.timeouts.client_idle, config.limits.max_body_bytes) == (86400, 1024**4)
+    assert (config.limits.max_headers, config.drain.min) == (1_000_000, 20)
+    assert config.limits.max_request_line == 1
+
+
+def test_each_app_stop_method_with_its_keys_loads() -> None:
+    base = "upstream: http://127.0.0.1:8000\n"
+    http = read(base + "app: {stop: http, url: 'http://127.0.0.1:8000/quit', method: GET}\n")
+    assert (http.checked().app.url, http.checked().app.method) == (
+        "http://127.0.0.1:8000/quit",
+        "GET",
+    )
+    run = read(base + "app: {stop: exec, command: [/usr/sbin/nginx, -s, quit]}\n").checked()
+    assert run.app.command == ("/usr/sbin/nginx", "-s", "quit")
+    kill = read(base + "app: {stop: signal, process: '^nginx: master', signal: SIGQUIT}\n")
+    assert (kill.checked().app.process, kill.checked().app.signal) == ("^nginx: master", "SIGQUIT")
