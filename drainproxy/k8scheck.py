@@ -1210,11 +1210,17 @@ def locate_config(
     )
 
 
+def _set(value: object) -> str:
+    return "not set" if value is None else shown_value(value) if not is_dataclass(value) else "set"
+
+
 def _differences(given: object, other: object, prefix: str = "") -> list[str]:
     if given == other:
         return []
     if prefix == "admin.token":
         return [f"{prefix} (the values differ; not shown)"]
+    if given is None or other is None:  # an optional section (tls) on one side only
+        return [f"{prefix} ({_set(given)} given, {_set(other)} in the pod)"]
     if not (is_dataclass(given) and is_dataclass(other)):
         return [f"{prefix} ({shown_value(given)} given, {shown_value(other)} in the pod)"]
     found: list[str] = []

@@ -1057,3 +1057,55 @@ def test_check_imports_neither_aiohttp_nor_the_data_path(style: str) -> None:
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.stdout.splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_a_shell_scripts_own_command_is_quoted_as_written() -> None:
+    docs = shipped("classic")
+    hook = {"exec": {"command": ["/bin/sh", "-c", "catalina.sh stop"]}}
+    _app(docs)["lifecycle"] = {"preStop": hook}
+    (line,) = [line for code, line in lint("classic", docs) if code == "DP204"]
+    assert "the app's own preStop command (catalina.sh stop) runs at once" in line
+    assert "/prestop; catalina.sh stop" in line
+
+
+def test_a_port_name_shared_by_two_app_containers_is_not_called_drainproxys() -> None:
+    docs = shipped("classic")
+    _app(docs)["ports"][0]["name"] = "web"
+    helper = {"name": "helper", "image": "x", "ports": [{"name": "web", "containerPort": 7000}]}
+    helper["lifecycle"] = copy.deepcopy(_app(docs)["lifecycle"])
+    pod_spec(docs)["containers"].append(helper)
+    find(docs, "Service")["spec"]["ports"][0]["targetPort"] = "web"
+    (line,) = [line for code, line in lint("classic", docs) if code == "DP401"]
+    assert "has targetPort web, which is not drainproxy's listen port 8080" in line
+    assert "rename" not in line
+
+
+def test_the_upstream_port_rule_judges_only_loopback_upstreams_of_sidecars() -> None:
+    docs = shipped("classic")
+    elsewhere = "upstream: {url: 'http://app.internal:5432', response_timeout: 15s}\n"
+    assert [code for code, _ in lint("classic", docs, elsewhere)] == ["DP601"]  # not DP403
+    wrap = shipped("wrap")
+    shipper = {"name": "log-shipper", "image": "x", "ports": [{"containerPort": 24224}]}
+    pod_spec(wrap)["containers"].append(shipper)
+    assert lint("wrap", wrap) == []
+
+
+def test_a_configmap_items_mapping_is_followed_to_its_key() -> None:
+    docs = shipped("classic")
+    volume = pod_spec(docs)["volumes"][0]
+    volume["configMap"]["items"] = [
+        {"key": "other.yaml", "path": "other.yaml"},
+        {"key": "drainproxy.yaml", "path": "config.yaml"},
+    ]
+    config_map_data(docs)["other.yaml"] = "not: a drainproxy config\n"
+    _proxy(docs)["args"] = ["serve", "--config", "/etc/drainproxy/config.yaml"]
+    assert lint("classic", docs) == []
+
+
+def test_an_optional_section_on_one_side_only_is_a_difference() -> None:
+    docs = shipped("classic")
+    _config_map_text(lambda text: text.replace("http://127.0.0.1:8000", "https://127.0.0.1:8000"))(
+        docs
+    )
+    (line,) = [line for code, line in lint("classic", docs) if code == "DP601"]
+    assert "upstream.tls (not set given, set in the pod)" in line
