@@ -854,10 +854,10 @@ def test_a_chained_exec_prestop_that_waits_first_is_accepted() -> None:
 
 def test_the_chaining_advice_keeps_the_apps_own_command() -> None:
     docs = shipped("classic")
-    _app(docs)["lifecycle"] = {"preStop": {"exec": {"command": ["catalina.sh", "stop"]}}}
+    _app(docs)["lifecycle"] = {"preStop": {"exec": {"command": ["catalina.sh", "stop", "30"]}}}
     (line,) = [line for code, line in lint("classic", docs) if code == "DP204"]
     assert "wget -q -O /dev/null http://127.0.0.1:9901/prestop" in line
-    assert "; catalina.sh stop" in line
+    assert "; catalina.sh stop 30" in line
     assert "DP201" not in line and "missing" not in line
 
 
@@ -1109,3 +1109,12 @@ def test_an_optional_section_on_one_side_only_is_a_difference() -> None:
     )
     (line,) = [line for code, line in lint("classic", docs) if code == "DP601"]
     assert "upstream.tls (not set given, set in the pod)" in line
+
+
+def test_a_service_on_another_port_of_drainproxys_container_is_told_the_listen_port() -> None:
+    docs = shipped("classic")
+    _proxy(docs)["ports"].append({"name": "debug", "containerPort": 9999})
+    find(docs, "Service")["spec"]["ports"][0]["targetPort"] = "debug"
+    (line,) = [line for code, line in lint("classic", docs) if code == "DP401"]
+    assert "targetPort debug, which is not drainproxy's listen port 8080" in line
+    assert line.endswith("fix: set targetPort: http (drainproxy's port 8080)")
