@@ -409,6 +409,9 @@ class LimitsConfig:
     max_request_line: int = key(8192, parse_size)
     max_header_bytes: int = key(32768, parse_size)
     max_headers: int = key(100, _count)
+    #: A response's status line and header fields (1xx heads included), and the chunk framing
+    #: of its body beyond its data (chunk extensions, trailer fields): more is answered 502.
+    max_response_header_bytes: int = key(65536, parse_size)
     #: None: no limit on request bodies.
     max_body_bytes: int | None = key(None, _optional(parse_size))
     #: None: ``auto``, half the open-file limit (each connection may need one to the app too).
