@@ -402,6 +402,9 @@ class TimeoutsConfig:
     client_body: float = key(_duration("30s"), parse_duration)
 
 
+GetHeadBody = Literal["refuse", "forward"]
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     """Sizes and counts that bound what one client may make drainproxy hold."""
@@ -416,6 +419,9 @@ class LimitsConfig:
     max_body_bytes: int | None = key(None, _optional(parse_size))
     #: None: ``auto``, half the open-file limit (each connection may need one to the app too).
     max_connections: int | None = key(None, _connections_limit)
+    #: GET and HEAD requests with a body: ``refuse`` (400), or ``forward`` for apps that read
+    #: them. An app that ignores a GET body reads it as the next request (issue 11).
+    get_head_body: GetHeadBody = key("refuse", one_of(GetHeadBody))
 
 
 ClientCertMode = Literal["none", "optional", "required"]

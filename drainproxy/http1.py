@@ -1,10 +1,19 @@
 """HTTP/1.1 message heads as a proxy needs them: framing checks, hop-by-hop filtering and
 serialisation (RFC 9110, RFC 9112). Works on ``(name, value)`` byte pairs as llhttp delivers them,
-so header order and duplicates survive untouched."""
+so header order and duplicates survive untouched.
+
+The framing decisions are pure functions with no I/O (tested in process, tests/test_http1.py):
+what a head becomes when forwarded (``forward_head``), which requests are refused
+(``target_authority``, ``check_request_body``) and which responses are invalid
+(``status_line``, ``check_interim_head``), and how a response body goes on
+(``response_framing``). The rule behind all of them (issue 11): every byte is read the same way
+by drainproxy, a strict app and a lenient one, or it is refused."""
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
+from typing import NamedTuple
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -59,45 +68,80 @@ _KIND_BY_LOWER_NAME = {
     b"te": OTHER_HOP_BY_HOP,
     b"trailer": OTHER_HOP_BY_HOP,
 }
-#: Common end-to-end names as long as one of those (kind 0): no ``lower()`` needed to pass them.
-_COMMON_SAME_LENGTH_NAMES = (
-    b"Date", b"ETag", b"From", b"Link", b"Vary", b"Expires", b"Referer", b"Warning",
-    b"Set-Cookie", b"User-Agent", b"Accept-Charset", b"Accept-Encoding", b"Accept-Language",
-    b"X-Frame-Options", b"Content-Encoding", b"Content-Language", b"Content-Location",
-    b"WWW-Authenticate", b"If-Modified-Since",
-)  # fmt: skip
-#: Usual spellings, so the common case needs no ``lower()``.
-_FIELD_KINDS = {
+#: Names that only look like one of those once case, ``_`` and runs of ``-`` are ignored
+#: (``Content_Length``, ``X_Forwarded_Proto``): CGI and WSGI map ``_`` to ``-``
+#: (``HTTP_CONTENT_LENGTH``), and lenient parsers squeeze separators, so the app would read a
+#: field drainproxy never saw. Dropped; in a request, a look-alike of a framing field (or Host)
+#: is refused, as the request is built to be read two ways (issue 11).
+LOOK_ALIKE = 10
+LOOK_ALIKE_FRAMING = 11
+_LOOK_ALIKE_KINDS = {name.replace(b"-", b""): kind for name, kind in _KIND_BY_LOWER_NAME.items()}
+_FRAMING_KINDS = frozenset({CONTENT_LENGTH, TRANSFER_ENCODING, HOST})
+
+#: Every name seen, with its kind (0: an end-to-end field passed on as it is): one dictionary
+#: lookup per field once a name has been seen. Starts with the usual spellings of the fields a
+#: proxy must look at; learns at most ``_LEARNED_NAMES`` more (then unseen names pay the
+#: classification each time), so a client sending random names cannot grow it.
+_field_kinds = {
     **_KIND_BY_LOWER_NAME,
     **{name.title(): kind for name, kind in _KIND_BY_LOWER_NAME.items()},
     b"TE": OTHER_HOP_BY_HOP,
     b"X-Forwarded-For": FORWARDED_FOR,
     b"X-Forwarded-Proto": FORWARDED_PROTO,
     b"X-Forwarded-Host": FORWARDED_HOST,
-    **dict.fromkeys(_COMMON_SAME_LENGTH_NAMES, 0),
 }
+_LEARNED_NAMES = 512
+_FIELD_KINDS_LIMIT = len(_field_kinds) + _LEARNED_NAMES
+
+
+def field_kind(name: bytes) -> int:
+    """The kind of a field name (0 for an ordinary end-to-end field; CONTENT_LENGTH...;
+    LOOK_ALIKE or LOOK_ALIKE_FRAMING), remembered for the next message."""
+    kind = _field_kinds.get(name)
+    if kind is not None:
+        return kind
+    lower = name.lower()
+    kind = _KIND_BY_LOWER_NAME.get(lower, 0)
+    # ``0x5F in name`` is a memchr; ``b"_" in name`` would first try the bytes as an int.
+    if not kind and (0x5F in name or lower.find(b"--") >= 0):
+        look_alike = _LOOK_ALIKE_KINDS.get(lower.replace(b"_", b"").replace(b"-", b""), 0)
+        if look_alike:
+            kind = LOOK_ALIKE_FRAMING if look_alike in _FRAMING_KINDS else LOOK_ALIKE
+    if len(_field_kinds) < _FIELD_KINDS_LIMIT:
+        _field_kinds[name] = kind
+    return kind
+
+
 #: Connection values seen on nearly every message, parsed once.
 _COMMON_CONNECTION_TOKENS = {
     value: frozenset({value.lower()})
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
 }
-#: A name of another length cannot be one of those fields: most skip the dictionary altogether.
-_KIND_NAME_LENGTHS = frozenset(len(name) for name in _KIND_BY_LOWER_NAME)
 
 _FIELD_SEPARATOR = b": "
 CRLF = b"\r\n"
 
 
 class FramingError(Exception):
-    """A head whose framing is ambiguous or invalid: forwarding it could smuggle a message."""
+    """A head whose framing is ambiguous or invalid: forwarding it could smuggle a message.
+    ``status`` is the answer to a request that has it (a response that has it is a 502)."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class HeadInfo:
     """What a proxy needs to know about a message head, found in one pass. The defaults are
     class attributes, so a head sets only the few fields it has (one per message: cheap)."""
 
+    #: Canonical decimal digits (no OWS, no leading zeros).
     content_length: bytes | None = None
+    #: Transfer-Encoding ends in chunked.
     chunked = False
+    #: The transfer codings other than a final chunked, as ``b"gzip"`` or ``b"chunked, gzip"``:
+    #: the label the body keeps when it is re-framed (None: no other coding).
+    transfer_codings: bytes | None = None
     connection_tokens: frozenset[bytes] = frozenset()
     host: bytes | None = None
     upgrade: bytes | None = None
@@ -106,33 +150,109 @@ class HeadInfo:
     has_forwarded_host = False
 
 
+_OWS = b" \t"
+
+#: RFC 9112 §3.2 / RFC 3986 §3.2.2: ``uri-host [ ":" port ]``.
+_HOST = re.compile(
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
+    rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::[0-9]*)?"
+)
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^#]*)")
+_valid_hosts: set[bytes] = set()
+_VALID_HOST_CACHE_SIZE = 256
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether ``value`` is a valid Host field value, ``uri-host [ ":" port ]`` (RFC 9112
+    §3.2, RFC 3986 §3.2.2): no userinfo, path, list, whitespace or non-ASCII byte. The few
+    hosts a proxy sees are checked once."""
+    if value in _valid_hosts:
+        return True
+    if _HOST.fullmatch(value) is None:
+        return False
+    if len(_valid_hosts) < _VALID_HOST_CACHE_SIZE:
+        _valid_hosts.add(value)
+    return True
+
+
+def target_authority(target: bytes) -> bytes | None:
+    """The authority of an absolute-form request target (``http://host:port/path``), which
+    replaces the Host field (RFC 9112 §3.2.2: a proxy regenerates Host from the target); None
+    for the origin and asterisk forms. FramingError for a scheme other than http(s), userinfo
+    (RFC 9110 §4.2.4: treat as an error), or an empty or invalid authority."""
+    if target[:1] == b"/" or target == b"*":
+        return None
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        raise FramingError("request target is not in origin or absolute form")
+    scheme, authority = match.group(1).lower(), match.group(2)
+    if scheme not in (b"http", b"https"):
+        raise FramingError("absolute-form target with a scheme other than http or https")
+    if b"@" in authority:
+        raise FramingError("userinfo in the request target")
+    if not authority or not valid_host(authority):
+        raise FramingError("invalid authority in the request target")
+    return authority
+
+
+def _transfer_codings(value: bytes) -> tuple[bool, bytes | None]:
+    """``(ends in chunked, the codings but a final chunked)`` of a Transfer-Encoding value;
+    FramingError when chunked is applied more than once (RFC 9112 §6.1) or nothing is named."""
+    codings = [coding for coding in (c.strip(_OWS).lower() for c in value.split(b",")) if coding]
+    if not codings:
+        raise FramingError("empty Transfer-Encoding")
+    if codings.count(b"chunked") > 1:
+        raise FramingError("chunked applied more than once")
+    chunked = codings[-1] == b"chunked"
+    if chunked:
+        codings.pop()
+    return chunked, b", ".join(codings) if codings else None
+
+
 def forward_head(
-    out: list[bytes], headers: Headers, *, request: bool, drop: frozenset[int] = frozenset()
+    out: list[bytes],
+    headers: Headers,
+    *,
+    request: bool,
+    drop: frozenset[int] = frozenset(),
+    authority: bytes | None = None,
 ) -> HeadInfo:
     """Classify a head that llhttp accepted and append its end-to-end fields to ``out`` as
     ``name``, ``": "``, ``value``, CRLF pieces (for one ``b"".join``), all in one pass.
 
-    Left out: the hop-by-hop fields, those named in Connection, and the X-Forwarded fields whose
-    kind (FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST) is in ``drop``. Refused with
-    FramingError, as llhttp lets them through but a proxy must not forward them: several Host
-    fields, Content-Length beside Transfer-Encoding, a request coding that does not end in
-    chunked, a Content-Length that is not plain digits."""
+    Left out: the hop-by-hop fields, those named in Connection, the X-Forwarded fields whose
+    kind (FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST) is in ``drop``, and names
+    that only look like a field a proxy must look at (``X_Forwarded_For``, ``Transfer---
+    Encoding``: an app behind CGI or WSGI reads them as that field). Content-Length goes out
+    once, in canonical decimal. With ``authority`` (from an absolute-form target), Host is
+    that, whatever the request said (RFC 9112 §3.2.2).
+
+    Refused with FramingError, as llhttp lets them through but a proxy must not forward them:
+    several Host fields or an invalid one (RFC 9112 §3.2), Content-Length beside
+    Transfer-Encoding, a request coding other than chunked (501), chunked applied twice,
+    a Content-Length that is not digits (OWS aside, RFC 9110 §5.5), and in a request a name
+    that looks like Content-Length, Transfer-Encoding or Host."""
     info = HeadInfo()
     start = len(out)
     transfer_encoding: bytes | None = None
     for name, value in headers:
-        kind = 0
-        if len(name) in _KIND_NAME_LENGTHS:
-            kind = _FIELD_KINDS.get(name, -1)
-            if kind < 0:
-                kind = _KIND_BY_LOWER_NAME.get(name.lower(), 0)
+        kind = _field_kinds.get(name)
+        if kind is None:
+            kind = field_kind(name)
         if not kind:
             out += (name, _FIELD_SEPARATOR, value, CRLF)
         elif kind == CONTENT_LENGTH:
-            if info.content_length is not None and info.content_length != value:
-                raise FramingError("several differing Content-Length fields")
             if not value.isdigit():
-                raise FramingError("Content-Length is not a number")
+                value = value.strip(_OWS)
+                if not value.isdigit():
+                    raise FramingError("Content-Length is not a number")
+            if value[0] == 0x30 and len(value) > 1:
+                value = b"%d" % int(value)  # 010 is ten, not the eight a C parser reads
+            if info.content_length is not None:
+                if info.content_length != value:
+                    raise FramingError("several differing Content-Length fields")
+                continue
             info.content_length = value
             out += (name, _FIELD_SEPARATOR, value, CRLF)
         elif kind == TRANSFER_ENCODING:
@@ -148,12 +268,23 @@ def forward_head(
         elif kind == HOST:
             if info.host is not None:
                 raise FramingError("several Host fields")
+            if request and value not in _valid_hosts and not valid_host(value):
+                value = value.strip(_OWS)
+                if not valid_host(value):
+                    raise FramingError("invalid Host")
+            if authority is not None:
+                value = authority
             info.host = value
             out += (name, _FIELD_SEPARATOR, value, CRLF)
         elif kind == UPGRADE:
             info.upgrade = value
         elif kind == OTHER_HOP_BY_HOP:
             pass
+        elif kind >= LOOK_ALIKE:
+            if request and kind == LOOK_ALIKE_FRAMING:
+                raise FramingError(
+                    f"field name {name.decode('latin-1')!r} looks like a framing field"
+                )
         else:
             if kind == FORWARDED_FOR:
                 info.forwarded_for = (
@@ -168,18 +299,114 @@ def forward_head(
     if transfer_encoding is not None:
         if info.content_length is not None:
             raise FramingError("both Content-Length and Transfer-Encoding")
-        info.chunked = transfer_encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        if request and not info.chunked:
-            raise FramingError("Transfer-Encoding does not end in chunked")
+        if transfer_encoding == b"chunked":
+            info.chunked = True
+        else:
+            info.chunked, info.transfer_codings = _transfer_codings(transfer_encoding)
+        if request:
+            if not info.chunked:
+                raise FramingError("Transfer-Encoding does not end in chunked")
+            if info.transfer_codings is not None:
+                # RFC 9112 §6.1 (SHOULD 501), as nginx and Apache do: many apps cannot decode
+                # a coding below chunked, and would read the coded body as plain.
+                raise FramingError("transfer codings other than chunked are not supported", 501)
+    if authority is not None and info.host is None:
+        info.host = authority
+        out += (b"Host", _FIELD_SEPARATOR, authority, CRLF)
     tokens = info.connection_tokens
     if tokens and not tokens <= _NO_EXTRA_DROP:
-        _drop_named_fields(out, start, tokens)
+        drop_fields(out, start, tokens)
     return info
 
 
-def _drop_named_fields(out: list[bytes], start: int, names: frozenset[bytes]) -> None:
-    """Remove from ``out[start:]`` (4 pieces per field) the fields Connection named; rare, so
-    it is a second pass rather than a cost on every field."""
+def has_body(info: HeadInfo) -> bool:
+    """Whether a request head announces a body (a chunked one, or a length above 0)."""
+    return info.chunked or (info.content_length is not None and info.content_length != b"0")
+
+
+def check_request_body(
+    method: bytes, info: HeadInfo, *, upgrade: bool, get_head_body: bool
+) -> None:
+    """FramingError for a request body that the next hop may not read as one:
+    - with an Upgrade the app may switch protocols at the end of the head, and llhttp does: the
+      body would be neither forwarded as a body nor safely tunnelled (issue 11);
+    - on GET and HEAD, unless ``get_head_body``: an app that ignores such a body reads it as
+      the next request (RFC 9110 §9.3.1: it "might lead some implementations to reject the
+      request and close the connection because of its potential as a request smuggling
+      attack")."""
+    if not has_body(info):
+        return
+    if upgrade:
+        raise FramingError("an Upgrade request with a body")
+    if not get_head_body and (method == b"GET" or method == b"HEAD"):
+        raise FramingError(f"a {method.decode()} request with a body (limits.get_head_body)")
+
+
+#: How drainproxy writes a response body to the client: none, as it comes, or chunked.
+FRAME_NONE, FRAME_RAW, FRAME_CHUNKED = 0, 1, 2
+_TRANSFER_ENCODING_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
+class ResponseFraming(NamedTuple):
+    """How a response body goes from the app to the client."""
+
+    #: FRAME_NONE, FRAME_RAW or FRAME_CHUNKED.
+    frame: int
+    #: The Transfer-Encoding line for the client's head, with its CRLF (b"": none).
+    transfer_encoding: bytes
+    #: The app ends the body by closing (no length, last coding not chunked: RFC 9112 §6.3).
+    until_app_close: bool
+    #: The client's body ends at drainproxy's close: the connection closes after it, and a
+    #: response cut short must end with a reset, never a FIN (issue 11).
+    until_client_close: bool
+
+
+_NO_BODY = ResponseFraming(FRAME_NONE, b"", False, False)
+_BY_LENGTH = ResponseFraming(FRAME_RAW, b"", False, False)
+_RECHUNKED = ResponseFraming(FRAME_CHUNKED, _TRANSFER_ENCODING_CHUNKED, False, False)
+_CHUNKED_FROM_CLOSE = ResponseFraming(FRAME_CHUNKED, _TRANSFER_ENCODING_CHUNKED, True, False)
+_HTTP10_FROM_CHUNKED = ResponseFraming(FRAME_RAW, b"", False, True)
+_HTTP10_FROM_CLOSE = ResponseFraming(FRAME_RAW, b"", True, True)
+
+
+def response_framing(info: HeadInfo, bodyless: bool, client_http10: bool) -> ResponseFraming:
+    """How to pass on the body of a response whose head is ``info``: ``bodyless`` for a HEAD
+    request's response, 204 and 304; ``client_http10`` when the client spoke HTTP/1.0.
+
+    A Content-Length body goes as it comes; otherwise an HTTP/1.1 client gets it chunked and an
+    HTTP/1.0 client until the close. A transfer coding other than chunked stays labelled, as
+    the body is re-framed, never decoded: ``gzip, chunked`` is re-chunked as ``gzip, chunked``;
+    a list that does not end in chunked ends at the close both ways, named as it came (chunked
+    may not be applied twice). FramingError for a coding an HTTP/1.0 client cannot be told of
+    (RFC 9112 §6.1: no Transfer-Encoding to HTTP/1.0)."""
+    if bodyless:
+        return _NO_BODY
+    if info.content_length is not None:
+        return _BY_LENGTH
+    codings = info.transfer_codings
+    if client_http10:
+        if codings is not None:
+            raise FramingError("a transfer coding an HTTP/1.0 client cannot be sent")
+        return _HTTP10_FROM_CHUNKED if info.chunked else _HTTP10_FROM_CLOSE
+    if codings is None:
+        return _RECHUNKED if info.chunked else _CHUNKED_FROM_CLOSE
+    if info.chunked:
+        line = b"Transfer-Encoding: " + codings + b", chunked\r\n"
+        return ResponseFraming(FRAME_CHUNKED, line, False, False)
+    return ResponseFraming(FRAME_RAW, b"Transfer-Encoding: " + codings + CRLF, True, True)
+
+
+def check_interim_head(info: HeadInfo) -> None:
+    """FramingError for a 1xx response with framing fields (RFC 9110 §8.6, RFC 9112 §6.1: a
+    1xx never has content, so a field that says otherwise is a broken or hostile app)."""
+    if info.content_length is not None or info.chunked or info.transfer_codings is not None:
+        raise FramingError("Content-Length or Transfer-Encoding on a 1xx response")
+
+
+def drop_fields(out: list[bytes], start: int, names: frozenset[bytes]) -> None:
+    """Remove from ``out[start:]`` (4 pieces per field) the fields with these lower-case names
+    (those Connection named; Content-Length on a 204); rare, so it is a second pass rather
+    than a cost on every field."""
     kept: list[bytes] = []
     for index in range(start, len(out), 4):
         if out[index].lower() not in names:
@@ -191,11 +418,21 @@ _status_lines: dict[tuple[int, bytes], bytes] = {}
 _STATUS_LINE_CACHE_SIZE = 256
 
 
+#: RFC 9112 §4: ``reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )``.
+_REASON_PHRASE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+
 def status_line(status: int, reason: bytes) -> bytes:
-    """``HTTP/1.1 200 OK`` and its CRLF; the few lines an app uses are built once."""
+    """``HTTP/1.1 200 OK`` and its CRLF; the few lines an app uses are built (and checked)
+    once. FramingError for a status outside 100-599 (RFC 9110 §15: invalid; llhttp reads
+    ``099`` as 99 and accepts up to 999) or a control character in the reason phrase."""
     key = (status, reason)
     line = _status_lines.get(key)
     if line is None:
+        if not 100 <= status <= 599:
+            raise FramingError(f"status {status} outside 100-599")
+        if _REASON_PHRASE.fullmatch(reason) is None:
+            raise FramingError("control character in the reason phrase")
         line = b"HTTP/1.1 %d %s\r\n" % key
         if len(_status_lines) < _STATUS_LINE_CACHE_SIZE:
             _status_lines[key] = line

@@ -35,19 +35,27 @@ from drainproxy.http1 import (
     FORWARDED_FOR,
     FORWARDED_HOST,
     FORWARDED_PROTO,
+    FRAME_CHUNKED,
+    FRAME_NONE,
+    FRAME_RAW,
     GATHER_BYTES,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     FramingError,
     Headers,
     HeadInfo,
+    check_interim_head,
+    check_request_body,
     chunk_size_line,
+    drop_fields,
     forward_head,
     gather_more,
     gather_start,
     plain_response,
     reason_phrase,
+    response_framing,
     status_line,
+    target_authority,
 )
 from drainproxy.lifecycle import DrainLifecycle, Phase
 from drainproxy.logs import AccessRecord
@@ -76,7 +84,6 @@ _REFUSAL_LINGER_SECONDS = 0.5
 
 _BODY_NONE, _BODY_LENGTH, _BODY_CHUNKED = 0, 1, 2
 _FRAMING_TOO_LARGE = "chunk extensions or trailer fields larger than limits.max_header_bytes"
-_FRAME_NONE, _FRAME_RAW, _FRAME_CHUNKED = 0, 1, 2
 #: Up to this many response bytes from one read of the app are joined into one ``write``;
 #: larger bodies go by ``writelines`` (writev) rather than be copied.
 _JOIN_LIMIT = 16 * 1024
@@ -84,6 +91,7 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 _STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 _TRANSFER_ENCODING_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CONTENT_LENGTH_NAME = frozenset({b"content-length"})
 _CONNECTION_CLOSE = b"Connection: close\r\n"
 _CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
 _CONNECTION_UPGRADE = b"Connection: upgrade\r\n"
@@ -123,6 +131,8 @@ class ProxyContext:
     # Forwarded headers, decided once from ``forwarded:``: the kinds of X-Forwarded fields
     # (http1.FORWARDED_*) replaced rather than passed on, and the constant lines.
     request_drop: frozenset[int] = field(init=False, default=frozenset())
+    #: ``limits.get_head_body`` is ``forward``.
+    get_head_body: bool = field(init=False, default=False)
     default_host_line: bytes = field(init=False, default=b"")
     forwarded_proto_line: bytes = field(init=False, default=b"")
     xff_append: bool = field(init=False, default=True)
@@ -142,6 +152,7 @@ class ProxyContext:
             self.listener_ssl = self.tls.context
             self.scheme = b"https"
         self.limits = config.limits
+        self.get_head_body = config.limits.get_head_body == "forward"
         self.max_connections = config.limits.max_connections or _auto_connection_limit()
         forwarded = config.forwarded
         self.xff_append = forwarded.x_forwarded_for == "append"
@@ -363,7 +374,7 @@ class ClientConnection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.response_started = False
-        self.response_frame = _FRAME_NONE
+        self.response_frame = FRAME_NONE
         self.response_close_delimited = False
         self.close_delimited_to_client = False
         self.close_after = False
@@ -573,11 +584,23 @@ class ClientConnection(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive()
         req.upgrade = parser.should_upgrade()
         ctx = self.ctx
-        head = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
+        target = req.target
+        head = [req.method, b" ", target, b" HTTP/1.1\r\n"]
         try:
-            info = forward_head(head, req.headers, request=True, drop=ctx.request_drop)
+            # Not origin-form (``/...``): absolute-form, or CONNECT's authority-form (answered
+            # 405 in ``_start``), or asterisk-form.
+            authority = None
+            if target[0] != 0x2F and req.method != b"CONNECT":
+                authority = target_authority(target)
+            info = forward_head(
+                head, req.headers, request=True, drop=ctx.request_drop, authority=authority
+            )
+            if info.content_length is not None or info.chunked:
+                check_request_body(
+                    req.method, info, upgrade=req.upgrade, get_head_body=ctx.get_head_body
+                )
         except FramingError as exc:
-            raise Rejection(400, f"malformed request: {exc}") from None
+            raise Rejection(exc.status, f"malformed request: {exc}") from None
         if info.host is None and version == "1.1":
             raise Rejection(400, "malformed request: HTTP/1.1 without Host")
         max_body = ctx.limits.max_body_bytes
@@ -767,13 +790,22 @@ class ClientConnection(asyncio.Protocol):
 
     # --- called by the UpstreamConnection -----------------------------------------------------
 
-    def response_interim(self, status: int, reason: bytes, headers: Headers) -> None:
+    def response_interim(self, status: int, reason: bytes, headers: Headers) -> bool:
+        """Pass a 1xx on to an HTTP/1.1 client; False when it is invalid (the exchange failed)."""
         req = self.active
-        if req is not None and req.version == "1.1":
-            out = [status_line(status, reason)]
-            forward_head(out, headers, request=False)
+        if req is None:
+            return False
+        out: list[bytes] = []
+        try:
+            out.append(status_line(status, reason))
+            check_interim_head(forward_head(out, headers, request=False))
+        except FramingError as exc:
+            self.upstream_failed("invalid", f"invalid response from the app: {exc}")
+            return False
+        if req.version == "1.1":
             out.append(CRLF)
             self._write_pieces(out)
+        return True
 
     def response_head(
         self, conn: UpstreamConnection, status: int, reason: bytes, headers: Headers
@@ -782,12 +814,15 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         if req.access is not None:
             req.access.response_head(status, self.ctx.loop.time())
-        out = [status_line(status, reason or reason_phrase(status))]
         try:
+            out = [status_line(status, reason or reason_phrase(status))]
             info = forward_head(out, headers, request=False)
         except FramingError as exc:
             self.upstream_failed("invalid", f"invalid response from the app: {exc}")
             return
+        if status == 204 and info.content_length is not None:
+            # 204 has no content, so a Content-Length on it can only mislead (RFC 9110 §8.6).
+            drop_fields(out, 1, _CONTENT_LENGTH_NAME)
         if status == 101:
             if req.upgrade and info.upgrade is not None:
                 self._start_tunnel(conn, out, info.upgrade)
@@ -802,22 +837,23 @@ class ClientConnection(asyncio.Protocol):
             or self._last_exchange()
             or self._phase_closes_connections()
         )
-        self.response_close_delimited = False
-        self.close_delimited_to_client = False
-        if bodyless:
-            frame = _FRAME_NONE
-        elif info.content_length is not None:
-            frame = _FRAME_RAW
-            conn.body_left = int(info.content_length)
+        content_length = info.content_length
+        if bodyless or content_length is not None:
+            # ``response_framing``'s first two cases, without a call on the common path.
+            frame = FRAME_NONE if bodyless else FRAME_RAW
+            self.response_close_delimited = self.close_delimited_to_client = False
+            if content_length is not None and not bodyless:
+                conn.body_left = int(content_length)
         else:
-            self.response_close_delimited = not info.chunked
-            if req.version == "1.1":
-                frame = _FRAME_CHUNKED
-                out.append(_TRANSFER_ENCODING_CHUNKED)
-            else:
-                frame = _FRAME_RAW
-                close = True
-                self.close_delimited_to_client = True
+            try:
+                framing = response_framing(info, bodyless, req.version == "1.0")
+            except FramingError as exc:
+                self.upstream_failed("invalid", f"invalid response from the app: {exc}")
+                return
+            frame, transfer_encoding, self.response_close_delimited, to_close = framing
+            self.close_delimited_to_client = to_close
+            out.append(transfer_encoding)
+            close = close or to_close
         if close:
             out.append(_CONNECTION_CLOSE)
         elif req.version == "1.0":
@@ -832,7 +868,7 @@ class ClientConnection(asyncio.Protocol):
         self._write_pieces(out)
         if req.method == b"HEAD":
             # llhttp cannot know this response has no body; the exchange ends with its head.
-            self.response_complete(conn)
+            conn.response_done = True
 
     def response_body(self, body: bytes) -> None:
         req = self.active
@@ -843,21 +879,25 @@ class ClientConnection(asyncio.Protocol):
         batch = self.batch
         assert batch is not None  # only called while the app's bytes are parsed
         self.batch_body_bytes += len(body)
-        if self.response_frame == _FRAME_CHUNKED:
+        if self.response_frame == FRAME_CHUNKED:
             batch += (chunk_size_line(len(body)), body, CRLF)
-        elif self.response_frame == _FRAME_RAW:
+        elif self.response_frame == FRAME_RAW:
             batch.append(body)
 
     def response_complete(self, conn: UpstreamConnection) -> None:
         req = self.active
         if req is None or conn is not self.upstream:
             return
-        if self.response_frame == _FRAME_CHUNKED:
+        if self.response_frame == FRAME_CHUNKED:
             self._write(LAST_CHUNK)
         self.upstream = None
+        # Reused only when both messages ended where both sides agree they did: not after an
+        # Upgrade request (the app may have switched protocols, or stopped reading HTTP), a
+        # request not sent whole, a close-delimited response or one with bytes after it.
         if (
             conn.keep_alive
             and req.complete
+            and not req.upgrade
             and not conn.closed
             and not self.response_close_delimited
         ):
@@ -1101,7 +1141,7 @@ class ClientConnection(asyncio.Protocol):
             req.access.emit(req.method, req.target, ctx.loop.time())
         self.active = None
         self.response_started = False
-        self.response_frame = _FRAME_NONE
+        self.response_frame = FRAME_NONE
         if self.paused:
             self._resume(_PAUSE_UPSTREAM)
         if self.close_after:

@@ -31,6 +31,11 @@ _FRAMING_TOO_LARGE = (
 )
 
 
+class _StopParsing(Exception):
+    """Raised in a parser callback to stop reading the app's bytes: the exchange is over (its
+    response complete, or failed), and nothing after it may be read as anything."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to the app, bound to at most one client exchange at a time."""
 
@@ -51,6 +56,7 @@ class UpstreamConnection(asyncio.Protocol):
         "read_size",
         "reading_paused",
         "reason",
+        "response_done",
         "response_head_done",
         "reused",
         "status",
@@ -73,6 +79,9 @@ class UpstreamConnection(asyncio.Protocol):
         #: The size of this exchange's last read from the app (0: no byte of a response yet).
         self.read_size = 0
         self.response_head_done = False
+        #: The final response is complete; the client hears of it once the read is parsed,
+        #: so that bytes after it in the same read are seen first (see ``data_received``).
+        self.response_done = False
         self.keep_alive = False
         self.status = 0
         self.reason = b""
@@ -106,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser_at_rest = False
         self.read_size = self.overhead = self.trailer_bytes = 0
         self.response_head_done = False
+        self.response_done = False
         self.headers = []
         self.reason = b""
         self.body_left = 0
@@ -184,11 +194,19 @@ class UpstreamConnection(asyncio.Protocol):
                 self.client.tunnel_data_from_upstream(tail)
         except httptools.HttpParserError as exc:
             cause = exc.__context__
-            if cause is not None:
-                log.error("internal error on a response from the app", exc_info=cause)
-            if self.client is not None:
-                self.client.upstream_failed("invalid", f"invalid response from the app: {exc}")
-            self.abort()
+            if isinstance(cause, _StopParsing):
+                # Bytes the app sent unasked after a complete response: whatever they are
+                # (a second response, a body after HEAD or 204), they end this connection.
+                # Or the exchange failed (an invalid 1xx): the connection is already dropped.
+                self.keep_alive = False
+                if not self.response_done:
+                    self.abort()
+            else:
+                if cause is not None:
+                    log.error("internal error on a response from the app", exc_info=cause)
+                if self.client is not None:
+                    self.client.upstream_failed("invalid", f"invalid response from the app: {exc}")
+                self.abort()
         else:
             if self.client is None:
                 pass  # the exchange ended in this read: nothing is held
@@ -203,6 +221,8 @@ class UpstreamConnection(asyncio.Protocol):
             elif head_done_before:
                 self._count_framing(len(data))
         finally:
+            if self.response_done and self.client is not None:
+                self.client.response_complete(self)
             client.flush()
 
     def _count_head(self, size: int) -> None:
@@ -273,6 +293,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- llhttp callbacks ---------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.response_done:
+            raise _StopParsing
+
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
@@ -301,7 +325,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail("response head larger than limits.max_response_header_bytes")
             return
         if 100 <= self.status < 200 and self.status != 101:
-            client.response_interim(self.status, self.reason, self.headers)
+            if not client.response_interim(self.status, self.reason, self.headers):
+                raise _StopParsing
             self.headers = []
             self.reason = b""
             return
@@ -316,6 +341,8 @@ class UpstreamConnection(asyncio.Protocol):
         return size
 
     def on_body(self, body: bytes) -> None:
+        if self.response_done:
+            raise _StopParsing  # a body after a HEAD response
         if self.body_left:
             self.body_left -= len(body)
         else:  # chunked (or close-delimited): the data pays for the framing
@@ -326,8 +353,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.response_head_done:
             self.parser_at_rest = True
-            if self.client is not None:
-                self.client.response_complete(self)
+            self.response_done = True
 
 
 class UpstreamPool:
