@@ -208,7 +208,7 @@ class UpstreamConnection(asyncio.Protocol):
                     self.client.upstream_failed("invalid", f"invalid response from the app: {exc}")
                 self.abort()
         else:
-            if self.client is None:
+            if self.client is None or self.response_done:
                 pass  # the exchange ended in this read: nothing is held
             elif self.body_left:
                 # The body goes on past this read: the rest bypasses the parser, which is
