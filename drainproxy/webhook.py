@@ -1,0 +1,189 @@
+"""``drainproxy webhook``: a mutating admission webhook that injects drainproxy into new Pods.
+
+The API server sends ``POST /mutate`` an ``admission.k8s.io/v1`` AdmissionReview for every Pod
+created in a selected namespace; the answer allows it, with a JSONPatch (RFC 6902) that makes
+of the Pod what ``drainproxy inject`` makes of it: ``inject_pod`` transforms the pod, and
+``json_patch`` diffs the result. A webhook can change only the Pod it is asked about, so the
+config travels in the Pod's annotation ``drainproxy.io/config`` (a downwardAPI volume makes it
+the config file) instead of a ConfigMap, and Services that target the app's port by number
+must be pointed at drainproxy once by hand (or with ``drainproxy inject``).
+
+The webhook never refuses a Pod: one it cannot inject is allowed unchanged, with the reason as
+an admission warning (shown by kubectl) and in the log. The MutatingWebhookConfiguration in
+k8s/webhook/ uses ``failurePolicy: Ignore`` too, so a webhook that is down delays nothing.
+
+aiohttp is imported here only, so ``serve``, ``drain`` and ``check`` never load it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from drainproxy.config import ListenerTLSConfig, parse_address
+from drainproxy.inject import InjectError, InjectOptions, inject_pod
+from drainproxy.tls import ListenerTLS
+
+log = logging.getLogger("drainproxy.webhook")
+
+OPTIONS_KEY = web.AppKey("options", InjectOptions)
+#: How often the certificate files are checked for a rotation (cert-manager renews in place).
+CERT_CHECK_INTERVAL = 10.0
+
+
+def _pointer(path: tuple[str | int, ...]) -> str:
+    """An RFC 6901 JSON Pointer: ``~`` and ``/`` in keys escaped as ``~0`` and ``~1``."""
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
+
+
+def json_patch(old: object, new: object, path: tuple[str | int, ...] = ()) -> list[dict[str, Any]]:
+    """RFC 6902 operations that turn ``old`` into ``new``: objects key by key, lists item by
+    item when they only grow (inject appends), anything else replaced whole."""
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        ops: list[dict[str, Any]] = [
+            {"op": "remove", "path": _pointer((*path, key))} for key in old if key not in new
+        ]
+        for key, value in new.items():
+            if key in old:
+                ops += json_patch(old[key], value, (*path, key))
+            else:
+                ops.append({"op": "add", "path": _pointer((*path, key)), "value": value})
+        return ops
+    if isinstance(old, list) and isinstance(new, list) and len(new) >= len(old):
+        ops = []
+        for index, item in enumerate(old):
+            ops += json_patch(item, new[index], (*path, index))
+        for index in range(len(old), len(new)):
+            ops.append({"op": "add", "path": _pointer((*path, index)), "value": new[index]})
+        return ops
+    return [{"op": "replace", "path": _pointer(path), "value": new}]
+
+
+class ReviewError(ValueError):
+    """The request body is not an AdmissionReview this webhook can answer (HTTP 400)."""
+
+
+def _owned_by_job(pod: Mapping[str, Any]) -> bool:
+    owners = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return any(isinstance(o, dict) and o.get("kind") == "Job" for o in owners)
+
+
+def admission_response(review: object, options: InjectOptions) -> dict[str, Any]:
+    """The AdmissionReview that answers ``review`` (the API server's request, parsed JSON).
+    Raises ReviewError when it is not an ``admission.k8s.io/v1`` AdmissionReview."""
+    if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
+        raise ReviewError("the body is not an AdmissionReview")
+    if review.get("apiVersion") != "admission.k8s.io/v1":
+        raise ReviewError(f"apiVersion {review.get('apiVersion')!r}: only admission.k8s.io/v1")
+    request = review.get("request")
+    if not isinstance(request, dict) or not isinstance(request.get("uid"), str):
+        raise ReviewError("the AdmissionReview has no request with a uid")
+    response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
+    answer = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+    pod = request.get("object")
+    kind = (request.get("kind") or {}).get("kind")
+    if kind != "Pod" or request.get("operation") != "CREATE" or not isinstance(pod, dict):
+        return answer
+    found = pod.get("metadata")
+    metadata: dict[str, Any] = found if isinstance(found, dict) else {}
+    name = metadata.get("name") or metadata.get("generateName") or "?"
+    namespace = request.get("namespace") or metadata.get("namespace") or "?"
+    where = f"pod {namespace}/{name}"
+    if _owned_by_job(pod) or not isinstance(pod.get("spec"), dict):
+        return answer
+    try:
+        injected = inject_pod(
+            where, f"Pod {name}", metadata, pod["spec"], options, config_source="annotation"
+        )
+    except InjectError as exc:
+        log.warning("not injected: %s", exc, extra={"event": "webhook_not_injected"})
+        response["warnings"] = [f"drainproxy not injected: {exc}"]
+        return answer
+    if injected is None:
+        return answer
+    mutated = copy.deepcopy(pod)
+    mutated["metadata"] = injected.metadata
+    mutated["spec"] = injected.spec
+    patch = json_patch(pod, mutated)
+    response["patchType"] = "JSONPatch"
+    response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
+    log.info(
+        "injected drainproxy into %s: app port %d",
+        where,
+        injected.app_port,
+        extra={"event": "webhook_injected"},
+    )
+    return answer
+
+
+async def mutate(request: web.Request) -> web.Response:
+    try:
+        review = await request.json()
+        answer = admission_response(review, request.app[OPTIONS_KEY])
+    except (ValueError, UnicodeDecodeError) as exc:  # ReviewError and JSON errors
+        log.warning("400 for %s: %s", request.path, exc, extra={"event": "webhook_bad_review"})
+        return web.Response(status=400, text=f"bad AdmissionReview: {exc}\n")
+    return web.json_response(answer)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def start_webhook(
+    listen: str, cert_file: str, key_file: str, options: InjectOptions
+) -> tuple[int, Callable[[], Awaitable[None]]]:
+    """Serve the webhook over TLS; returns the bound port and the coroutine that stops it.
+    Raises ConfigError for a bad address or certificate, OSError when it cannot bind."""
+    address = parse_address("--listen", listen)
+    tls = ListenerTLS(ListenerTLSConfig(cert_file=cert_file, key_file=key_file))
+    app = web.Application()
+    app[OPTIONS_KEY] = options
+    app.router.add_post("/mutate", mutate)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, address.host, address.port, ssl_context=tls.context)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    port = int(runner.addresses[0][1])
+
+    async def watch_certificate() -> None:
+        while True:
+            await asyncio.sleep(CERT_CHECK_INTERVAL)
+            tls.check_files()
+
+    watcher = asyncio.create_task(watch_certificate())
+
+    async def stop() -> None:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await runner.cleanup()
+
+    return port, stop
+
+
+async def run_webhook(listen: str, cert_file: str, key_file: str, options: InjectOptions) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the reviews in progress and return."""
+    port, stop = await start_webhook(listen, cert_file, key_file, options)
+    log.info("webhook listening on port %d", port, extra={"event": "webhook_started"})
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    await stop()
+    log.info("webhook stopped", extra={"event": "webhook_stopped"})
