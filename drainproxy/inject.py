@@ -598,6 +598,9 @@ def inject_pod(
         _rename_port_refs(app, old_name, new_name)
     else:
         listen_name = _free_name(["http", "drainproxy-http"], taken_names)
+        if app_entry is None:
+            # Declared, so the pod says which container owns the port drainproxy forwards to.
+            _sequence(app, "ports").append({"containerPort": app_port})
     admin_name = _free_name(["admin", "drainproxy-adm"], taken_names)
 
     token = options.new_token() if hook_style == "http" and not _has_hook(app) else None
