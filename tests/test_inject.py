@@ -331,7 +331,8 @@ def test_a_workload_annotated_inject_false_is_left_alone() -> None:
         .read_text()
         .replace(
             "  labels:\n    app: storefront\nspec:",
-            '  labels:\n    app: storefront\n  annotations:\n    drainproxy.io/inject: "false"\nspec:',
+            "  labels:\n    app: storefront\n"
+            '  annotations:\n    drainproxy.io/inject: "false"\nspec:',
         )
     )
     result = inject("-", stdin=source)
