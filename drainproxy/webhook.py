@@ -28,7 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
-from drainproxy.config import ListenerTLSConfig, parse_address
+from drainproxy.config import ListenerTLSConfig
+from drainproxy.errors import ConfigError
 from drainproxy.inject import InjectError, InjectOptions, inject_pod
 from drainproxy.tls import ListenerTLS
 
@@ -140,12 +141,21 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::]:8443`` for IPv6); port 0 picks a free one (tests).
+    Raises ConfigError naming ``--listen``."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("--listen", text, "must be HOST:PORT with a port from 0 to 65535")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 async def start_webhook(
     listen: str, cert_file: str, key_file: str, options: InjectOptions
 ) -> tuple[int, Callable[[], Awaitable[None]]]:
     """Serve the webhook over TLS; returns the bound port and the coroutine that stops it.
     Raises ConfigError for a bad address or certificate, OSError when it cannot bind."""
-    address = parse_address("--listen", listen)
+    host, port = listen_address(listen)
     tls = ListenerTLS(ListenerTLSConfig(cert_file=cert_file, key_file=key_file))
     app = web.Application()
     app[OPTIONS_KEY] = options
@@ -153,7 +163,7 @@ async def start_webhook(
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, address.host, address.port, ssl_context=tls.context)
+    site = web.TCPSite(runner, host, port, ssl_context=tls.context)
     try:
         await site.start()
     except OSError:
