@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
@@ -317,10 +318,17 @@ def _add_inject_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _inject_options(args: argparse.Namespace) -> InjectOptions:
-    from drainproxy.inject import InjectOptions
+    """``DRAINPROXY_TOKEN_KEY`` in the environment makes inject's admin tokens the same on every
+    run (keyed per workload) instead of random."""
+    from drainproxy.inject import InjectOptions, keyed_tokens
 
     options = InjectOptions(style=args.style, hook=args.prestop)
-    return replace(options, image=args.image) if args.image else options
+    if args.image:
+        options = replace(options, image=args.image)
+    key = os.environ.get("DRAINPROXY_TOKEN_KEY")
+    if args.command == "inject" and key:
+        options = replace(options, new_token=keyed_tokens(key))
+    return options
 
 
 def inject(paths: list[str], options: InjectOptions) -> int:

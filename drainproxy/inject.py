@@ -19,6 +19,8 @@ A pod that already runs drainproxy is left as it is, which makes injecting idemp
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import json
 import math
 import re
@@ -104,8 +106,20 @@ class InjectOptions:
     propagation: str = "5s"
     drain_timeout: str = "15s"
     stop_timeout: str = "5s"
-    #: Makes the admin token of a workload; tests pass a fixed one.
-    new_token: Callable[[], str] = field(default=lambda: secrets.token_hex(16))
+    #: Makes the admin token of a workload from its ``namespace/Kind/name``: random by
+    #: default, ``keyed_tokens`` for the same token on every run; tests pass a fixed one.
+    new_token: Callable[[str], str] = field(default=lambda scope: secrets.token_hex(16))
+
+
+def keyed_tokens(key: str) -> Callable[[str], str]:
+    """Tokens that are the same on every run for the same workload, and unguessable without
+    ``key``: HMAC-SHA256 of ``namespace/Kind/name``. A pipeline that injects at every deploy
+    then changes no pod template (which would restart every pod) unless the workload changed."""
+
+    def token(scope: str) -> str:
+        return hmac.new(key.encode(), scope.encode(), hashlib.sha256).hexdigest()[:32]
+
+    return token
 
 
 @dataclass(frozen=True)
@@ -539,6 +553,7 @@ def inject_pod(
     service_targets: Iterable[int] = (),
     config_source: ConfigSource = "configmap",
     config_map: str = "drainproxy",
+    token_scope: str = "",
 ) -> InjectedPod | None:
     """The pod (its template's ``metadata`` and ``spec``) with drainproxy in front of its app,
     or None when it must stay as it is: annotated ``drainproxy.io/inject: "false"``, running to
@@ -603,7 +618,8 @@ def inject_pod(
             _sequence(app, "ports").append({"containerPort": app_port})
     admin_name = _free_name(["admin", "drainproxy-adm"], taken_names)
 
-    token = options.new_token() if hook_style == "http" and not _has_hook(app) else None
+    needs_token = hook_style == "http" and not _has_hook(app)
+    token = options.new_token(token_scope or what) if needs_token else None
     prestop = _app_prestop(where, app, hook_style, admin_port, token)
     _mapping(app, "lifecycle")["preStop"] = prestop
 
@@ -798,6 +814,7 @@ def _inject_workload(
         annotations=annotations,
         service_targets=targets,
         config_map=config_name,
+        token_scope=f"{_namespace(doc.body) or ''}/{what}",
     )
     if injected is None:
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,10 +41,16 @@ INJECTED = ["wordpress.yaml", "rails.yaml", "tomcat.yaml", "statefulset.yaml", "
 Obj = dict[str, Any]
 
 
-def inject(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def inject(
+    *args: str, stdin: str | None = None, token_key: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DRAINPROXY_TOKEN_KEY"}
+    if token_key is not None:
+        env["DRAINPROXY_TOKEN_KEY"] = token_key
     return subprocess.run(
         [sys.executable, "-m", "drainproxy", "inject", *args],
         input=stdin,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -368,6 +375,30 @@ def test_the_image_option_sets_the_sidecar_image() -> None:
     result = inject("--image", "mirror.example.com/drainproxy:0.1.0", str(MANIFESTS / "rails.yaml"))
     spec = template(workloads(objects(result.stdout))[0])["spec"]
     assert drainproxy_container(spec)["image"] == "mirror.example.com/drainproxy:0.1.0"
+
+
+def admin_token(output: str) -> str:
+    config_map = next(o for o in objects(output) if o["metadata"]["name"].endswith("-drainproxy"))
+    token: str = yaml.safe_load(config_map["data"]["drainproxy.yaml"])["admin"]["token"]
+    return token
+
+
+def test_tokens_are_random_unless_a_key_makes_every_run_the_same() -> None:
+    path = str(MANIFESTS / "wordpress.yaml")
+    assert admin_token(inject(path).stdout) != admin_token(injected("wordpress.yaml"))
+    keyed = inject(path, token_key="ci-secret-1").stdout
+    assert inject(path, token_key="ci-secret-1").stdout == keyed
+    assert admin_token(inject(path, token_key="ci-secret-2").stdout) != admin_token(keyed)
+    other_name = (
+        (MANIFESTS / "wordpress.yaml")
+        .read_text()
+        .replace(
+            "  name: blog-wordpress\n  namespace: default",
+            "  name: shop-wordpress\n  namespace: default",
+        )
+    )
+    other = inject("-", stdin=other_name, token_key="ci-secret-1").stdout
+    assert admin_token(other) != admin_token(keyed)
 
 
 def test_a_directory_and_stdin_come_out_as_one_stream_in_order(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from tests.test_inject import (
 )
 
 TOKEN = "5f1e0d9c8b7a69584736251403f2e1d0"
-OPTIONS = InjectOptions(new_token=lambda: TOKEN)
+OPTIONS = InjectOptions(new_token=lambda scope: TOKEN)
 WEBHOOK_DIR = REPO / "k8s" / "webhook"
 
 Obj = dict[str, Any]
