@@ -157,7 +157,8 @@ async def start_webhook(
     Raises ConfigError for a bad address or certificate, OSError when it cannot bind."""
     host, port = listen_address(listen)
     tls = ListenerTLS(ListenerTLSConfig(cert_file=cert_file, key_file=key_file))
-    app = web.Application()
+    # A Pod is at most what etcd stores (1.5 MiB); the review holds it once or twice.
+    app = web.Application(client_max_size=4 * 1024 * 1024)
     app[OPTIONS_KEY] = options
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)

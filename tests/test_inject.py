@@ -572,3 +572,24 @@ def test_the_cli_lists_inject_and_webhook() -> None:
         [sys.executable, "-m", "drainproxy", "--help"], capture_output=True, text=True, timeout=60
     )
     assert "inject" in result.stdout and "webhook" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# check honours the ports inject marks as not proxied
+
+
+@pytest.mark.parametrize("marked", ["", "8000", "app", "8443, 8000"])
+def test_check_flags_a_service_to_the_app_unless_its_port_is_marked_unproxied(marked: str) -> None:
+    from drainproxy.config import load_config
+    from drainproxy.k8scheck import ManifestDoc, check_manifests
+
+    docs = list(yaml.safe_load_all((REPO / "k8s" / "classic-sidecar.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+    service["spec"]["ports"].append({"name": "direct", "port": 8000, "targetPort": 8000})
+    if marked:
+        deployment["spec"]["template"]["metadata"]["annotations"] = {UNPROXIED: marked}
+    parsed = [ManifestDoc("web.yaml", doc) for doc in docs if doc]
+    config = load_config(REPO / "config" / "k8s-classic.yaml")
+    codes = [f.rule.code for f in check_manifests(config, parsed)]
+    assert codes == ([] if marked else ["DP401"])
