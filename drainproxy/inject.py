@@ -133,12 +133,16 @@ class InjectedPod:
     app_port: int
     #: The name of drainproxy's listen port, for Services that must be pointed at it.
     listen_name: str
+    #: Services that target the app's port by name now reach drainproxy (it took the name, or
+    #: the port had none).
+    named_services_follow: bool
 
     def bypass_warning(self, where: str) -> str:
         """What to tell about Services inject cannot see: those that target the app's port by
-        number still reach the app directly."""
+        number (or by a name drainproxy could not take over) still reach the app directly."""
+        how = "by number" if self.named_services_follow else "by number or by name"
         return (
-            f"{where}: a Service that targets port {self.app_port} by number bypasses "
+            f"{where}: a Service that targets port {self.app_port} {how} bypasses "
             f"drainproxy; set its targetPort to {self.listen_name}"
         )
 
@@ -605,14 +609,19 @@ def inject_pod(
         (p for p in _dicts(app.get("ports")) if p.get("containerPort") == app_port), None
     )
     old_name = str(app_entry["name"]) if app_entry and app_entry.get("name") else None
+    # A name another container declares too would, once the app gives it up, lead Services
+    # to that container (names resolve in the regular containers first): then drainproxy
+    # gets a name of its own, and Services must be pointed at it.
+    takes_name = old_name is not None and [p.get("name") for p in declared].count(old_name) == 1
     if old_name is not None:
-        listen_name = old_name
         new_name = _free_name([f"app-{old_name}", "app", "app-http"], taken_names)
         assert app_entry is not None
         app_entry["name"] = new_name
         _rename_port_refs(app, old_name, new_name)
+    if old_name is not None and takes_name:
+        listen_name = old_name
     else:
-        listen_name = _free_name(["http", "drainproxy-http"], taken_names)
+        listen_name = _free_name(["http", "drainproxy-http", "dp-http"], taken_names)
         if app_entry is None:
             # Declared, so the pod says which container owns the port drainproxy forwards to.
             _sequence(app, "ports").append({"containerPort": app_port})
@@ -655,7 +664,9 @@ def inject_pod(
         new_annotations[UNPROXIED_PORTS_ANNOTATION] = ",".join(map(str, unproxied))
     if config_source == "annotation":
         new_annotations[CONFIG_ANNOTATION] = config_text
-    return InjectedPod(pod_metadata, pod_spec, config_text, app_port, listen_name)
+    return InjectedPod(
+        pod_metadata, pod_spec, config_text, app_port, listen_name, old_name is None or takes_name
+    )
 
 
 def _mapping(parent: dict[str, Any], key: str) -> dict[str, Any]:
@@ -743,7 +754,10 @@ def _flatten(docs: Iterable[Document]) -> Iterator[Document]:
 class _Fronted:
     workload: dict[str, Any]
     labels: dict[str, Any]
-    spec: dict[str, Any]
+    #: The pod before and after injection: a Service port is pointed at drainproxy when it
+    #: reached the app before and does not reach drainproxy now.
+    before: dict[str, Any]
+    after: dict[str, Any]
     app_port: int
     listen_name: str
 
@@ -793,7 +807,7 @@ def _inject_workload(
         name = _listen_name(spec)
         if port is None or name is None:
             return None
-        return _Fronted(doc.body, labels, spec, port, name), None, []
+        return _Fronted(doc.body, labels, spec, spec, port, name), None, []
     own = _get(doc.body, "metadata", "annotations") if doc.kind != "Pod" else None
     annotations = {str(k): str(v) for k, v in own.items()} if isinstance(own, dict) else {}
     targets = [
@@ -831,14 +845,17 @@ def _inject_workload(
         "metadata": metadata,
         "data": {CONFIG_FILE: injected.config_text},
     }
-    pod = _Fronted(doc.body, labels, injected.spec, injected.app_port, injected.listen_name)
+    pod = _Fronted(doc.body, labels, spec, injected.spec, injected.app_port, injected.listen_name)
     selected = any(_selects(s.body, doc.body, labels) for s in services)
     return pod, config_map, [] if selected else [injected.bypass_warning(doc.where)]
 
 
+def _proxy(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    return next((c for c in _containers(spec) if c.get("name") == CONTAINER_NAME), None)
+
+
 def _listen_name(spec: Mapping[str, Any]) -> str | None:
-    proxy = next((c for c in _containers(spec) if c.get("name") == CONTAINER_NAME), None)
-    ports = _dicts(_get(proxy, "ports"))
+    ports = _dicts(_get(_proxy(spec), "ports"))
     return str(ports[0]["name"]) if ports and ports[0].get("name") else None
 
 
@@ -847,8 +864,11 @@ def _point_service(service: dict[str, Any], fronted: list[_Fronted]) -> None:
     for pod in fronted:
         if not _selects(service, pod.workload, pod.labels):
             continue
+        proxy_ports = _dicts(_get(_proxy(pod.after), "ports"))
+        listen = _int_port(proxy_ports[0].get("containerPort")) if proxy_ports else None
         for port in _dicts(_get(service, "spec", "ports")):
-            if find_service_port(pod.spec, port) == pod.app_port:
+            reached_app = find_service_port(pod.before, port) == pod.app_port
+            if reached_app and find_service_port(pod.after, port) != listen:
                 port["targetPort"] = pod.listen_name
 
 

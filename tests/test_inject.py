@@ -21,6 +21,9 @@ import yaml
 from aiohttp import web
 from kubernetes_validate.utils import latest_version
 
+from drainproxy.config import load_config
+from drainproxy.inject import InjectOptions, Input, inject_documents, parse_text, render
+from drainproxy.k8scheck import ManifestDoc, check_manifests
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -580,9 +583,6 @@ def test_the_cli_lists_inject_and_webhook() -> None:
 
 @pytest.mark.parametrize("marked", ["", "8000", "app", "8443, 8000"])
 def test_check_flags_a_service_to_the_app_unless_its_port_is_marked_unproxied(marked: str) -> None:
-    from drainproxy.config import load_config
-    from drainproxy.k8scheck import ManifestDoc, check_manifests
-
     docs = list(yaml.safe_load_all((REPO / "k8s" / "classic-sidecar.yaml").read_text()))
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     service = next(d for d in docs if d["kind"] == "Service")
@@ -593,3 +593,114 @@ def test_check_flags_a_service_to_the_app_unless_its_port_is_marked_unproxied(ma
     config = load_config(REPO / "config" / "k8s-classic.yaml")
     codes = [f.rule.code for f in check_manifests(config, parsed)]
     assert codes == ([] if marked else ["DP401"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller cases, in process
+
+
+def run_inject(text: str) -> tuple[list[Obj], list[str]]:
+    docs, is_json = parse_text(text, "test.yaml")
+    warnings = inject_documents(docs, InjectOptions(new_token=lambda scope: "t" * 32))
+    return objects(render(Input(docs, is_json))), warnings
+
+
+def workload_yaml(kind: str, containers: str, annotations: str = "", extra: str = "") -> str:
+    template_annotations = f"      annotations:\n{annotations}" if annotations else ""
+    pod = (
+        f"    metadata:\n      labels: {{app: web}}\n{template_annotations}"
+        f"    spec:\n{extra}      containers:\n{containers}"
+    )
+    return (
+        f"apiVersion: apps/v1\nkind: {kind}\nmetadata: {{name: web}}\nspec:\n"
+        f"  selector: {{matchLabels: {{app: web}}}}\n  template:\n{pod}"
+    )
+
+
+SERVICE = (
+    "---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n"
+)
+
+
+def listen_port(workload: Obj) -> int:
+    port: int = drainproxy_container(template(workload)["spec"])["ports"][0]["containerPort"]
+    return port
+
+
+def test_a_port_name_two_containers_declare_is_not_taken_and_the_service_is_patched() -> None:
+    containers = (
+        "        - {name: app, image: app:1, ports: [{name: http, containerPort: 8000}]}\n"
+        "        - {name: exporter, image: exp:1, ports: [{name: http, containerPort: 9113}]}\n"
+    )
+    source = (
+        workload_yaml("Deployment", containers)
+        + SERVICE
+        + ("  ports: [{port: 80, targetPort: http}]\n")
+    )
+    objs, _ = run_inject(source)
+    workload, service = workloads(objs)[0], objs[-1]
+    spec = template(workload)["spec"]
+    assert resolve(spec, service["spec"]["ports"][0]) == listen_port(workload)
+    assert service["spec"]["ports"][0]["targetPort"] == "drainproxy-http"
+    assert spec["containers"][1]["ports"] == [{"name": "http", "containerPort": 9113}]
+
+
+def test_annotations_pick_the_container_and_name_its_port() -> None:
+    containers = (
+        "        - {name: agent, image: agent:1, ports: [{name: agent, containerPort: 7000}]}\n"
+        "        - {name: app, image: app:1, ports: [{name: main, containerPort: 5000}, "
+        "{name: http, containerPort: 5001}]}\n"
+    )
+    annotations = "        drainproxy.io/container: app\n        drainproxy.io/port: main\n"
+    source = (
+        workload_yaml("DaemonSet", containers, annotations)
+        + SERVICE
+        + ("  ports: [{port: 80, targetPort: main}, {name: alt, port: 81, targetPort: 5001}]\n")
+    )
+    objs, _ = run_inject(source)
+    workload, service = workloads(objs)[0], objs[-1]
+    spec = template(workload)["spec"]
+    config = yaml.safe_load(objs[0]["data"]["drainproxy.yaml"])
+    assert config["upstream"]["url"] == "http://127.0.0.1:5000"
+    annotations_after = template(workload)["metadata"]["annotations"]
+    assert annotations_after["drainproxy.io/port"] == "5000"
+    assert annotations_after[UNPROXIED] == "5001,7000"
+    assert [resolve(spec, p) for p in service["spec"]["ports"]] == [listen_port(workload), 5001]
+    assert "lifecycle" not in spec["containers"][0]  # the agent is not held back
+    assert "preStop" in spec["containers"][1]["lifecycle"]
+
+
+def test_an_app_that_declares_no_port_is_found_through_its_service() -> None:
+    containers = "        - {name: app, image: app:1}\n"
+    source = workload_yaml("ReplicaSet", containers) + SERVICE + "  ports: [{port: 3000}]\n"
+    objs, warnings = run_inject(source)
+    spec = template(workloads(objs)[0])["spec"]
+    assert spec["containers"][0]["ports"] == [{"containerPort": 3000}]
+    assert objs[-1]["spec"]["ports"] == [{"port": 3000, "targetPort": "http"}]
+    assert warnings == []
+
+
+def test_bare_pods_are_injected_unless_they_run_to_completion() -> None:
+    pod = (
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: one, labels: {app: web}}\nspec:\n"
+        "  restartPolicy: RESTART\n  containers:\n"
+        "    - {name: app, image: app:1, ports: [{name: http, containerPort: 8000}]}\n"
+    )
+    objs, _ = run_inject(pod.replace("RESTART", "Always"))
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Pod"]
+    assert objs[0]["metadata"]["name"] == "one-drainproxy"
+    for policy in ("Never", "OnFailure"):
+        source = pod.replace("RESTART", policy)
+        assert run_inject(source)[0] == objects(source)
+
+
+def test_a_yaml_list_stays_yaml_with_the_configmap_among_its_items() -> None:
+    containers = "        - {name: app, image: app:1, ports: [{name: http, containerPort: 80}]}\n"
+    workload = yaml.safe_load(workload_yaml("Deployment", containers))
+    text = yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [workload]})
+    docs, is_json = parse_text(text, "list.yaml")
+    inject_documents(docs, InjectOptions())
+    output = render(Input(docs, is_json))
+    assert yaml.safe_load(output)["kind"] == "List"  # YAML, not JSON
+    assert not output.startswith("{")
+    assert [o["kind"] for o in objects(output)] == ["ConfigMap", "Deployment"]
