@@ -304,9 +304,9 @@ def _add_inject_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         )
         command.add_argument(
             "--style",
-            choices=("native", "classic"),
-            default="native",
-            help="native sidecar (Kubernetes 1.29+, the default) or classic second container",
+            choices=("classic", "native"),
+            default="classic",
+            help="classic second container (the default) or native sidecar (Kubernetes 1.29+)",
         )
         command.add_argument(
             "--prestop",

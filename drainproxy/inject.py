@@ -97,9 +97,12 @@ class InjectOptions:
     """Defaults for every workload; each can be overridden by a ``drainproxy.io/`` annotation."""
 
     image: str = DEFAULT_IMAGE
-    #: native: an init container with ``restartPolicy: Always`` (Kubernetes 1.29+): it starts
-    #: before the app and stops after it. classic: a second regular container (any version).
-    style: SidecarStyle = "native"
+    #: classic: a second regular container; at deletion the kubelet signals it at once, which
+    #: starts the drain (any Kubernetes version). native: an init container with
+    #: ``restartPolicy: Always`` (1.29+) that starts before the app; its drain starts from its
+    #: own exec preStop (``drainproxy drain``), which must reach it before a drain started by
+    #: the app's hook alone has ended (see docs/kubernetes.md).
+    style: SidecarStyle = "classic"
     #: http: the app's preStop is an httpGet of /prestop with the admin token (any image).
     #: exec: a shell hook calls /prestop over loopback with curl, wget or bash: no token at all.
     hook: HookStyle = "http"
@@ -581,7 +584,7 @@ def inject_pod(
         return None
     pod_spec: dict[str, Any] = copy.deepcopy(dict(spec))
     pod_metadata: dict[str, Any] = copy.deepcopy(dict(metadata))
-    style: SidecarStyle = _style(where, merged, "style", options.style, "native", "classic")
+    style: SidecarStyle = _style(where, merged, "style", options.style, "classic", "native")
     hook_style: HookStyle = _style(where, merged, "prestop", options.hook, "http", "exec")
     image = merged.get(ANNOTATION_PREFIX + "image", options.image)
     app = _app_container(where, pod_spec, merged.get(ANNOTATION_PREFIX + "container"))

@@ -262,7 +262,8 @@ def test_helm_wordpress_fronts_http_and_leaves_https_to_the_app() -> None:
     spec = template(deployment)["spec"]
     assert spec["securityContext"]["runAsUser"] == 0  # the app still runs as it did
     proxy = drainproxy_container(spec)
-    assert proxy in spec["initContainers"] and proxy["restartPolicy"] == "Always"
+    assert proxy in spec["containers"] and "restartPolicy" not in proxy
+    assert "lifecycle" not in proxy  # the kubelet's SIGTERM starts its drain
     assert proxy["ports"][0] == {"name": "http", "containerPort": 8081}
     app = spec["containers"][0]
     assert app["ports"] == [
@@ -311,11 +312,15 @@ def test_an_existing_exec_prestop_runs_after_the_drain_within_a_longer_grace_per
     assert services["ledger-jmx"]["spec"]["ports"][0]["targetPort"] == "jmx"
 
 
-def test_statefulset_asks_for_the_classic_style_and_its_log_shipper_is_not_proxied() -> None:
+def test_statefulset_asks_for_a_native_sidecar_and_its_log_shipper_is_not_proxied() -> None:
     statefulset = only_workload("statefulset.yaml")
     spec = template(statefulset)["spec"]
-    assert "initContainers" not in spec
-    assert [c["name"] for c in spec["containers"]] == ["search", "fluent-bit", "drainproxy"]
+    assert [c["name"] for c in spec["containers"]] == ["search", "fluent-bit"]
+    (sidecar,) = spec["initContainers"]
+    assert (sidecar["name"], sidecar["restartPolicy"]) == ("drainproxy", "Always")
+    drain = ["drainproxy", "drain", "--config", "/etc/drainproxy/drainproxy.yaml"]
+    assert sidecar["lifecycle"]["preStop"]["exec"]["command"] == drain
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/live"
     assert template(statefulset)["metadata"]["annotations"][UNPROXIED] == "24224"
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert spec["terminationGracePeriodSeconds"] == 120
@@ -357,7 +362,7 @@ def test_annotations_choose_the_port_the_timings_the_style_and_the_image() -> No
         .replace(
             "  namespace: default\n",
             "  namespace: default\n  annotations:\n"
-            "    drainproxy.io/style: classic\n"
+            "    drainproxy.io/style: native\n"
             "    drainproxy.io/propagation: 10s\n"
             "    drainproxy.io/stop-timeout: 20s\n"
             "    drainproxy.io/listen-port: '18080'\n"
@@ -368,7 +373,7 @@ def test_annotations_choose_the_port_the_timings_the_style_and_the_image() -> No
     assert result.returncode == 0, result.stderr
     spec = template(workloads(objects(result.stdout))[0])["spec"]
     proxy = drainproxy_container(spec)
-    assert proxy in spec["containers"]
+    assert proxy in spec["initContainers"]
     assert proxy["image"] == "registry.example.com/tools/drainproxy:9.9"
     assert proxy["ports"][0]["containerPort"] == 18080
     assert spec["terminationGracePeriodSeconds"] == 10 + 15 + 20 + 2
@@ -460,7 +465,7 @@ BAD_INPUTS = [
             "        tier: web\n",
             "        tier: web\n      annotations:\n        drainproxy.io/style: sidecar\n",
         ),
-        "'sidecar' is not one of native, classic",
+        "'sidecar' is not one of classic, native",
     ),
     (
         "no port to front",
