@@ -439,6 +439,7 @@ def _sidecar(
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     container["resources"] = {
         "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -582,6 +583,11 @@ def inject_pod(
         return None
     if runs_drainproxy(spec) or runs_to_completion(spec):
         return None
+    if _get(spec, "os", "name") == "windows":
+        raise InjectError(
+            f"{where}: a Windows pod cannot run drainproxy's Linux image; annotate it "
+            f'{INJECT_ANNOTATION}: "false"'
+        )
     pod_spec: dict[str, Any] = copy.deepcopy(dict(spec))
     pod_metadata: dict[str, Any] = copy.deepcopy(dict(metadata))
     style: SidecarStyle = _style(where, merged, "style", options.style, "classic", "native")

@@ -119,9 +119,10 @@ def admission_response(review: object, options: InjectOptions) -> dict[str, Any]
     response["patchType"] = "JSONPatch"
     response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
     log.info(
-        "injected drainproxy into %s: app port %d",
+        "injected drainproxy into %s: app port %d; Services must target port %s",
         where,
         injected.app_port,
+        injected.listen_name,
         extra={"event": "webhook_injected"},
     )
     return answer

@@ -473,6 +473,11 @@ BAD_INPUTS = [
         "cannot tell which port of container puma serves HTTP",
     ),
     (
+        "a Windows pod",
+        GOOD.replace("      terminationGracePeriodSeconds: 45\n", "      os: {name: windows}\n"),
+        "a Windows pod cannot run drainproxy's Linux image",
+    ),
+    (
         "a port annotation naming no port",
         GOOD.replace(
             "        tier: web\n",
