@@ -611,29 +611,8 @@ def inject_pod(
     listen_port = _free_port(listen_port, taken_ports)
     admin_port = _free_port(admin_port, taken_ports)
 
-    # drainproxy takes the app port's name, so Services that target it by name reach drainproxy
-    # with no change; the app's port gets a new name, and its own probes follow the rename.
     taken_names = {str(p["name"]) for p in declared if p.get("name")}
-    app_entry = next(
-        (p for p in _dicts(app.get("ports")) if p.get("containerPort") == app_port), None
-    )
-    old_name = str(app_entry["name"]) if app_entry and app_entry.get("name") else None
-    # A name another container declares too would, once the app gives it up, lead Services
-    # to that container (names resolve in the regular containers first): then drainproxy
-    # gets a name of its own, and Services must be pointed at it.
-    takes_name = old_name is not None and [p.get("name") for p in declared].count(old_name) == 1
-    if old_name is not None:
-        new_name = _free_name([f"app-{old_name}", "app", "app-http"], taken_names)
-        assert app_entry is not None
-        app_entry["name"] = new_name
-        _rename_port_refs(app, old_name, new_name)
-    if old_name is not None and takes_name:
-        listen_name = old_name
-    else:
-        listen_name = _free_name(["http", "drainproxy-http", "dp-http"], taken_names)
-        if app_entry is None:
-            # Declared, so the pod says which container owns the port drainproxy forwards to.
-            _sequence(app, "ports").append({"containerPort": app_port})
+    listen_name, named_services_follow = _hand_over_port_name(app, app_port, declared, taken_names)
     admin_name = _free_name(["admin", "drainproxy-adm"], taken_names)
 
     needs_token = hook_style == "http" and not _has_hook(app)
@@ -664,8 +643,12 @@ def inject_pod(
         _sequence(pod_spec, "containers").append(sidecar)
     _sequence(pod_spec, "volumes").append(_config_volume(config_source, config_map))
 
+    marked = str(merged.get(UNPROXIED_PORTS_ANNOTATION, "")).split(",")
     unproxied = sorted(
-        {n for p in declared if (n := _int_port(p.get("containerPort"))) is not None} - {app_port}
+        {word.strip() for word in marked if word.strip() and word.strip() != str(app_port)}
+        | {str(n) for p in declared if (n := _int_port(p.get("containerPort"))) is not None}
+        - {str(app_port)},
+        key=lambda word: (not word.isdigit(), int(word) if word.isdigit() else 0, word),
     )
     new_annotations = _mapping(pod_metadata, "annotations")
     new_annotations[PORT_ANNOTATION] = str(app_port)
@@ -674,8 +657,34 @@ def inject_pod(
     if config_source == "annotation":
         new_annotations[CONFIG_ANNOTATION] = config_text
     return InjectedPod(
-        pod_metadata, pod_spec, config_text, app_port, listen_name, old_name is None or takes_name
+        pod_metadata, pod_spec, config_text, app_port, listen_name, named_services_follow
     )
+
+
+def _hand_over_port_name(
+    app: dict[str, Any], app_port: int, declared: list[dict[str, Any]], taken: set[str]
+) -> tuple[str, bool]:
+    """The name for drainproxy's listen port, and whether Services that target the app's port
+    by name now reach drainproxy. drainproxy takes the app port's name, so such Services need
+    no change; the app's port gets a new name and its own probes and hooks follow the rename.
+    A name another container declares too is not taken: once the app gives it up, names
+    resolve in the regular containers first, so Services would reach that other container."""
+    app_entry = next(
+        (p for p in _dicts(app.get("ports")) if p.get("containerPort") == app_port), None
+    )
+    if app_entry is None:
+        # Declared, so the pod says which container owns the port drainproxy forwards to.
+        _sequence(app, "ports").append({"containerPort": app_port})
+    old_name = str(app_entry["name"]) if app_entry and app_entry.get("name") else None
+    if old_name is None:
+        return _free_name(["http", "drainproxy-http", "dp-http"], taken), True
+    assert app_entry is not None
+    unique = [p.get("name") for p in declared].count(old_name) == 1
+    app_entry["name"] = _free_name([f"app-{old_name}", "app", "app-http"], taken)
+    _rename_port_refs(app, old_name, app_entry["name"])
+    if unique:
+        return old_name, True
+    return _free_name(["http", "drainproxy-http", "dp-http"], taken), False
 
 
 def _mapping(parent: dict[str, Any], key: str) -> dict[str, Any]:

@@ -661,7 +661,10 @@ def test_annotations_pick_the_container_and_name_its_port() -> None:
         "        - {name: app, image: app:1, ports: [{name: main, containerPort: 5000}, "
         "{name: http, containerPort: 5001}]}\n"
     )
-    annotations = "        drainproxy.io/container: app\n        drainproxy.io/port: main\n"
+    annotations = (
+        "        drainproxy.io/container: app\n        drainproxy.io/port: main\n"
+        "        drainproxy.io/unproxied-ports: '9999'\n"  # the user's own, kept
+    )
     source = (
         workload_yaml("DaemonSet", containers, annotations)
         + SERVICE
@@ -674,7 +677,7 @@ def test_annotations_pick_the_container_and_name_its_port() -> None:
     assert config["upstream"]["url"] == "http://127.0.0.1:5000"
     annotations_after = template(workload)["metadata"]["annotations"]
     assert annotations_after["drainproxy.io/port"] == "5000"
-    assert annotations_after[UNPROXIED] == "5001,7000"
+    assert annotations_after[UNPROXIED] == "5001,7000,9999"
     assert [resolve(spec, p) for p in service["spec"]["ports"]] == [listen_port(workload), 5001]
     assert "lifecycle" not in spec["containers"][0]  # the agent is not held back
     assert "preStop" in spec["containers"][1]["lifecycle"]
