@@ -350,8 +350,16 @@ def inject(paths: list[str], options: InjectOptions) -> int:
 
 
 def webhook(listen: str, cert: str, key: str, options: InjectOptions) -> int:
-    from drainproxy.webhook import run_webhook
-
+    try:
+        from drainproxy.webhook import run_webhook
+    except ModuleNotFoundError as exc:
+        if exc.name != "aiohttp":
+            raise
+        print(
+            "drainproxy webhook: needs aiohttp: pip install 'drainproxy[webhook]'",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     setup_logging("text", "info")
     try:
         asyncio.run(run_webhook(listen, cert, key, options))
