@@ -311,17 +311,24 @@ def _annotation_port(where: str, annotations: Mapping[str, str], key: str) -> in
 
 def _wait_script(admin_port: int) -> str:
     """A POSIX shell script that waits on /prestop over loopback (no token needed there) with
-    whatever client the app's image has, then runs the hook's original command (``"$@"``)."""
+    whatever client the app's image has, then runs the hook's original command (``"$@"``).
+    One command per line, so manifests show it as a readable block."""
     url = f"http://127.0.0.1:{admin_port}/prestop"
-    return (
-        f"if command -v curl >/dev/null 2>&1; then curl -fsS -o /dev/null {url}; "
-        f"elif command -v wget >/dev/null 2>&1; then wget -q -O /dev/null {url}; "
-        "elif command -v bash >/dev/null 2>&1; then "
-        f"bash -c 'exec 3<>/dev/tcp/127.0.0.1/{admin_port} && "
-        'printf "GET /prestop HTTP/1.0\\r\\n\\r\\n" >&3 && cat <&3 >/dev/null\'; '
-        'else echo "drainproxy: no curl, wget or bash to wait for the drain with" >&2; fi; '
-        'exec "$@"'
-    )
+    request = 'printf "GET /prestop HTTP/1.0\\r\\n\\r\\n" >&3'
+    lines = [
+        "# drainproxy: wait until the drain is over, then run the app's own preStop, if any",
+        "if command -v curl >/dev/null 2>&1; then",
+        f"  curl -fsS -o /dev/null {url}",
+        "elif command -v wget >/dev/null 2>&1; then",
+        f"  wget -q -O /dev/null {url}",
+        "elif command -v bash >/dev/null 2>&1; then",
+        f"  bash -c 'exec 3<>/dev/tcp/127.0.0.1/{admin_port} && {request} && cat <&3 >/dev/null'",
+        "else",
+        '  echo "drainproxy: no curl, wget or bash in this image to wait for the drain" >&2',
+        "fi",
+        'exec "$@"',
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _original_hook_argv(where: str, hook: Mapping[str, Any]) -> list[str]:
@@ -996,4 +1003,5 @@ def render(source: Input) -> str:
         return json.dumps(bodies[0], indent=2) + "\n"
     if source.all_json:
         return json.dumps({"apiVersion": "v1", "kind": "List", "items": bodies}, indent=2) + "\n"
-    return yaml.dump_all(bodies, Dumper=_Dumper, sort_keys=False, width=100)
+    # No folding of long lines: a folded hook command or annotation is valid, but unreadable.
+    return yaml.dump_all(bodies, Dumper=_Dumper, sort_keys=False, width=1 << 20)
