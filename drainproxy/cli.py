@@ -336,6 +336,9 @@ def inject(paths: list[str], options: InjectOptions) -> int:
     (the output is often piped into kubectl apply)."""
     from drainproxy.inject import InjectError, inject_documents, read_sources, render
 
+    if paths == ["-"] and sys.stdin.isatty():
+        print("drainproxy inject: give a PATH, or pipe manifests into -", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         source = read_sources(paths)
         warnings = inject_documents(source.documents, options)

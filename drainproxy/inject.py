@@ -262,14 +262,21 @@ def _choose_app_port(
     targets = sorted(set(service_targets))
     if not ports and len(targets) == 1:
         return targets[0]
-    why = (
-        "none of its ports looks like plain HTTP (TLS and other protocols stay on the app)"
-        if ports
-        else "it declares no ports and no single Service port points at it"
-    )
+    if ports:
+        shown = ", ".join(f"{p.get('name') or '-'} {p.get('containerPort')}" for p in ports)
+        why = (
+            f"none of its ports ({shown}) looks like plain HTTP/1.x, and drainproxy cannot "
+            "front TLS without the certificate nor other protocols"
+        )
+        fix = (
+            f'set the annotation {PORT_ANNOTATION}: "<port>" if one is plain HTTP, else '
+            f'{INJECT_ANNOTATION}: "false"'
+        )
+    else:
+        why = "it declares no ports and no single Service port points at it"
+        fix = f'set the annotation {PORT_ANNOTATION}: "<port>"'
     raise InjectError(
-        f"{where}: cannot tell which port of container {app.get('name')} serves HTTP: {why}; "
-        f'set the annotation {PORT_ANNOTATION}: "<port>"'
+        f"{where}: cannot tell which port of container {app.get('name')} serves HTTP: {why}; " + fix
     )
 
 

@@ -473,6 +473,15 @@ BAD_INPUTS = [
         "cannot tell which port of container puma serves HTTP",
     ),
     (
+        "only TLS and gRPC ports",
+        GOOD.replace(
+            "            - containerPort: 3000\n",
+            "            - {name: https, containerPort: 3443}\n"
+            "            - {name: grpc, containerPort: 50051}\n",
+        ),
+        "none of its ports (https 3443, grpc 50051) looks like plain HTTP/1.x",
+    ),
+    (
         "a Windows pod",
         GOOD.replace("      terminationGracePeriodSeconds: 45\n", "      os: {name: windows}\n"),
         "a Windows pod cannot run drainproxy's Linux image",
