@@ -92,8 +92,13 @@ def admission_response(review: object, options: InjectOptions) -> dict[str, Any]
     response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
     answer = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
     pod = request.get("object")
-    kind = (request.get("kind") or {}).get("kind")
-    if kind != "Pod" or request.get("operation") != "CREATE" or not isinstance(pod, dict):
+    kind = request.get("kind")
+    if (
+        not isinstance(kind, dict)
+        or kind.get("kind") != "Pod"
+        or request.get("operation") != "CREATE"
+        or not isinstance(pod, dict)
+    ):
         return answer
     found = pod.get("metadata")
     metadata: dict[str, Any] = found if isinstance(found, dict) else {}
@@ -109,6 +114,10 @@ def admission_response(review: object, options: InjectOptions) -> dict[str, Any]
     except InjectError as exc:
         log.warning("not injected: %s", exc, extra={"event": "webhook_not_injected"})
         response["warnings"] = [f"drainproxy not injected: {exc}"]
+        return answer
+    except Exception:  # a bug must not keep pods from being created: admit, and say so
+        log.exception("not injected: %s", where, extra={"event": "webhook_failed"})
+        response["warnings"] = ["drainproxy not injected: the webhook failed (see its log)"]
         return answer
     if injected is None:
         return answer

@@ -19,10 +19,20 @@ import kubernetes_validate
 import pytest
 import yaml
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kubernetes_validate.utils import latest_version
 
 from drainproxy.config import load_config
-from drainproxy.inject import InjectOptions, Input, inject_documents, parse_text, render
+from drainproxy.inject import (
+    InjectError,
+    InjectOptions,
+    Input,
+    inject_documents,
+    inject_pod,
+    parse_text,
+    render,
+)
 from drainproxy.k8scheck import ManifestDoc, check_manifests
 from tests.support import free_port
 
@@ -726,3 +736,28 @@ def test_a_yaml_list_stays_yaml_with_the_configmap_among_its_items() -> None:
     assert yaml.safe_load(output)["kind"] == "List"  # YAML, not JSON
     assert not output.startswith("{")
     assert [o["kind"] for o in objects(output)] == ["ConfigMap", "Deployment"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Any pod spec: injected, or refused with InjectError; never another exception (the webhook
+# runs this on every pod a namespace creates)
+
+_KEYS = st.sampled_from(
+    ["containers", "initContainers", "ports", "name", "containerPort", "lifecycle", "preStop",
+     "exec", "command", "httpGet", "port", "path", "readinessProbe", "annotations", "protocol",
+     "restartPolicy", "terminationGracePeriodSeconds", "volumes", "appProtocol", "sleep"]
+)  # fmt: skip
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-1, 70000) | st.sampled_from(["http", "8080", "x"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=st.dictionaries(_KEYS, _VALUES, max_size=5), metadata=st.dictionaries(_KEYS, _VALUES))
+def test_any_pod_spec_is_injected_or_refused_by_name(spec: Obj, metadata: Obj) -> None:
+    try:
+        inject_pod("x.yaml: Pod/p", "Pod/p", metadata, spec, InjectOptions())
+    except InjectError as exc:
+        assert str(exc).startswith("x.yaml: Pod/p")
