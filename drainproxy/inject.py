@@ -84,6 +84,8 @@ _NON_HTTP_NAME = re.compile(
 )
 _HTTP_APP_PROTOCOLS = frozenset({"http", "kubernetes.io/http", "http1", "http/1.1"})
 _TLS_PORTS = frozenset({443, 8443})
+#: libyaml's loader when PyYAML was built with it: the webhook parses a config per pod.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 
 
@@ -530,7 +532,7 @@ def _config_text(
         f"termination_grace_period: {grace}s",
     ]
     text = "\n".join(lines) + "\n"
-    config_from_mapping(yaml.safe_load(text))  # what inject writes must load
+    config_from_mapping(yaml.load(text, Loader=_Loader))  # what inject writes must load
     return text
 
 
@@ -945,7 +947,7 @@ def parse_text(text: str, source: str) -> tuple[list[Document], bool]:
         if is_json:
             bodies: list[object] = [json.loads(text)]
         else:
-            bodies = list(yaml.safe_load_all(text))
+            bodies = list(yaml.load_all(text, Loader=_Loader))
     except json.JSONDecodeError as exc:
         raise InjectError(f"{source}: not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:
