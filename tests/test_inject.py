@@ -761,3 +761,21 @@ def test_any_pod_spec_is_injected_or_refused_by_name(spec: Obj, metadata: Obj) -
         inject_pod("x.yaml: Pod/p", "Pod/p", metadata, spec, InjectOptions())
     except InjectError as exc:
         assert str(exc).startswith("x.yaml: Pod/p")
+
+
+def test_inject_loads_neither_aiohttp_nor_the_data_path() -> None:
+    """It runs in CI pipelines and on laptops: only PyYAML and the config and check code."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "drainproxy", "inject",
+         str(MANIFESTS / "rails.yaml")],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0
+    modules = {
+        line.rpartition("|")[2].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    heavy = ("aiohttp", "httptools", "uvloop", "drainproxy.proxy", "drainproxy.server")
+    assert "drainproxy.inject" in modules
+    assert not [m for m in modules if m.startswith(heavy)]
