@@ -351,6 +351,8 @@ def test_the_webhook_configuration_never_blocks_pods_and_asks_for_namespaces() -
     (hook,) = config["webhooks"]
     assert hook["failurePolicy"] == "Ignore"
     assert hook["namespaceSelector"] == {"matchLabels": {"drainproxy.io/inject": "enabled"}}
+    opt_out = {"key": "drainproxy.io/inject", "operator": "NotIn", "values": ["false"]}
+    assert hook["objectSelector"] == {"matchExpressions": [opt_out]}
     assert hook["clientConfig"]["service"]["path"] == "/mutate"
     assert hook["sideEffects"] == "None"
 
