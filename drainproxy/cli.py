@@ -299,8 +299,8 @@ def _add_inject_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     for command in (inject, webhook):
         command.add_argument(
             "--image",
-            help="drainproxy's image (default: the annotation drainproxy.io/image, "
-            "else registry.example.com/drainproxy:VERSION)",
+            help="drainproxy's image (default registry.example.com/drainproxy:VERSION); a "
+            "workload's drainproxy.io/image annotation overrides it",
         )
         command.add_argument(
             "--style",
