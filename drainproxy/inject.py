@@ -804,6 +804,11 @@ def inject_documents(docs: list[Document], options: InjectOptions) -> list[str]:
     services = [d for d in objects if d.kind == "Service"]
     fronted: list[_Fronted] = []
     config_maps: dict[int, dict[str, Any]] = {}
+    config_map_names = {
+        (_namespace(d.body), str(_get(d.body, "metadata", "name")))
+        for d in objects
+        if d.kind == "ConfigMap"
+    }
     warnings: list[str] = []
     for doc in objects:
         path = WORKLOAD_TEMPLATES.get(doc.kind)
@@ -814,7 +819,7 @@ def inject_documents(docs: list[Document], options: InjectOptions) -> list[str]:
             raise InjectError(f"{doc.where}: has no pod template spec")
         if not isinstance(template.setdefault("metadata", {}), dict):
             raise InjectError(f"{doc.where}: the pod template's metadata is not a mapping")
-        done = _inject_workload(doc, template, services, options)
+        done = _inject_workload(doc, template, services, options, config_map_names)
         if done is None:
             continue
         pod, config_map, pod_warnings = done
@@ -829,7 +834,11 @@ def inject_documents(docs: list[Document], options: InjectOptions) -> list[str]:
 
 
 def _inject_workload(
-    doc: Document, template: dict[str, Any], services: list[Document], options: InjectOptions
+    doc: Document,
+    template: dict[str, Any],
+    services: list[Document],
+    options: InjectOptions,
+    taken_names: set[tuple[str | None, str]],
 ) -> tuple[_Fronted, dict[str, Any] | None, list[str]] | None:
     """The workload's pod injected in place, with its new ConfigMap and warnings; for a pod that
     runs drainproxy already, what its Services need to know (and no ConfigMap)."""
@@ -851,7 +860,11 @@ def _inject_workload(
         for p in _dicts(_get(s.body, "spec", "ports"))
         if (n := _int_port(p.get("targetPort", p.get("port")))) is not None
     ]
-    config_name = f"{_get(doc.body, 'metadata', 'name') or 'pod'}-drainproxy"
+    name = _get(doc.body, "metadata", "name") or "pod"
+    config_name = f"{name}-drainproxy"
+    if (_namespace(doc.body), config_name) in taken_names:  # e.g. a Deployment and a
+        config_name = f"{name}-{doc.kind.lower()}-drainproxy"  # StatefulSet both named web
+    taken_names.add((_namespace(doc.body), config_name))
     what = f"{doc.kind}/{_get(doc.body, 'metadata', 'name') or '?'}"
     injected = inject_pod(
         doc.where,

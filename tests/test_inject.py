@@ -779,3 +779,18 @@ def test_inject_loads_neither_aiohttp_nor_the_data_path() -> None:
     heavy = ("aiohttp", "httptools", "uvloop", "drainproxy.proxy", "drainproxy.server")
     assert "drainproxy.inject" in modules
     assert not [m for m in modules if m.startswith(heavy)]
+
+
+def test_two_workloads_of_one_name_get_configmaps_of_their_own() -> None:
+    containers = "        - {name: app, image: app:1, ports: [{name: http, containerPort: 80}]}\n"
+    source = (
+        workload_yaml("Deployment", containers) + "---\n" + workload_yaml("StatefulSet", containers)
+    )
+    objs, _ = run_inject(source)
+    config_maps = [o["metadata"]["name"] for o in objs if o["kind"] == "ConfigMap"]
+    assert config_maps == ["web-drainproxy", "web-statefulset-drainproxy"]
+    mounted = [
+        next(v for v in template(w)["spec"]["volumes"] if v["name"] == "drainproxy-config")
+        for w in workloads(objs)
+    ]
+    assert [v["configMap"]["name"] for v in mounted] == config_maps
