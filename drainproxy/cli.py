@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "inject":
         return inject(args.paths or ["-"], _inject_options(args))
     if args.command == "webhook":
-        return webhook(args.listen, args.tls_cert, args.tls_key, _inject_options(args))
+        return webhook(args, _inject_options(args))
     try:
         report = read_config(args.config)
         config = report.checked()
@@ -296,6 +296,13 @@ def _add_inject_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     webhook.add_argument("--listen", required=True, metavar="HOST:PORT")
     webhook.add_argument("--tls-cert", required=True, metavar="FILE")
     webhook.add_argument("--tls-key", required=True, metavar="FILE")
+    webhook.add_argument(
+        "--shutdown-delay",
+        default="5s",
+        metavar="DURATION",
+        help="after SIGTERM, how long /healthz fails while reviews are still answered, so the "
+        "webhook's endpoint is gone before it stops listening (default 5s)",
+    )
     for command in (inject, webhook):
         command.add_argument(
             "--image",
@@ -352,7 +359,9 @@ def inject(paths: list[str], options: InjectOptions) -> int:
     return 0
 
 
-def webhook(listen: str, cert: str, key: str, options: InjectOptions) -> int:
+def webhook(args: argparse.Namespace, options: InjectOptions) -> int:
+    from drainproxy.config import parse_duration
+
     try:
         from drainproxy.webhook import run_webhook
     except ModuleNotFoundError as exc:
@@ -365,7 +374,8 @@ def webhook(listen: str, cert: str, key: str, options: InjectOptions) -> int:
         return EXIT_CONFIG
     setup_logging("text", "info")
     try:
-        asyncio.run(run_webhook(listen, cert, key, options))
+        delay = parse_duration("--shutdown-delay", args.shutdown_delay)
+        asyncio.run(run_webhook(args.listen, args.tls_cert, args.tls_key, options, delay))
     except KeyboardInterrupt:
         return 0
     except ConfigError as exc:

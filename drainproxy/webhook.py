@@ -24,6 +24,7 @@ import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +37,7 @@ from drainproxy.tls import ListenerTLS
 log = logging.getLogger("drainproxy.webhook")
 
 OPTIONS_KEY = web.AppKey("options", InjectOptions)
+DRAINING_KEY = web.AppKey("draining", asyncio.Event)
 #: How often the certificate files are checked for a rotation (cert-manager renews in place).
 CERT_CHECK_INTERVAL = 10.0
 
@@ -148,7 +150,18 @@ async def mutate(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """The readiness probe: 503 once the webhook is shutting down, so its endpoint goes."""
+    if request.app[DRAINING_KEY].is_set():
+        return web.Response(status=503, text="shutting down\n")
     return web.Response(text="ok\n")
+
+
+@dataclass
+class RunningWebhook:
+    port: int
+    #: Set when shutting down: /healthz fails, reviews are still answered.
+    draining: asyncio.Event
+    stop: Callable[[], Awaitable[None]]
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -162,14 +175,16 @@ def listen_address(text: str) -> tuple[str, int]:
 
 async def start_webhook(
     listen: str, cert_file: str, key_file: str, options: InjectOptions
-) -> tuple[int, Callable[[], Awaitable[None]]]:
-    """Serve the webhook over TLS; returns the bound port and the coroutine that stops it.
-    Raises ConfigError for a bad address or certificate, OSError when it cannot bind."""
+) -> RunningWebhook:
+    """Serve the webhook over TLS; returns the bound port, the shutdown flag and the coroutine
+    that stops it. Raises ConfigError for a bad address or certificate, OSError when it
+    cannot bind."""
     host, port = listen_address(listen)
     tls = ListenerTLS(ListenerTLSConfig(cert_file=cert_file, key_file=key_file))
     # A Pod is at most what etcd stores (1.5 MiB); the review holds it once or twice.
     app = web.Application(client_max_size=4 * 1024 * 1024)
     app[OPTIONS_KEY] = options
+    app[DRAINING_KEY] = draining = asyncio.Event()
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
@@ -194,17 +209,29 @@ async def start_webhook(
         await asyncio.gather(watcher, return_exceptions=True)
         await runner.cleanup()
 
-    return port, stop
+    return RunningWebhook(port, draining, stop)
 
 
-async def run_webhook(listen: str, cert_file: str, key_file: str, options: InjectOptions) -> None:
-    """Serve until SIGTERM or SIGINT, then finish the reviews in progress and return."""
-    port, stop = await start_webhook(listen, cert_file, key_file, options)
-    log.info("webhook listening on port %d", port, extra={"event": "webhook_started"})
+async def run_webhook(
+    listen: str, cert_file: str, key_file: str, options: InjectOptions, shutdown_delay: float
+) -> None:
+    """Serve until SIGTERM or SIGINT; then, as drainproxy does for an app, fail readiness but
+    keep answering for ``shutdown_delay`` seconds while the webhook's endpoint is removed (a
+    review sent to a closed port would admit its pod without drainproxy, under
+    ``failurePolicy: Ignore``), then finish the reviews in progress and return."""
+    running = await start_webhook(listen, cert_file, key_file, options)
+    log.info("webhook listening on port %d", running.port, extra={"event": "webhook_started"})
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
-    await stop()
+    running.draining.set()
+    log.info(
+        "shutting down: /healthz fails, reviews still answered for %gs",
+        shutdown_delay,
+        extra={"event": "webhook_draining"},
+    )
+    await asyncio.sleep(shutdown_delay)
+    await running.stop()
     log.info("webhook stopped", extra={"event": "webhook_stopped"})

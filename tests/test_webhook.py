@@ -71,9 +71,9 @@ def client_tls(ca: trustme.CA) -> ssl.SSLContext:
 
 @pytest.fixture
 async def webhook(cert_files: tuple[str, str]) -> AsyncIterator[int]:
-    port, stop = await start_webhook("127.0.0.1:0", *cert_files, OPTIONS)
-    yield port
-    await stop()
+    running = await start_webhook("127.0.0.1:0", *cert_files, OPTIONS)
+    yield running.port
+    await running.stop()
 
 
 async def post_review(port: int, context: ssl.SSLContext, review: object) -> tuple[int, Any]:
@@ -295,24 +295,49 @@ def test_json_patch_escapes_keys_and_applies_with_an_independent_implementation(
     assert jsonpatch.apply_patch(new, json_patch(new, old)) == old
 
 
-async def test_the_command_serves_until_sigterm(
+async def line_with(stream: asyncio.StreamReader, text: str) -> str:
+    """The next line of the webhook's log that holds ``text``."""
+    while True:
+        line = (await asyncio.wait_for(stream.readline(), 30)).decode()
+        assert line, f"the log ended before a line with {text!r}"
+        if text in line:
+            return line
+
+
+async def get_healthz(port: int, context: ssl.SSLContext) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"https://127.0.0.1:{port}/healthz", ssl=context) as response,
+    ):
+        return response.status
+
+
+async def test_the_command_serves_then_on_sigterm_fails_readiness_but_still_answers(
     cert_files: tuple[str, str], client_tls: ssl.SSLContext
 ) -> None:
+    """Reviews sent while its endpoint is being removed are still answered: one refused would
+    admit its pod without drainproxy (failurePolicy: Ignore)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "drainproxy", "webhook", "--listen", "127.0.0.1:0",
         "--tls-cert", cert_files[0], "--tls-key", cert_files[1], "--image", "mirror/drainproxy:1",
+        "--shutdown-delay", "1s",
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         assert process.stderr is not None
-        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-        assert "webhook listening on port" in line, line
+        line = await line_with(process.stderr, "webhook listening on port")
         port = int(line.rsplit(" ", 1)[1])
+        assert await get_healthz(port, client_tls) == 200
         status, answer = await post_review(port, client_tls, review_of(a_pod()))
         assert status == 200
         mutated = patched(answer, a_pod())
         assert drainproxy_container(mutated["spec"])["image"] == "mirror/drainproxy:1"
+
         process.send_signal(signal.SIGTERM)
+        await line_with(process.stderr, "shutting down: /healthz fails, reviews still answered")
+        assert await get_healthz(port, client_tls) == 503
+        status, answer = await post_review(port, client_tls, review_of(a_pod()))
+        assert (status, answer["response"]["patchType"]) == (200, "JSONPatch")
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
         if process.returncode is None:
