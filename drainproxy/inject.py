@@ -622,8 +622,15 @@ def inject_pod(
     declared = _declared(pod_spec)
     taken_ports = {n for p in declared if (n := _int_port(p.get("containerPort"))) is not None}
     taken_ports.add(app_port)
-    listen_port = _annotation_port(where, merged, "listen-port") or FIRST_LISTEN_PORT
-    admin_port = _annotation_port(where, merged, "admin-port") or FIRST_ADMIN_PORT
+    chosen = [_annotation_port(where, merged, key) for key in ("listen-port", "admin-port")]
+    if pod_spec.get("hostNetwork") is True and None in chosen:
+        raise InjectError(
+            f"{where}: a hostNetwork pod shares the node's ports, which inject cannot see; "
+            f"choose drainproxy's with the annotations {ANNOTATION_PREFIX}listen-port and "
+            f"{ANNOTATION_PREFIX}admin-port"
+        )
+    listen_port = chosen[0] or FIRST_LISTEN_PORT
+    admin_port = chosen[1] or FIRST_ADMIN_PORT
     listen_port = _free_port(listen_port, taken_ports)
     admin_port = _free_port(admin_port, taken_ports)
 

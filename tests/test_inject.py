@@ -492,6 +492,11 @@ BAD_INPUTS = [
         "none of its ports (https 3443, grpc 50051) looks like plain HTTP/1.x",
     ),
     (
+        "a hostNetwork pod without chosen ports",
+        GOOD.replace("      terminationGracePeriodSeconds: 45\n", "      hostNetwork: true\n"),
+        "a hostNetwork pod shares the node's ports",
+    ),
+    (
         "a Windows pod",
         GOOD.replace("      terminationGracePeriodSeconds: 45\n", "      os: {name: windows}\n"),
         "a Windows pod cannot run drainproxy's Linux image",
