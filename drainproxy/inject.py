@@ -358,14 +358,14 @@ def _original_hook_argv(where: str, hook: Mapping[str, Any]) -> list[str]:
 
 
 def _app_prestop(
-    where: str, app: Mapping[str, Any], hook_style: HookStyle, admin_port: int, token: str | None
+    where: str, kept: Mapping[str, Any] | None, admin_port: int, token: str | None
 ) -> dict[str, Any]:
-    existing = _get(app, "lifecycle", "preStop")
-    if isinstance(existing, dict) or hook_style == "exec":
-        original = _original_hook_argv(where, existing) if isinstance(existing, dict) else []
+    """The app's new preStop: an httpGet of /prestop carrying ``token``, or (no token) the
+    shell script, followed by the ``kept`` hook if there is one."""
+    if token is None:
+        original = _original_hook_argv(where, kept) if kept is not None else []
         script = _wait_script(admin_port)
         return {"exec": {"command": ["sh", "-c", script, "drainproxy-prestop", *original]}}
-    assert token is not None
     return {
         "httpGet": {
             "path": "/prestop",
@@ -613,9 +613,14 @@ def inject_pod(
     original_grace = pod_spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
     if not isinstance(original_grace, int) or isinstance(original_grace, bool):
         original_grace = DEFAULT_GRACE_SECONDS
+    # The app's own preStop runs after the drain, in the shell hook; only a workload annotated
+    # prestop: http (an image without a shell) has it replaced by the httpGet hook.
+    own_hook = _get(app, "lifecycle", "preStop")
+    explicit_http = merged.get(ANNOTATION_PREFIX + "prestop") == "http"
+    kept = own_hook if isinstance(own_hook, dict) and not explicit_http else None
     # An app with a preStop of its own had the whole grace period for that hook and its exit;
     # it keeps it, after the drain.
-    stop_timeout = f"{original_grace}s" if _has_hook(app) else options.stop_timeout
+    stop_timeout = f"{original_grace}s" if kept is not None else options.stop_timeout
     timings = _timings(where, merged, replace(options, stop_timeout=stop_timeout))
     app_port = _choose_app_port(where, app, merged.get(PORT_ANNOTATION), service_targets)
 
@@ -638,9 +643,9 @@ def inject_pod(
     listen_name, named_services_follow = _hand_over_port_name(app, app_port, declared, taken_names)
     admin_name = _free_name(["admin", "drainproxy-adm"], taken_names)
 
-    needs_token = hook_style == "http" and not _has_hook(app)
+    needs_token = hook_style == "http" and kept is None
     token = options.new_token(token_scope or what) if needs_token else None
-    prestop = _app_prestop(where, app, hook_style, admin_port, token)
+    prestop = _app_prestop(where, kept, admin_port, token)
     _mapping(app, "lifecycle")["preStop"] = prestop
 
     grace = max(original_grace, math.ceil(timings.budget()))
@@ -723,10 +728,6 @@ def _sequence(parent: dict[str, Any], key: str) -> list[Any]:
         parent[key] = []
     child: list[Any] = parent[key]
     return child
-
-
-def _has_hook(app: Mapping[str, Any]) -> bool:
-    return isinstance(_get(app, "lifecycle", "preStop"), dict)
 
 
 def _config_volume(source: ConfigSource, config_map: str) -> dict[str, Any]:

@@ -799,3 +799,24 @@ def test_two_workloads_of_one_name_get_configmaps_of_their_own() -> None:
         for w in workloads(objs)
     ]
     assert [v["configMap"]["name"] for v in mounted] == config_maps
+
+
+def test_prestop_http_on_a_workload_replaces_its_own_hook_for_an_image_without_a_shell() -> None:
+    containers = (
+        "        - name: app\n          image: gcr.io/distroless/app:1\n"
+        "          ports: [{name: http, containerPort: 8000}]\n"
+        "          lifecycle: {preStop: {exec: {command: [/app/stop]}}}\n"
+    )
+    objs, _ = run_inject(
+        workload_yaml("Deployment", containers, "        drainproxy.io/prestop: http\n")
+    )
+    spec = template(workloads(objs)[0])["spec"]
+    hook = spec["containers"][0]["lifecycle"]["preStop"]
+    assert hook == {
+        "httpGet": {
+            "path": "/prestop",
+            "port": 9901,
+            "httpHeaders": [{"name": "X-Drainproxy-Token", "value": "t" * 32}],
+        }
+    }
+    assert spec["terminationGracePeriodSeconds"] == 30  # 5s + 15s + the default 5s stop + 2s
