@@ -360,6 +360,8 @@ def inject(paths: list[str], options: InjectOptions) -> int:
 
 
 def webhook(args: argparse.Namespace, options: InjectOptions) -> int:
+    import asyncio
+
     from drainproxy.config import parse_duration
 
     try:
