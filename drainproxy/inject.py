@@ -109,7 +109,10 @@ class InjectOptions:
     #: exec: a shell hook calls /prestop over loopback with curl, wget or bash: no token at all.
     hook: HookStyle = "http"
     propagation: str = "5s"
-    drain_timeout: str = "15s"
+    #: Also written as upstream.response_timeout: the slowest answer the app may give is what
+    #: a drain waits for. 60s is drainproxy's default response timeout, so by default no
+    #: request that worked before is cut, by a drain or otherwise.
+    drain_timeout: str = "60s"
     stop_timeout: str = "5s"
     #: Makes the admin token of a workload from its ``namespace/Kind/name``: random by
     #: default, ``keyed_tokens`` for the same token on every run; tests pass a fixed one.
@@ -511,6 +514,7 @@ def _config_text(
         f"listen: 0.0.0.0:{listen_port}",
         "upstream:",
         f"  url: http://127.0.0.1:{app_port}",
+        f"  response_timeout: {timings.drain_timeout}  # = drain.timeout: no answer is cut",
     ]
     if app_check is not None:
         lines += [

@@ -296,12 +296,14 @@ def test_helm_wordpress_fronts_http_and_leaves_https_to_the_app() -> None:
     assert len(config["admin"]["token"]) == 32
 
 
-def test_a_service_without_target_port_is_patched_and_the_longer_grace_period_kept() -> None:
+def test_a_service_without_target_port_is_patched_and_the_grace_period_raised_to_the_budget() -> (
+    None
+):
     objs = objects(injected("rails.yaml"))
     (service,) = [o for o in objs if o["kind"] == "Service"]
     assert service["spec"]["ports"] == [{"port": 3000, "targetPort": "http"}]
     spec = template(workloads(objs)[0])["spec"]
-    assert spec["terminationGracePeriodSeconds"] == 45
+    assert spec["terminationGracePeriodSeconds"] == 5 + 60 + 5 + 2  # more than its own 45
     assert drainproxy_container(spec)["ports"][0] == {"name": "http", "containerPort": 8080}
 
 
@@ -386,7 +388,7 @@ def test_annotations_choose_the_port_the_timings_the_style_and_the_image() -> No
     assert proxy in spec["initContainers"]
     assert proxy["image"] == "registry.example.com/tools/drainproxy:9.9"
     assert proxy["ports"][0]["containerPort"] == 18080
-    assert spec["terminationGracePeriodSeconds"] == 10 + 15 + 20 + 2
+    assert spec["terminationGracePeriodSeconds"] == 10 + 60 + 20 + 2
 
 
 def test_the_image_option_sets_the_sidecar_image() -> None:
@@ -819,4 +821,4 @@ def test_prestop_http_on_a_workload_replaces_its_own_hook_for_an_image_without_a
             "httpHeaders": [{"name": "X-Drainproxy-Token", "value": "t" * 32}],
         }
     }
-    assert spec["terminationGracePeriodSeconds"] == 30  # 5s + 15s + the default 5s stop + 2s
+    assert spec["terminationGracePeriodSeconds"] == 5 + 60 + 5 + 2  # the default 5s stop
