@@ -770,7 +770,7 @@ def test_any_pod_spec_is_injected_or_refused_by_name(spec: Obj, metadata: Obj) -
         assert str(exc).startswith("x.yaml: Pod/p")
 
 
-def test_inject_loads_neither_aiohttp_nor_the_data_path() -> None:
+def test_inject_loads_neither_aiohttp_nor_asyncio_nor_the_data_path() -> None:
     """It runs in CI pipelines and on laptops: only PyYAML and the config and check code."""
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "drainproxy", "inject",
@@ -783,7 +783,7 @@ def test_inject_loads_neither_aiohttp_nor_the_data_path() -> None:
         for line in result.stderr.splitlines()
         if line.startswith("import time:")
     }
-    heavy = ("aiohttp", "httptools", "uvloop", "drainproxy.proxy", "drainproxy.server")
+    heavy = ("aiohttp", "asyncio", "httptools", "uvloop", "drainproxy.proxy", "drainproxy.server")
     assert "drainproxy.inject" in modules
     assert not [m for m in modules if m.startswith(heavy)]
 
