@@ -436,3 +436,19 @@ def test_the_cert_manager_component_adds_the_certificate_and_the_ca_injection(
     annotation = docs["MutatingWebhookConfiguration"]["metadata"]["annotations"]
     assert annotation == {"cert-manager.io/inject-ca-from": "drainproxy-system/drainproxy-webhook"}
     assert docs["Issuer"]["metadata"]["name"] == certificate["spec"]["issuerRef"]["name"]
+
+
+def test_without_aiohttp_the_command_names_the_extra_to_install() -> None:
+    """aiohttp is the `webhook` extra, not a dependency of the sidecar."""
+    code = (
+        "import sys; sys.modules['aiohttp'] = None\n"
+        "from drainproxy.cli import main\n"
+        "sys.exit(main(['webhook', '--listen', '127.0.0.1:0', '--tls-cert', 'c', '--tls-key', 'k']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "drainproxy webhook: needs aiohttp: pip install 'drainproxy[webhook]'\n"
+    )
