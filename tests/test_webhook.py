@@ -443,7 +443,7 @@ def test_without_aiohttp_the_command_names_the_extra_to_install() -> None:
     code = (
         "import sys; sys.modules['aiohttp'] = None\n"
         "from drainproxy.cli import main\n"
-        "sys.exit(main(['webhook', '--listen', '127.0.0.1:0', '--tls-cert', 'c', '--tls-key', 'k']))"
+        "sys.exit(main(['webhook', '--listen', ':0', '--tls-cert', 'c', '--tls-key', 'k']))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
