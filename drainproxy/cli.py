@@ -9,15 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drainproxy import __version__
 from drainproxy.config import Config, ConfigWarning, read_config
 from drainproxy.errors import ConfigError, DrainproxyError
 from drainproxy.logs import setup_logging
+
+if TYPE_CHECKING:
+    from drainproxy.inject import InjectOptions
 
 log = logging.getLogger("drainproxy")
 
@@ -59,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     wrap.add_argument("--config", help="YAML config file (default: the embedded defaults)")
     wrap.add_argument("app_command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
     _add_demo_command(commands)
+    _add_inject_commands(commands)
     return parser
 
 
@@ -70,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.config is None and not args.manifest:
             _parser().error("check needs --config, --manifest or both")
         return check(args.config, args.manifest, args.format)
+    if args.command == "inject":
+        return inject(args.paths or ["-"], _inject_options(args))
+    if args.command == "webhook":
+        return webhook(args, _inject_options(args))
     try:
         report = read_config(args.config)
         config = report.checked()
@@ -260,6 +270,123 @@ def _install_uvloop() -> str:
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
+
+
+# --- drainproxy inject and webhook -----------------------------------------------------------
+
+
+def _add_inject_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    inject = commands.add_parser(
+        "inject",
+        help="add the drainproxy sidecar to the workloads of Kubernetes manifests",
+        description="Prints the manifests with drainproxy added to every Pod, Deployment, "
+        "StatefulSet, DaemonSet and ReplicaSet (not Jobs or CronJobs), its config in a "
+        "ConfigMap, and the Services pointed at it. drainproxy.io/ annotations on a workload "
+        "override the options (see docs/kubernetes.md).",
+    )
+    inject.add_argument(
+        "paths", nargs="*", metavar="PATH", help="YAML or JSON file, directory, or - (default)"
+    )
+    webhook = commands.add_parser(
+        "webhook",
+        help="a mutating admission webhook that injects drainproxy into new pods",
+        description="Answers POST /mutate (admission.k8s.io/v1 AdmissionReview) with a "
+        "JSONPatch that makes of the Pod what drainproxy inject makes of it.",
+    )
+    webhook.add_argument("--listen", required=True, metavar="HOST:PORT")
+    webhook.add_argument("--tls-cert", required=True, metavar="FILE")
+    webhook.add_argument("--tls-key", required=True, metavar="FILE")
+    webhook.add_argument(
+        "--shutdown-delay",
+        default="5s",
+        metavar="DURATION",
+        help="after SIGTERM, how long /healthz fails while reviews are still answered, so the "
+        "webhook's endpoint is gone before it stops listening (default 5s)",
+    )
+    for command in (inject, webhook):
+        command.add_argument(
+            "--image",
+            help="drainproxy's image (default registry.example.com/drainproxy:VERSION); a "
+            "workload's drainproxy.io/image annotation overrides it",
+        )
+        command.add_argument(
+            "--style",
+            choices=("classic", "native"),
+            default="classic",
+            help="classic second container (the default) or native sidecar (Kubernetes 1.29+)",
+        )
+        command.add_argument(
+            "--prestop",
+            choices=("http", "exec"),
+            default="http",
+            help="the app's preStop: an httpGet with the admin token (any image), or a shell "
+            "hook over loopback with curl/wget/bash (no token)",
+        )
+
+
+def _inject_options(args: argparse.Namespace) -> InjectOptions:
+    """``DRAINPROXY_TOKEN_KEY`` in the environment makes inject's admin tokens the same on every
+    run (keyed per workload) instead of random."""
+    from drainproxy.inject import InjectOptions, keyed_tokens
+
+    options = InjectOptions(style=args.style, hook=args.prestop)
+    if args.image:
+        options = replace(options, image=args.image)
+    key = os.environ.get("DRAINPROXY_TOKEN_KEY")
+    if args.command == "inject" and key:
+        options = replace(options, new_token=keyed_tokens(key))
+    return options
+
+
+def inject(paths: list[str], options: InjectOptions) -> int:
+    """Print the injected manifests; on any error one line on stderr, nothing on stdout, exit 2
+    (the output is often piped into kubectl apply)."""
+    from drainproxy.inject import InjectError, inject_documents, read_sources, render
+
+    if paths == ["-"] and sys.stdin.isatty():
+        print("drainproxy inject: give a PATH, or pipe manifests into -", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        source = read_sources(paths)
+        warnings = inject_documents(source.documents, options)
+        text = render(source)
+    except InjectError as exc:
+        print(f"drainproxy inject: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in warnings:
+        print(f"drainproxy inject: warning: {warning}", file=sys.stderr)
+    sys.stdout.write(text)
+    return 0
+
+
+def webhook(args: argparse.Namespace, options: InjectOptions) -> int:
+    import asyncio
+
+    from drainproxy.config import parse_duration
+
+    try:
+        from drainproxy.webhook import run_webhook
+    except ModuleNotFoundError as exc:
+        if exc.name != "aiohttp":
+            raise
+        print(
+            "drainproxy webhook: needs aiohttp: pip install 'drainproxy[webhook]'",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    setup_logging("text", "info")
+    try:
+        delay = parse_duration("--shutdown-delay", args.shutdown_delay)
+        asyncio.run(run_webhook(args.listen, args.tls_cert, args.tls_key, options, delay))
+    except KeyboardInterrupt:
+        return 0
+    except ConfigError as exc:
+        print(f"drainproxy webhook: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"drainproxy webhook: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --- drainproxy demo ----------------------------------------------------------------------------

@@ -38,6 +38,10 @@ TOKEN_HEADER = "X-Drainproxy-Token"
 IMAGE_DEFAULT_ARGS = ("serve", "--config", "/etc/drainproxy/drainproxy.yaml")
 #: The image's ``USER`` (see the Dockerfile), when a pod spec sets no ``runAsUser``.
 IMAGE_USER = 10001
+#: Pod annotation listing the ports (numbers or names, comma-separated) that deliberately bypass
+#: drainproxy: TLS it holds no certificate for, protocols other than HTTP (``drainproxy inject``
+#: writes it). Services may target them.
+UNPROXIED_PORTS_ANNOTATION = "drainproxy.io/unproxied-ports"
 #: Kubernetes' default when ``terminationGracePeriodSeconds`` is not set.
 DEFAULT_GRACE_SECONDS = 30
 _PROBE_DEFAULT_PERIOD = 10
@@ -915,9 +919,20 @@ def _listen_port_reference(ctx: _Context, pod: Pod) -> str:
     return str(listen_port)
 
 
+def _unproxied_ports(pod: Pod) -> set[int]:
+    """The ports the pod template's annotation marks as deliberately not proxied."""
+    path = _TEMPLATE_PATHS.get(pod.template.doc.kind, ())
+    listed = _get(
+        pod.template.doc.body, *path, "metadata", "annotations", UNPROXIED_PORTS_ANNOTATION
+    )
+    words = (word.strip() for word in str(listed or "").split(","))
+    ports = (_resolve_port(word, pod.running) for word in words if word)
+    return {port for port in ports if port is not None}
+
+
 def _check_services(ctx: _Context, pod: Pod) -> Iterator[Finding]:
     listen_port = ctx.config.listen.port
-    allowed = {listen_port, ctx.config.admin.listen.port}
+    allowed = {listen_port, ctx.config.admin.listen.port} | _unproxied_ports(pod)
     for service in (d for d in ctx.docs if d.kind == "Service" and _selects(d, pod)):
         for port in _list(_get(service.body, "spec", "ports")):
             target = port.get("targetPort", port.get("port"))
