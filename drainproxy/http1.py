@@ -44,6 +44,7 @@ FORWARDED_FOR = 6
 FORWARDED_PROTO = 7
 FORWARDED_HOST = 8
 OTHER_HOP_BY_HOP = 9
+KEEP_ALIVE = 10
 
 _KIND_BY_LOWER_NAME = {
     b"content-length": CONTENT_LENGTH,
@@ -54,7 +55,7 @@ _KIND_BY_LOWER_NAME = {
     b"x-forwarded-for": FORWARDED_FOR,
     b"x-forwarded-proto": FORWARDED_PROTO,
     b"x-forwarded-host": FORWARDED_HOST,
-    b"keep-alive": OTHER_HOP_BY_HOP,
+    b"keep-alive": KEEP_ALIVE,
     b"proxy-connection": OTHER_HOP_BY_HOP,
     b"te": OTHER_HOP_BY_HOP,
     b"trailer": OTHER_HOP_BY_HOP,
@@ -104,6 +105,8 @@ class HeadInfo:
     forwarded_for: list[bytes] | None = None
     has_forwarded_proto = False
     has_forwarded_host = False
+    #: The Keep-Alive field's value (hop-by-hop, not forwarded); see ``keep_alive_timeout``.
+    keep_alive: bytes | None = None
 
 
 def forward_head(
@@ -154,6 +157,8 @@ def forward_head(
             info.upgrade = value
         elif kind == OTHER_HOP_BY_HOP:
             pass
+        elif kind == KEEP_ALIVE:
+            info.keep_alive = value
         else:
             if kind == FORWARDED_FOR:
                 info.forwarded_for = (
@@ -175,6 +180,18 @@ def forward_head(
     if tokens and not tokens <= _NO_EXTRA_DROP:
         _drop_named_fields(out, start, tokens)
     return info
+
+
+def keep_alive_timeout(value: bytes) -> float | None:
+    """The ``timeout`` parameter of a Keep-Alive field (``timeout=5, max=100``), in seconds: how
+    long the sender keeps an idle connection open (RFC 2068 §19.7.1.1; Node, Apache and others
+    announce it). None when absent or not a number."""
+    for parameter in value.split(b","):
+        name, _, number = parameter.partition(b"=")
+        if name.strip().lower() == b"timeout":
+            number = number.strip().strip(b'"')
+            return float(number) if number.replace(b".", b"", 1).isdigit() else None
+    return None
 
 
 def _drop_named_fields(out: list[bytes], start: int, names: frozenset[bytes]) -> None:

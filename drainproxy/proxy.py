@@ -164,7 +164,6 @@ class ProxyContext:
             timeouts.client_idle,
             timeouts.client_body,
             config.upstream.response_timeout,
-            config.upstream.idle_timeout,
         ]
         shortest = min((seconds for seconds in limits if seconds > 0), default=1.0)
         self.tick = min(1.0, max(0.02, shortest / 10))
@@ -178,7 +177,7 @@ class ProxyContext:
             conn.check_timeouts(now)
         expired = self.pool.expire_idle(now)
         if expired:
-            log.debug("closed %d app connection(s) idle past upstream.idle_timeout", expired)
+            log.debug("closed %d app connection(s) at the end of their reuse window", expired)
             self.stats.timeouts["upstream_idle"] = (
                 self.stats.timeouts.get("upstream_idle", 0) + expired
             )
@@ -287,7 +286,6 @@ class ClientConnection(asyncio.Protocol):
         "current",
         "feeding",
         "framing_credit",
-        "fresh",
         "gathered",
         "head_bytes",
         "header_bytes",
@@ -346,8 +344,6 @@ class ClientConnection(asyncio.Protocol):
         self.close_reason = "client"
         #: When the connection last made progress in its current state (see ``check_timeouts``).
         self.mark = 0.0
-        #: No request has begun yet: the head timeout applies to the silence.
-        self.fresh = True
         #: Bytes of the request being parsed that are not body data, held to
         #: ``limits.max_header_bytes`` (issue 11): reads that ended inside its head, and chunk
         #: framing beyond what the data of the same read pays for (``framing_credit``; see
@@ -531,7 +527,6 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.current = Request()
         self.idle_since = None
-        self.fresh = False
         self.head_bytes = self.header_bytes = 0
         if self.active is None:
             self.mark = self.ctx.loop.time()
@@ -788,6 +783,7 @@ class ClientConnection(asyncio.Protocol):
         except FramingError as exc:
             self.upstream_failed("invalid", f"invalid response from the app: {exc}")
             return
+        conn.keep_alive_field = info.keep_alive
         if status == 101:
             if req.upgrade and info.upgrade is not None:
                 self._start_tunnel(conn, out, info.upgrade)
@@ -942,12 +938,9 @@ class ClientConnection(asyncio.Protocol):
                 if head and elapsed >= head:
                     self._timed_out("request_head")
                     self._reject(408, f"request head not received within {head:g}s")
-            elif self.fresh:
-                if head and elapsed >= head:
-                    self._timed_out("request_head")
-                    log.debug("closing a connection from %s that sent nothing", self.peer)
-                    self.close("idle")
             elif timeouts.client_idle and elapsed >= timeouts.client_idle:
+                # A connection that has sent nothing yet is idle too: balancers open backend
+                # connections ahead of use (issue 12); the head timeout starts at a first byte.
                 self._timed_out("client_idle")
                 log.debug("closing a keep-alive connection from %s idle too long", self.peer)
                 self.close("idle")
