@@ -383,6 +383,10 @@ class ClientConnection(asyncio.Protocol):
         self.peer_line = b"X-Forwarded-For: " + self.peer.encode() + CRLF
         self.idle_since = self.mark = ctx.loop.time()
         ctx.connections.add(self)
+        lifecycle = ctx.lifecycle
+        if lifecycle.phase is not Phase.SERVING and not lifecycle.accepts_connections():
+            # Accepted from the queue of a listener being closed: silent, it is idle.
+            self.close_when_idle(ctx.config.drain.idle_grace)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:

@@ -10,11 +10,19 @@ import logging
 import math
 import os
 import signal
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 from drainproxy import __version__
 from drainproxy.appcheck import AppProbe
 from drainproxy.appstop import AppStopError, StopMethod, stop_method_for, stop_then_release
+from drainproxy.backlog import (
+    accept_queued,
+    listening_sockets,
+    refuse_new_handshakes,
+    wait_for_handshakes,
+)
 from drainproxy.config import Address, Config
 from drainproxy.errors import ConfigError
 from drainproxy.lifecycle import (
@@ -82,6 +90,10 @@ class Server:
         self.phases_entered: dict[str, int] = {}
         self.app_stop_outcome: str | None = None
         self._listener: asyncio.Server | None = None
+        #: The drain is closing the listener (backlog.py): not quiescent before it is closed.
+        self._listener_closing = False
+        #: Connections accepted from the listener's queue, not yet handed to the protocol.
+        self._adopting = 0
         self._wake = asyncio.Event()
         self._signals: list[signal.Signals] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -202,17 +214,62 @@ class Server:
         )
 
     def _stop_accepting(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            self._listener_closing = True
+            self._spawn(self._close_listener(listener))
         self._close_idle_connections()
+        self._connection_closed()
+
+    async def _close_listener(self, listener: asyncio.Server) -> None:
+        """Close the listener without resetting a connection the kernel completed for it:
+        complete no new handshake, let those under way finish, accept all, close (backlog.py)."""
+        handles = listening_sockets(listener)
+        try:
+            if not all([refuse_new_handshakes(handle) for handle in handles]):
+                log.warning("cannot stop new handshakes before closing the listener (no filter)")
+            ports = {handle.getsockname()[1] for handle in handles}
+            unfinished = await wait_for_handshakes(ports)
+            backlog = [conn for handle in handles for conn in accept_queued(handle)]
+        finally:
+            listener.close()
+            for handle in handles:
+                handle.close()
+        for conn in backlog:
+            self._adopt(conn)
         log.info(
-            "listener closed; %d connection(s) open, %d request(s) in flight; timeout in %gs",
-            len(self.proxy.connections),
+            "listener closed; accepted %d connection(s) left in its queue%s; %d connection(s) "
+            "open, %d request(s) in flight; timeout in %gs",
+            len(backlog),
+            f", {unfinished} handshake(s) unfinished" if unfinished else "",
+            len(self.proxy.connections) + len(backlog),
             self.in_flight(),
             self.config.drain.timeout,
+            extra={"event": "listener_closed", "backlog": len(backlog)},
         )
+        self._listener_closing = False
         self._connection_closed()
+
+    def _adopt(self, conn: socket.socket) -> None:
+        """Serve a connection accepted from the queue like one the listener accepted."""
+        self._adopting += 1
+
+        async def serve() -> None:
+            try:
+                await self.loop.connect_accepted_socket(
+                    lambda: ClientConnection(self.proxy),
+                    conn,
+                    ssl=self.proxy.listener_ssl,
+                    ssl_handshake_timeout=self._handshake_timeout(),
+                )
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                log.debug("a connection accepted from the queue failed: %s", exc)
+                conn.close()
+            finally:
+                self._adopting -= 1
+                self._connection_closed()
+
+        self._spawn(serve())
 
     def _close_idle_connections(self) -> None:
         """Close idle keep-alive connections, spread over drain.close_spread so their clients
@@ -292,6 +349,8 @@ class Server:
             and drain is not None
             and drain.quiescent_at is None
             and not self.proxy.connections
+            and not self._listener_closing
+            and not self._adopting
         ):
             self.lifecycle.note_quiescent()
             self._wake.set()
@@ -345,12 +404,22 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _handshake_timeout(self) -> float | None:
+        if self.proxy.listener_ssl is None:
+            return None
+        return self.config.timeouts.request_head or None
+
     async def _open_listener(self) -> None:
         listen = self.config.listen
         try:
-            self._listener = await self._create_listener(listen)
+            listener = await self._create_listener(listen)
         except OSError as exc:
             raise _bind_error("listen", listen, exc) from None
+        if self.lifecycle.accepts_connections():
+            self._listener = listener
+        else:  # reopened for a recovery that a new drain overtook while it opened
+            self._listener_closing = True
+            await self._close_listener(listener)
 
     async def _create_listener(self, listen: Address) -> asyncio.Server:
         return await self.loop.create_server(
@@ -360,9 +429,7 @@ class Server:
             reuse_address=True,
             backlog=1024,
             ssl=self.proxy.listener_ssl,
-            ssl_handshake_timeout=(self.config.timeouts.request_head or None)
-            if self.proxy.listener_ssl is not None
-            else None,
+            ssl_handshake_timeout=self._handshake_timeout(),
         )
 
     # --- signals --------------------------------------------------------------------------------
