@@ -24,7 +24,9 @@ So a drain is a sequence of phases, each ended by a deadline or an event:
 * DRAINING: the listener is closed, idle connections are closed, in-flight requests finish.
   It ends when no client connection is left (but not before ``drain.min``), or at
   ``drain.timeout``, when whatever remains is cut (``forced``).
-* STOPPING_APP: the driver stops the app (``app.stop``), then releases the waiting preStop hooks.
+* STOPPING_APP: the driver stops the app (``app.stop``), then releases the preStop hooks waiting
+  for this drain (``prestop_waits_for``, ``note_app_released``); a hook called in a later drain,
+  or while RECOVERING (which starts one), waits for that drain's app stop.
 
 The driver (``server.py``) feeds events in and runs each entered phase's effects, in order, from
 ``pop_transitions()``. Deadlines are computed once, when a phase is entered, from the clock.
@@ -136,7 +138,12 @@ class DrainRecord:
     """What one drain did, for the summary line and /status."""
 
     started_at: float
+    #: 1 for the process's first drain, 2 for the next (after a recovery)...: the preStop calls
+    #: made during a drain wait for that drain's app stop, not another's.
+    number: int = 1
     sources: set[DrainSource] = field(default_factory=set)
+    #: The waiting preStop calls were released: this drain's app stop is due or done.
+    app_released: bool = False
     quiescent_at: float | None = None
     forced: bool = False
     phase_seconds: dict[Phase, float] = field(default_factory=dict)
@@ -158,6 +165,7 @@ class DrainLifecycle:
         self.exit_requested = False
         self.immediate = False
         self.drain: DrainRecord | None = None
+        self.drains_started = 0
         self.completed_drains: list[DrainRecord] = []
         self._pending: list[Transition] = []
 
@@ -185,6 +193,24 @@ class DrainLifecycle:
             return None
         return max(0.0, self.deadline - self._clock())
 
+    def prestop_waits_for(self) -> int | None:
+        """The drain whose app stop a preStop call made now must wait for (its ``number``),
+        or None when it may return at once: that drain already released the app, or the
+        process is stopping. Kubernetes runs the app's preStop on every container kill and may
+        repeat a hook, so a call during a recovery or a later drain belongs to that drain."""
+        drain = self.drain
+        if self.phase is Phase.STOPPED or drain is None or drain.app_released:
+            return None
+        return drain.number
+
+    def note_app_released(self) -> int:
+        """The driver released the waiting preStop calls of the drain stopping the app; returns
+        that drain's number."""
+        if self.phase is not Phase.STOPPING_APP or self.drain is None:
+            raise LifecycleError(f"no app stop is due in phase {self.phase.value}")
+        self.drain.app_released = True
+        return self.drain.number
+
     def pop_transitions(self) -> list[Transition]:
         """The transitions since the last call, oldest first, for the driver to act on."""
         pending, self._pending = self._pending, []
@@ -204,7 +230,8 @@ class DrainLifecycle:
                 self.drain.sources.add(source)
             return False
         now = self._clock()
-        self.drain = DrainRecord(started_at=now, sources={source})
+        self.drains_started += 1
+        self.drain = DrainRecord(started_at=now, number=self.drains_started, sources={source})
         if self._timings.readiness_fail_delay > 0:
             self._move(Event.DRAIN_REQUESTED, Phase.DELAYING, f"drain requested by {source.value}")
             self.deadline = now + self._timings.readiness_fail_delay
@@ -287,6 +314,7 @@ class DrainLifecycle:
     def note_app_stopped(self) -> None:
         self._check(Event.APP_STOPPED)
         assert self.drain is not None
+        self.drain.app_released = True  # the driver released the preStop calls with the stop
         if self.exit_requested:
             target, reason = Phase.STOPPED, "app stopped, exit requested by signal"
         elif self.drain.sources - {DrainSource.PRESTOP}:

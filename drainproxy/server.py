@@ -78,7 +78,8 @@ class Server:
             on_connection_closed=self._connection_closed,
         )
         self.probe = AppProbe(config.upstream, on_checked=self._app_checked)
-        self.app_released = asyncio.Event()
+        #: preStop calls waiting for their drain's app stop, by drain number.
+        self._prestop_waiters: dict[int, asyncio.Event] = {}
         #: app.stop's method; the preStop calls are released after it in every mode.
         self.app_stop: StopMethod = stop_method_for(config.app)
         self.app_stopper: AppStopper = lambda: stop_then_release(
@@ -116,6 +117,16 @@ class Server:
             self.exit_code = exit_code
             self.lifecycle.shutdown_now(reason)
             self._wake.set()
+
+    async def prestop_hook(self) -> None:
+        """``GET /prestop``, the app container's preStop hook: start (or join) a drain and return
+        once that drain's app stop is due. Each drain releases only its own calls: a hook
+        repeated while recovering, or in a later drain, waits for that drain (issue 12)."""
+        self.request_drain(DrainSource.PRESTOP)
+        number = self.lifecycle.prestop_waits_for()
+        if number is None:
+            return
+        await self._prestop_waiters.setdefault(number, asyncio.Event()).wait()
 
     def is_ready(self) -> bool:
         return self.lifecycle.is_ready() and self.probe.reachable
@@ -303,12 +314,13 @@ class Server:
         self._spawn(self._open_listener())
 
     def _serve_again(self) -> None:
-        self.app_released = asyncio.Event()
         log.info("serving again")
 
     def _stop(self) -> None:
         self._force_close_remaining("immediate shutdown")
-        self.app_released.set()
+        for waiter in self._prestop_waiters.values():  # exiting: nothing is left to wait for
+            waiter.set()
+        self._prestop_waiters.clear()
         if self.lifecycle.immediate:
             log.warning("immediate shutdown")
         elif (
@@ -332,7 +344,14 @@ class Server:
             self._wake.set()
 
     async def _release_prestop_hooks(self) -> str:
-        self.app_released.set()
+        """Release the preStop calls of the drain stopping the app (an immediate shutdown may
+        have released every call already)."""
+        if self.lifecycle.phase is Phase.STOPPING_APP:
+            number = self.lifecycle.note_app_released()
+            waiter = self._prestop_waiters.pop(number, None)
+            if waiter is not None:
+                waiter.set()
+            log.debug("released the preStop calls waiting for drain %d", number)
         return "preStop hooks released"
 
     def _force_close_remaining(self, why: str) -> None:

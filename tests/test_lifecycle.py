@@ -206,6 +206,41 @@ def test_signal_while_recovering_starts_a_new_drain() -> None:
     assert lifecycle.exit_requested
 
 
+def test_each_drain_releases_only_its_own_prestop_calls() -> None:
+    """Issue 12: a preStop call while recovering, or in a later drain, waits for that drain."""
+    lifecycle, clock = make()
+    lifecycle.request_drain(DrainSource.PRESTOP)
+    assert lifecycle.prestop_waits_for() == 1
+    while lifecycle.phase is not Phase.STOPPING_APP:
+        _step(lifecycle, clock)
+    assert lifecycle.prestop_waits_for() == 1, "due, not yet released"
+    assert lifecycle.note_app_released() == 1
+    assert lifecycle.prestop_waits_for() is None, "a repeat after the release returns at once"
+    lifecycle.note_app_stopped()
+    assert lifecycle.phase is Phase.RECOVERING
+    assert lifecycle.prestop_waits_for() is None
+    lifecycle.request_drain(DrainSource.PRESTOP)  # the hook again, while recovering
+    assert lifecycle.phase is Phase.PROPAGATING
+    assert lifecycle.prestop_waits_for() == 2
+    with pytest.raises(LifecycleError):
+        lifecycle.note_app_released()
+    while lifecycle.phase is not Phase.STOPPING_APP:
+        _step(lifecycle, clock)
+    assert lifecycle.note_app_released() == 2
+    lifecycle.note_app_stopped()
+    lifecycle.note_app_ready()
+    lifecycle.request_drain(DrainSource.SIGNAL)
+    assert lifecycle.prestop_waits_for() == 3, "a later drain started by SIGTERM"
+
+
+def test_prestop_returns_at_once_when_stopping_or_already_released() -> None:
+    drained, _ = drive_to(Phase.DRAINED)
+    drained.request_drain(DrainSource.PRESTOP)
+    assert drained.prestop_waits_for() is None, "the admin drain already stopped the app"
+    stopped, _ = drive_to(Phase.STOPPED)
+    assert stopped.prestop_waits_for() is None
+
+
 @pytest.mark.parametrize("phase", [p for p in Phase if p is not Phase.STOPPED])
 def test_shutdown_now_from_any_phase(phase: Phase) -> None:
     lifecycle, _ = drive_to(phase)
