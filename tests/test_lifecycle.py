@@ -216,11 +216,12 @@ def test_each_drain_releases_only_its_own_prestop_calls() -> None:
     assert lifecycle.prestop_waits_for() == 1, "due, not yet released"
     assert lifecycle.note_app_released() == 1
     assert lifecycle.prestop_waits_for() is None, "a repeat after the release returns at once"
+    lifecycle.pop_transitions()
     lifecycle.note_app_stopped()
-    assert lifecycle.phase is Phase.RECOVERING
+    assert phases(lifecycle) == [Phase.RECOVERING]
     assert lifecycle.prestop_waits_for() is None
     lifecycle.request_drain(DrainSource.PRESTOP)  # the hook again, while recovering
-    assert lifecycle.phase is Phase.PROPAGATING
+    assert phases(lifecycle) == [Phase.PROPAGATING]
     assert lifecycle.prestop_waits_for() == 2
     with pytest.raises(LifecycleError):
         lifecycle.note_app_released()
