@@ -19,8 +19,8 @@ So a drain is a sequence of phases, each ended by a deadline or an event:
 * PROPAGATING: /ready fails, but we keep serving and accepting; every response now says
   ``Connection: close`` so keep-alive clients move to other pods.
   With ``propagation_mode: evidence`` it may end early, on evidence instead of a fixed sleep:
-  once every readiness prober seen in the last minute has received its failure threshold of
-  503s (plus a margin) and no new connection arrived for ``quiet`` (``consider_evidence``).
+  once every prober still probing /ready has received its failure threshold of 503s (plus a
+  margin) and traffic has stopped arriving at its usual pace (``consider_evidence``).
 * DRAINING: the listener is closed, idle connections are closed, in-flight requests finish.
   It ends when no client connection is left (but not before ``drain.min``), or at
   ``drain.timeout``, when whatever remains is cut (``forced``).
@@ -37,6 +37,7 @@ a no-op apart from recording who asked (SIGTERM and the preStop hook both arrive
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -116,13 +117,17 @@ class DrainTimings:
 
 @dataclass(frozen=True)
 class Evidence:
-    """What the driver has seen since readiness began to fail."""
+    """What the driver has seen since readiness began to fail (see ``probers.py``)."""
 
-    #: When the last recent prober received its failure threshold of 503s; None if not yet.
+    #: When the last counted prober received its failure threshold of 503s; None if not yet
+    #: (or when nobody probes).
     probers_satisfied_at: float | None
-    #: When the last new client connection arrived; None if none since the phase began.
-    last_connection_at: float | None
-    summary: str
+    #: When the last request or new connection arrived; None if none ever did.
+    last_arrival_at: float | None
+    #: How long traffic must have been silent to have stopped: its usual gap times a factor.
+    quiet_needed: float
+    probers: str
+    traffic: str
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,8 @@ class DrainLifecycle:
         self.timeout_deadline: float | None = None
         self.exit_requested = False
         self.immediate = False
+        #: In evidence mode: what the last look at the evidence found still missing.
+        self.evidence_holding = "no evidence considered yet"
         self.drain: DrainRecord | None = None
         self.drains_started = 0
         self.completed_drains: list[DrainRecord] = []
@@ -257,9 +264,10 @@ class DrainLifecycle:
         elif self.phase is Phase.PROPAGATING:
             assert self.propagation_deadline is not None
             if self._clock() >= self.propagation_deadline:
-                self._start_draining(
-                    Event.DEADLINE_REACHED, self.propagation_deadline, "propagation over"
-                )
+                reason = "propagation over"
+                if self._timings.evidence:
+                    reason = f"propagation ran to its maximum; held by {self.evidence_holding}"
+                self._start_draining(Event.DEADLINE_REACHED, self.propagation_deadline, reason)
                 self.poll()
         elif self.phase is Phase.DRAINING:
             assert self.drain is not None
@@ -273,30 +281,46 @@ class DrainLifecycle:
             self.deadline = None
 
     def consider_evidence(self, evidence: Evidence) -> None:
-        """In evidence mode, end PROPAGATING once every recent prober has marked us unready
-        (plus ``propagation_margin``) and no new connection came for ``quiet``; never before
-        ``propagation_min``, never after ``propagation``."""
+        """In evidence mode, end PROPAGATING once every prober still probing has marked us
+        unready (plus ``propagation_margin``) and traffic has stopped: no arrival for ``quiet``
+        nor for the pace's ``quiet_needed``; never before ``propagation_min``, never after
+        ``propagation``. Remembers what holds it back, for the log line that ends the phase."""
         timings = self._timings
         if not timings.evidence or self.phase is not Phase.PROPAGATING:
             return
         assert self.propagation_deadline is not None
-        if evidence.probers_satisfied_at is None:
-            self.deadline = self.propagation_deadline
-            return
         started = self.phase_entered_at
-        earliest = max(
-            started + timings.propagation_min,
-            evidence.probers_satisfied_at + timings.propagation_margin,
-            (evidence.last_connection_at or started) + timings.quiet,
+        last_arrival = evidence.last_arrival_at
+        quiet_from = started if last_arrival is None else max(started, last_arrival)
+        quiet_until = max(
+            quiet_from + timings.quiet,
+            (last_arrival or started) + evidence.quiet_needed,
         )
+        satisfied = evidence.probers_satisfied_at
+        conditions = [
+            (f"propagation_min {timings.propagation_min:g}s", started + timings.propagation_min),
+            (
+                f"probers: {evidence.probers}",
+                math.inf if satisfied is None else satisfied + timings.propagation_margin,
+            ),
+            (f"traffic still arriving: {evidence.traffic}", quiet_until),
+        ]
+        earliest = max(at for _, at in conditions)
+        now = self._clock()
         if earliest >= self.propagation_deadline:
             self.deadline = self.propagation_deadline
-        elif self._clock() >= earliest:
+        elif now >= earliest:
             self._start_draining(
-                Event.PROPAGATION_EVIDENCE, self._clock(), f"evidence: {evidence.summary}"
+                Event.PROPAGATION_EVIDENCE,
+                now,
+                f"evidence: {evidence.probers}; traffic stopped: {evidence.traffic}",
             )
+            return
         else:
             self.deadline = earliest
+        self.evidence_holding = "; ".join(
+            what for what, at in conditions if at >= min(earliest, self.propagation_deadline)
+        )
 
     def note_quiescent(self) -> None:
         """No client connection is left open. Ends the drain now, or at drain.min."""
@@ -342,6 +366,7 @@ class DrainLifecycle:
     # --- internals -----------------------------------------------------------------------
 
     def _start_propagating(self, at: float) -> None:
+        self.evidence_holding = "no evidence considered yet"
         self.propagation_deadline = self.deadline = at + self._timings.propagation
 
     def _start_draining(self, event: Event, at: float, reason: str) -> None:

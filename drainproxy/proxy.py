@@ -51,6 +51,7 @@ from drainproxy.http1 import (
 )
 from drainproxy.lifecycle import DrainLifecycle, Phase
 from drainproxy.logs import AccessRecord
+from drainproxy.probers import ARRIVALS_KEPT
 from drainproxy.stats import Stats
 from drainproxy.tls import ListenerTLS
 from drainproxy.upstream import UpstreamConnection, UpstreamPool
@@ -111,6 +112,8 @@ class ProxyContext:
     on_connection_closed: Callable[[], None]
     scheme: bytes = b"http"
     connections: set[ClientConnection] = field(default_factory=set)
+    #: When requests and new connections arrived lately (``probers.ArrivalPace``).
+    arrival_times: deque[float] = field(default_factory=lambda: deque(maxlen=ARRIVALS_KEPT))
     #: ``log.access_log``, read once: when off, an exchange pays one test of this flag.
     access_log: bool = field(init=False, default=False)
     #: TLS on the listener (``tls:``): its reloading context, and what the listener is given.
@@ -375,6 +378,7 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         ctx.stats.connections_accepted += 1
         ctx.stats.last_connection_at = ctx.loop.time()
+        ctx.arrival_times.append(ctx.stats.last_connection_at)
         if len(ctx.connections) >= ctx.max_connections:
             self._refuse()
             return
@@ -533,7 +537,9 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = None
         self.head_bytes = self.header_bytes = 0
         if self.active is None:
-            self.mark = self.ctx.loop.time()
+            ctx = self.ctx
+            self.mark = now = ctx.loop.time()
+            ctx.arrival_times.append(now)
 
     def on_url(self, url: bytes) -> None:
         req = self.current

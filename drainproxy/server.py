@@ -35,7 +35,7 @@ from drainproxy.lifecycle import (
 )
 from drainproxy.logs import bind_log_context
 from drainproxy.memory import release_freed_memory
-from drainproxy.probers import ProberTracker
+from drainproxy.probers import ArrivalPace, ProberTracker
 from drainproxy.proxy import ClientConnection, ProxyContext
 from drainproxy.stats import Stats
 from drainproxy.upstream import UpstreamPool
@@ -77,6 +77,8 @@ class Server:
             loop=self.loop,
             on_connection_closed=self._connection_closed,
         )
+        self.pace = ArrivalPace(self.proxy.arrival_times)
+        self._evidence_mode = config.drain.propagation_mode == "evidence"
         self.probe = AppProbe(config.upstream, on_checked=self._app_checked)
         #: preStop calls waiting for their drain's app stop, by drain number.
         self._prestop_waiters: dict[int, asyncio.Event] = {}
@@ -139,13 +141,12 @@ class Server:
 
     def _evidence(self) -> Evidence:
         now = self.loop.time()
-        last_connection = self.stats.last_connection_at
         return Evidence(
             probers_satisfied_at=self.probers.all_satisfied_at(now),
-            last_connection_at=(
-                last_connection if last_connection >= self.lifecycle.phase_entered_at else None
-            ),
-            summary=self.probers.describe(now),
+            last_arrival_at=self.pace.last(),
+            quiet_needed=self.pace.quiet_needed(now),
+            probers=self.probers.describe(now),
+            traffic=self.pace.describe(now),
         )
 
     def in_flight(self) -> int:
@@ -178,7 +179,7 @@ class Server:
             self._wake.clear()
             self._handle_signals()
             self.lifecycle.poll()
-            if self.lifecycle.phase is Phase.PROPAGATING:
+            if self.lifecycle.phase is Phase.PROPAGATING and self._evidence_mode:
                 self.lifecycle.consider_evidence(self._evidence())
             for transition in self.lifecycle.pop_transitions():
                 self._enter(transition)

@@ -300,8 +300,16 @@ EVIDENCE = DrainTimings(
 )
 
 
-def evidence(satisfied: float | None, connection: float | None = None) -> Evidence:
-    return Evidence(probers_satisfied_at=satisfied, last_connection_at=connection, summary="s")
+def evidence(
+    satisfied: float | None, arrival: float | None = None, quiet_needed: float = 0.0
+) -> Evidence:
+    return Evidence(
+        probers_satisfied_at=satisfied,
+        last_arrival_at=arrival,
+        quiet_needed=quiet_needed,
+        probers="P",
+        traffic="T",
+    )
 
 
 def test_evidence_ends_propagation_after_margin_and_quiet() -> None:
@@ -310,14 +318,14 @@ def test_evidence_ends_propagation_after_margin_and_quiet() -> None:
     lifecycle.consider_evidence(evidence(None))
     assert lifecycle.deadline == start + 10.0, "no evidence yet: the fixed maximum"
     clock.advance(1.2)
-    lifecycle.consider_evidence(evidence(start + 1.2, connection=start + 1.1))
+    lifecycle.consider_evidence(evidence(start + 1.2, arrival=start + 1.1))
     assert lifecycle.phase is Phase.PROPAGATING
     assert lifecycle.deadline == pytest.approx(start + 1.7), "satisfied + margin"
     clock.advance(0.5)
-    lifecycle.consider_evidence(evidence(start + 1.2, connection=start + 1.6))
+    lifecycle.consider_evidence(evidence(start + 1.2, arrival=start + 1.6))
     assert lifecycle.deadline == pytest.approx(start + 1.9), "a new connection: wait for quiet"
     clock.advance(0.2)
-    lifecycle.consider_evidence(evidence(start + 1.2, connection=start + 1.6))
+    lifecycle.consider_evidence(evidence(start + 1.2, arrival=start + 1.6))
     transitions = lifecycle.pop_transitions()
     assert [t.phase for t in transitions] == [Phase.DRAINING]
     assert transitions[0].reason.startswith("evidence: ")
@@ -341,7 +349,41 @@ def test_evidence_never_extends_propagation_past_its_maximum() -> None:
     clock.advance(0.1)
     lifecycle.poll()
     transitions = lifecycle.pop_transitions()
-    assert [(t.phase, t.reason) for t in transitions] == [(Phase.DRAINING, "propagation over")]
+    assert [(t.phase, t.reason) for t in transitions] == [
+        (Phase.DRAINING, "propagation ran to its maximum; held by probers: P")
+    ]
+
+
+def test_traffic_at_its_usual_pace_holds_propagation() -> None:
+    """Issue 12: probers all satisfied, but a router still arrives every 1.5 s."""
+    lifecycle, clock = drive_to(Phase.PROPAGATING, EVIDENCE)
+    start = clock.now
+    clock.advance(2.8)
+    lifecycle.consider_evidence(evidence(start + 2.0, arrival=start + 2.5, quiet_needed=2.25))
+    assert lifecycle.phase is Phase.PROPAGATING
+    assert lifecycle.deadline == pytest.approx(start + 4.75), "last arrival + 1.5 x its gap"
+    assert lifecycle.evidence_holding == "traffic still arriving: T"
+    clock.advance(1.2)  # 4.0: it came again at 4.0
+    lifecycle.consider_evidence(evidence(start + 2.0, arrival=start + 4.0, quiet_needed=2.25))
+    assert lifecycle.deadline == pytest.approx(start + 6.25)
+    clock.advance(2.25)
+    lifecycle.consider_evidence(evidence(start + 2.0, arrival=start + 4.0, quiet_needed=2.25))
+    transitions = lifecycle.pop_transitions()
+    assert [t.phase for t in transitions] == [Phase.DRAINING]
+    assert transitions[0].reason == "evidence: P; traffic stopped: T"
+
+
+def test_traffic_that_never_stops_holds_to_the_maximum_and_says_so() -> None:
+    lifecycle, clock = drive_to(Phase.PROPAGATING, EVIDENCE)
+    start = clock.now
+    clock.advance(9.5)
+    lifecycle.consider_evidence(evidence(start + 2.0, arrival=start + 9.4, quiet_needed=1.5))
+    clock.advance(0.5)
+    lifecycle.poll()
+    (transition,) = lifecycle.pop_transitions()
+    assert transition.reason == (
+        "propagation ran to its maximum; held by traffic still arriving: T"
+    )
 
 
 def test_evidence_is_ignored_in_fixed_mode() -> None:
