@@ -294,7 +294,7 @@ class DrainLifecycle:
         quiet_from = started if last_arrival is None else max(started, last_arrival)
         quiet_until = max(
             quiet_from + timings.quiet,
-            (last_arrival or started) + evidence.quiet_needed,
+            (started if last_arrival is None else last_arrival) + evidence.quiet_needed,
         )
         satisfied = evidence.probers_satisfied_at
         conditions = [
