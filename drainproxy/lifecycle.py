@@ -122,10 +122,11 @@ class Evidence:
     #: When the last counted prober received its failure threshold of 503s; None if not yet
     #: (or when nobody probes).
     probers_satisfied_at: float | None
-    #: When the last request or new connection arrived; None if none ever did.
+    #: When the last request arrived; None if none ever did.
     last_arrival_at: float | None
-    #: How long traffic must have been silent to have stopped: its usual gap times a factor.
-    quiet_needed: float
+    #: When every client requesting at a pace will have missed its next requests; None when
+    #: no client has a pace.
+    traffic_overdue_at: float | None
     probers: str
     traffic: str
 
@@ -282,8 +283,8 @@ class DrainLifecycle:
 
     def consider_evidence(self, evidence: Evidence) -> None:
         """In evidence mode, end PROPAGATING once every prober still probing has marked us
-        unready (plus ``propagation_margin``) and traffic has stopped: no arrival for ``quiet``
-        nor for the pace's ``quiet_needed``; never before ``propagation_min``, never after
+        unready (plus ``propagation_margin``) and traffic has stopped: no request for ``quiet``,
+        and every client with a pace overdue; never before ``propagation_min``, never after
         ``propagation``. Remembers what holds it back, for the log line that ends the phase."""
         timings = self._timings
         if not timings.evidence or self.phase is not Phase.PROPAGATING:
@@ -292,10 +293,9 @@ class DrainLifecycle:
         started = self.phase_entered_at
         last_arrival = evidence.last_arrival_at
         quiet_from = started if last_arrival is None else max(started, last_arrival)
-        quiet_until = max(
-            quiet_from + timings.quiet,
-            (started if last_arrival is None else last_arrival) + evidence.quiet_needed,
-        )
+        quiet_until = quiet_from + timings.quiet
+        if evidence.traffic_overdue_at is not None:
+            quiet_until = max(quiet_until, evidence.traffic_overdue_at)
         satisfied = evidence.probers_satisfied_at
         conditions = [
             (f"propagation_min {timings.propagation_min:g}s", started + timings.propagation_min),

@@ -13,17 +13,16 @@ bounded: at most ``MAX_PROBERS``, each forgotten ``RECENT`` seconds after it was
 
 Traffic. Probe failures say nothing about the routers that never probe (kube-proxy, ingress
 controllers and service meshes follow the EndpointSlice, which the kubelet's verdict updates
-later): only their traffic shows they have not caught up. So arrivals (requests and new
-connections) are timed, and propagation may not end while traffic still comes at its usual
-pace: until no arrival for ``PACE_FACTOR`` times the usual gap between arrivals (the second
-longest of the last ``ARRIVALS_KEPT``, so one pause is not taken for the pace).
+later): only their traffic shows they have not caught up. So requests are timed per client
+address, and propagation may not end while a client still comes at its usual pace: until each
+one has missed ``PACE_FACTOR`` of its own intervals (a busy balancer that stopped is overdue at
+once; a router requesting every 1.5 s, only after 2.25 s without a request).
 """
 
 from __future__ import annotations
 
-import itertools
 import re
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,9 +36,12 @@ MAX_PROBERS = 64
 #: A prober that missed this many of its own intervals (plus ``LATE_SLACK``) stopped probing.
 MISSED_INTERVALS = 2.0
 LATE_SLACK = 1.0
-#: Arrivals kept for the pace, and the quiet asked for, in usual gaps.
-ARRIVALS_KEPT = 32
+#: Client addresses tracked for their pace, and how many of its intervals a client may miss
+#: before it counts as gone.
+MAX_PEERS = 256
 PACE_FACTOR = 1.5
+#: A client requesting less often than this has no pace a propagation could wait for.
+SPORADIC = 40.0
 
 
 @dataclass
@@ -139,28 +141,70 @@ class ProberTracker:
         return f"{len(counted)} prober(s): " + "; ".join(p.describe() for p in counted)
 
 
+@dataclass(slots=True)
+class Peer:
+    """One client address's recent requests."""
+
+    last: float
+    gap: float | None = None
+    previous_gap: float | None = None
+
+    def interval(self) -> float | None:
+        """Its usual time between requests: the longer of its last two gaps (one quick
+        request after another does not make a slow router look fast)."""
+        if self.gap is None:
+            return None
+        return self.gap if self.previous_gap is None else max(self.gap, self.previous_gap)
+
+
 class ArrivalPace:
-    """When requests and new connections arrived lately, to tell traffic still coming at its
-    usual pace from traffic that stopped. ``times`` is appended to by the data path (one
-    ``deque.append`` per arrival); the rest runs only while evidence is considered."""
+    """Requests by client address (a router, a balancer node, an ingress controller pod), to
+    tell a client still arriving at its usual pace from one that stopped. ``note`` runs on the
+    data path, only in evidence mode; the table is bounded like the probers'."""
 
-    def __init__(self, times: deque[float] | None = None) -> None:
-        self.times = deque(maxlen=ARRIVALS_KEPT) if times is None else times
+    def __init__(self) -> None:
+        #: Least recently heard first.
+        self.peers: OrderedDict[str, Peer] = OrderedDict()
+        self.last_arrival: float | None = None
 
-    def last(self) -> float | None:
-        return self.times[-1] if self.times else None
+    def note(self, address: str, now: float) -> None:
+        self.last_arrival = now
+        peer = self.peers.get(address)
+        if peer is None:
+            if len(self.peers) >= MAX_PEERS:
+                self.peers.popitem(last=False)
+            self.peers[address] = Peer(now)
+            return
+        self.peers.move_to_end(address)
+        peer.previous_gap, peer.gap = peer.gap, now - peer.last
+        peer.last = now
 
-    def usual_gap(self, now: float) -> float:
-        """The second longest gap between the recent arrivals (0 with fewer than three)."""
-        recent = [at for at in self.times if now - at <= RECENT]
-        gaps = sorted(later - earlier for earlier, later in itertools.pairwise(recent))
-        return gaps[-2] if len(gaps) >= 2 else 0.0
+    def _paced(self, now: float) -> tuple[float, str, Peer] | None:
+        """The client whose next request, at its pace, is due last: when it becomes overdue
+        (``PACE_FACTOR`` intervals after its last request), its address and record."""
+        latest: tuple[float, str, Peer] | None = None
+        for address, peer in self.peers.items():
+            interval = peer.interval()
+            if interval is None or interval > SPORADIC or now - peer.last > RECENT:
+                continue
+            overdue_at = peer.last + PACE_FACTOR * interval
+            if latest is None or overdue_at > latest[0]:
+                latest = (overdue_at, address, peer)
+        return latest
 
-    def quiet_needed(self, now: float) -> float:
-        return PACE_FACTOR * self.usual_gap(now)
+    def overdue_at(self, now: float) -> float | None:
+        """When every client arriving at a pace will have missed its next request; None when
+        no client has one."""
+        paced = self._paced(now)
+        return None if paced is None else paced[0]
 
     def describe(self, now: float) -> str:
-        last = self.last()
-        if last is None:
+        if self.last_arrival is None:
             return "no request yet"
-        return f"last arrival {now - last:.2f}s ago, usual gap {self.usual_gap(now):.2f}s"
+        text = f"last request {now - self.last_arrival:.2f}s ago"
+        paced = self._paced(now)
+        if paced is not None:
+            _, address, peer = paced
+            interval = peer.interval() or 0.0
+            text += f"; {address} every {interval:.2f}s, last {now - peer.last:.2f}s ago"
+        return text

@@ -51,7 +51,7 @@ from drainproxy.http1 import (
 )
 from drainproxy.lifecycle import DrainLifecycle, Phase
 from drainproxy.logs import AccessRecord
-from drainproxy.probers import ARRIVALS_KEPT
+from drainproxy.probers import ArrivalPace
 from drainproxy.stats import Stats
 from drainproxy.tls import ListenerTLS
 from drainproxy.upstream import UpstreamConnection, UpstreamPool
@@ -112,8 +112,8 @@ class ProxyContext:
     on_connection_closed: Callable[[], None]
     scheme: bytes = b"http"
     connections: set[ClientConnection] = field(default_factory=set)
-    #: When requests and new connections arrived lately (``probers.ArrivalPace``).
-    arrival_times: deque[float] = field(default_factory=lambda: deque(maxlen=ARRIVALS_KEPT))
+    #: Requests timed per client, in evidence mode (``probers.ArrivalPace``); else None.
+    arrivals: ArrivalPace | None = None
     #: ``log.access_log``, read once: when off, an exchange pays one test of this flag.
     access_log: bool = field(init=False, default=False)
     #: TLS on the listener (``tls:``): its reloading context, and what the listener is given.
@@ -378,7 +378,6 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         ctx.stats.connections_accepted += 1
         ctx.stats.last_connection_at = ctx.loop.time()
-        ctx.arrival_times.append(ctx.stats.last_connection_at)
         if len(ctx.connections) >= ctx.max_connections:
             self._refuse()
             return
@@ -539,7 +538,8 @@ class ClientConnection(asyncio.Protocol):
         if self.active is None:
             ctx = self.ctx
             self.mark = now = ctx.loop.time()
-            ctx.arrival_times.append(now)
+            if ctx.arrivals is not None:
+                ctx.arrivals.note(self.peer, now)
 
     def on_url(self, url: bytes) -> None:
         req = self.current

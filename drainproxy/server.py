@@ -69,6 +69,9 @@ class Server:
         self.pool = UpstreamPool(
             config.upstream, self.loop, config.limits.max_response_header_bytes
         )
+        self._evidence_mode = config.drain.propagation_mode == "evidence"
+        #: Requests timed per client, for evidence mode only (it costs the data path a little).
+        self.pace = ArrivalPace()
         self.proxy = ProxyContext(
             config=config,
             pool=self.pool,
@@ -76,9 +79,8 @@ class Server:
             stats=self.stats,
             loop=self.loop,
             on_connection_closed=self._connection_closed,
+            arrivals=self.pace if self._evidence_mode else None,
         )
-        self.pace = ArrivalPace(self.proxy.arrival_times)
-        self._evidence_mode = config.drain.propagation_mode == "evidence"
         self.probe = AppProbe(config.upstream, on_checked=self._app_checked)
         #: preStop calls waiting for their drain's app stop, by drain number.
         self._prestop_waiters: dict[int, asyncio.Event] = {}
@@ -143,8 +145,8 @@ class Server:
         now = self.loop.time()
         return Evidence(
             probers_satisfied_at=self.probers.all_satisfied_at(now),
-            last_arrival_at=self.pace.last(),
-            quiet_needed=self.pace.quiet_needed(now),
+            last_arrival_at=self.pace.last_arrival,
+            traffic_overdue_at=self.pace.overdue_at(now),
             probers=self.probers.describe(now),
             traffic=self.pace.describe(now),
         )

@@ -16,7 +16,7 @@ import pytest
 from drainproxy.sim.haproxy import HAProxy, haproxy_binary
 from drainproxy.sim.replica import free_port
 from tests.conftest import StartProxy
-from tests.proxy_support import RawApp, exchange, parse_responses
+from tests.proxy_support import RawApp, parse_responses
 from tests.support import ProxyProcess
 
 KUBELET = "kube-probe/1.31"
@@ -50,22 +50,42 @@ async def probe_every(
 
 class Router:
     """A router that never probes (kube-proxy, an ingress controller): a new connection every
-    ``interval``, until ``keep_going`` says it caught up with the endpoint update."""
+    ``interval`` from ``source``, until ``keep_going`` says it caught up with the endpoint
+    update."""
 
-    def __init__(self, port: int, interval: float, keep_going: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        port: int,
+        interval: float,
+        keep_going: Callable[[], bool],
+        source: str = "127.0.0.1",
+    ) -> None:
         self.port = port
         self.interval = interval
         self.keep_going = keep_going
+        self.source = source
         self.statuses: list[int | str] = []
         self.sent = asyncio.Event()
 
+    async def request(self) -> int | str:
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", self.port, local_addr=(self.source, 0)
+            )
+        except ConnectionError as exc:
+            return type(exc).__name__
+        try:
+            writer.write(REQUEST)
+            raw = await asyncio.wait_for(reader.read(), 10)
+            return parse_responses(raw, [b"GET"])[0].status
+        except (ConnectionError, AssertionError) as exc:
+            return type(exc).__name__
+        finally:
+            writer.close()
+
     async def run(self) -> None:
         while self.keep_going():
-            try:
-                raw = await exchange(self.port, REQUEST)
-                self.statuses.append(parse_responses(raw, [b"GET"])[0].status)
-            except (ConnectionError, AssertionError) as exc:
-                self.statuses.append(type(exc).__name__)
+            self.statuses.append(await self.request())
             if len(self.statuses) >= 4:
                 self.sent.set()
             await asyncio.sleep(self.interval)  # the router's rhythm, not synchronisation
@@ -109,7 +129,47 @@ async def test_a_router_still_arriving_at_its_pace_holds_propagation(
             task.cancel()
     assert [s for s in router.statuses if s != 200] == []
     assert reason.startswith("evidence: 1 prober(s): 127.0.0.1 kube-probe/1.31 (")
-    assert "; traffic stopped: last arrival" in reason
+    assert "; traffic stopped: last request " in reason
+    assert await proxy.exited() == 0
+
+
+async def test_a_sparse_router_is_not_hidden_by_a_busy_balancer(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    """Per client: a balancer sending 50 requests/s stops at once after the drain begins (it
+    probes and saw the 503s), while a router from another address still comes every 1.5 s up
+    to 4.6 s after SIGTERM: the balancer's quick pace must not end propagation before the
+    router's requests."""
+    proxy = await start_proxy(raw_app.port, EVIDENCE)
+    loop = asyncio.get_running_loop()
+    signalled: list[float] = []
+
+    def lagging() -> bool:
+        return not signalled or loop.time() - signalled[0] <= 4.6
+
+    def balancer_still_routing() -> bool:
+        return not signalled or loop.time() - signalled[0] <= 1.0
+
+    stop_probing = asyncio.Event()
+    router = Router(proxy.port, 1.5, lagging, source="127.0.0.2")
+    balancer = Router(proxy.port, 0.02, balancer_still_routing)
+    tasks = [
+        asyncio.ensure_future(probe_every(proxy, 1.0, KUBELET, stop_probing)),
+        asyncio.ensure_future(router.run()),
+        asyncio.ensure_future(balancer.run()),
+    ]
+    try:
+        await router.sent.wait()
+        signalled.append(loop.time())
+        proxy.send(signal.SIGTERM)
+        reason = await drain_end(proxy)
+        await asyncio.wait_for(asyncio.gather(tasks[1], tasks[2]), 30)
+    finally:
+        stop_probing.set()
+        for task in tasks:
+            task.cancel()
+    assert [s for s in router.statuses + balancer.statuses if s != 200] == []
+    assert reason.startswith("evidence: "), reason
     assert await proxy.exited() == 0
 
 

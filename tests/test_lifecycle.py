@@ -301,12 +301,12 @@ EVIDENCE = DrainTimings(
 
 
 def evidence(
-    satisfied: float | None, arrival: float | None = None, quiet_needed: float = 0.0
+    satisfied: float | None, arrival: float | None = None, overdue: float | None = None
 ) -> Evidence:
     return Evidence(
         probers_satisfied_at=satisfied,
         last_arrival_at=arrival,
-        quiet_needed=quiet_needed,
+        traffic_overdue_at=overdue,
         probers="P",
         traffic="T",
     )
@@ -359,15 +359,15 @@ def test_traffic_at_its_usual_pace_holds_propagation() -> None:
     lifecycle, clock = drive_to(Phase.PROPAGATING, EVIDENCE)
     start = clock.now
     clock.advance(2.8)
-    lifecycle.consider_evidence(evidence(start + 2.0, arrival=start + 2.5, quiet_needed=2.25))
+    lifecycle.consider_evidence(evidence(start + 2.0, start + 2.5, overdue=start + 4.75))
     assert lifecycle.phase is Phase.PROPAGATING
-    assert lifecycle.deadline == pytest.approx(start + 4.75), "last arrival + 1.5 x its gap"
+    assert lifecycle.deadline == pytest.approx(start + 4.75), "until the router is overdue"
     assert lifecycle.evidence_holding == "traffic still arriving: T"
     clock.advance(1.2)  # 4.0: it came again at 4.0
-    lifecycle.consider_evidence(evidence(start + 2.0, arrival=start + 4.0, quiet_needed=2.25))
+    lifecycle.consider_evidence(evidence(start + 2.0, start + 4.0, overdue=start + 6.25))
     assert lifecycle.deadline == pytest.approx(start + 6.25)
     clock.advance(2.25)
-    lifecycle.consider_evidence(evidence(start + 2.0, arrival=start + 4.0, quiet_needed=2.25))
+    lifecycle.consider_evidence(evidence(start + 2.0, start + 4.0, overdue=start + 6.25))
     transitions = lifecycle.pop_transitions()
     assert [t.phase for t in transitions] == [Phase.DRAINING]
     assert transitions[0].reason == "evidence: P; traffic stopped: T"
@@ -377,7 +377,7 @@ def test_traffic_that_never_stops_holds_to_the_maximum_and_says_so() -> None:
     lifecycle, clock = drive_to(Phase.PROPAGATING, EVIDENCE)
     start = clock.now
     clock.advance(9.5)
-    lifecycle.consider_evidence(evidence(start + 2.0, arrival=start + 9.4, quiet_needed=1.5))
+    lifecycle.consider_evidence(evidence(start + 2.0, start + 9.4, overdue=start + 10.9))
     clock.advance(0.5)
     lifecycle.poll()
     (transition,) = lifecycle.pop_transitions()

@@ -4,10 +4,11 @@ import pytest
 
 from drainproxy.config import ProberRule
 from drainproxy.probers import (
-    ARRIVALS_KEPT,
+    MAX_PEERS,
     MAX_PROBERS,
     PACE_FACTOR,
     RECENT,
+    SPORADIC,
     ArrivalPace,
     ProberTracker,
 )
@@ -104,17 +105,28 @@ def test_the_table_is_bounded() -> None:
     assert list(probers.probers) == [("10.0.0.9", "lb")]
 
 
-def test_the_usual_gap_between_arrivals() -> None:
+def test_a_client_still_arriving_at_its_pace_holds_and_then_is_overdue() -> None:
     pace = ArrivalPace()
-    assert pace.usual_gap(0.0) == 0.0 and pace.last() is None
-    for index in range(10):
-        pace.times.append(index * 1.5)  # a router every 1.5 s
-    pace.times.append(13.6)  # one late arrival: not the usual gap
-    assert pace.usual_gap(14.0) == pytest.approx(1.5)
-    assert pace.quiet_needed(14.0) == pytest.approx(1.5 * PACE_FACTOR)
-    busy = ArrivalPace()
-    for index in range(100):
-        busy.times.append(index * 0.01)
-    assert len(busy.times) == ARRIVALS_KEPT
-    assert busy.usual_gap(1.0) == pytest.approx(0.01)
-    assert pace.usual_gap(14.0 + RECENT + 14) == 0.0, "old arrivals say nothing"
+    assert pace.overdue_at(0.0) is None and pace.describe(0.0) == "no request yet"
+    for index in range(200):  # a busy balancer, until 2.0
+        pace.note("10.0.0.1", index * 0.01)
+    for at in (0.5, 2.0, 3.5):  # a router every 1.5 s
+        pace.note("10.0.0.2", at)
+    pace.note("10.0.0.3", 3.0)  # seen once: no pace
+    assert pace.overdue_at(3.6) == pytest.approx(3.5 + 1.5 * PACE_FACTOR)
+    assert "10.0.0.2 every 1.50s" in pace.describe(3.6)
+    pace.note("10.0.0.2", 3.6)  # one quick request does not make it fast
+    assert pace.overdue_at(3.7) == pytest.approx(3.6 + 1.5 * PACE_FACTOR)
+
+
+def test_sporadic_and_old_clients_have_no_pace_and_the_table_is_bounded() -> None:
+    pace = ArrivalPace()
+    pace.note("10.0.0.9", 0.0)
+    pace.note("10.0.0.9", SPORADIC + 1)
+    assert pace.overdue_at(SPORADIC + 2) is None, "no pace a propagation could wait for"
+    pace.note("10.0.0.2", 100.0)
+    pace.note("10.0.0.2", 101.0)
+    assert pace.overdue_at(101.0 + RECENT + 1) is None
+    for index in range(3 * MAX_PEERS):
+        pace.note(f"10.1.{index // 256}.{index % 256}", 200.0 + index * 0.001)
+    assert len(pace.peers) == MAX_PEERS
