@@ -182,10 +182,26 @@ def forward_head(
     return info
 
 
+_keep_alive_timeouts: dict[bytes, float | None] = {}
+_KEEP_ALIVE_CACHE_SIZE = 64
+
+
 def keep_alive_timeout(value: bytes) -> float | None:
     """The ``timeout`` parameter of a Keep-Alive field (``timeout=5, max=100``), in seconds: how
     long the sender keeps an idle connection open (RFC 2068 §19.7.1.1; Node, Apache and others
-    announce it). None when absent or not a number."""
+    announce it on every response, so the few values an app sends are parsed once). None when
+    absent or not a number."""
+    try:
+        return _keep_alive_timeouts[value]
+    except KeyError:
+        pass
+    seconds = _parse_keep_alive_timeout(value)
+    if len(_keep_alive_timeouts) < _KEEP_ALIVE_CACHE_SIZE:
+        _keep_alive_timeouts[value] = seconds
+    return seconds
+
+
+def _parse_keep_alive_timeout(value: bytes) -> float | None:
     for parameter in value.split(b","):
         name, _, number = parameter.partition(b"=")
         if name.strip().lower() == b"timeout":
