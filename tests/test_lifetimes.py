@@ -93,13 +93,16 @@ async def test_every_connection_the_kernel_completed_is_served_or_refused(
     proxy = await start_proxy(raw_app.port, {"drain": {"propagation": "1s", "timeout": "5s"}})
     tally = Tally()
     clients = [
-        asyncio.ensure_future(asyncio.to_thread(post_per_connection, proxy.port, tally))
+        threading.Thread(target=post_per_connection, args=(proxy.port, tally), daemon=True)
         for _ in range(32)
     ]
-    await asyncio.to_thread(tally.enough.wait, 30)
+    for client in clients:
+        client.start()
+    assert await asyncio.to_thread(tally.enough.wait, 30), "the load never got going"
     proxy.send(signal.SIGTERM)
     for client in clients:
-        await asyncio.wait_for(client, 60)
+        await asyncio.to_thread(client.join, 60)
+        assert not client.is_alive()
     assert await proxy.exited() == 0
     assert tally.lost == []
     assert tally.refused == 32
