@@ -83,7 +83,7 @@ def post_per_connection(port: int, tally: Tally) -> None:
             tally.note(lost=repr(raw[:60]))
 
 
-@pytest.mark.parametrize("round_number", range(3))
+@pytest.mark.parametrize("round_number", range(5))
 async def test_every_connection_the_kernel_completed_is_served_or_refused(
     raw_app: RawApp, start_proxy: StartProxy, round_number: int
 ) -> None:
