@@ -365,6 +365,7 @@ class UpstreamPool:
         self.ssl: ssl.SSLContext | None = None
         self.server_hostname: str | None = None
         self._idle_timeout = config.idle_timeout or math.inf
+        self._margin = config.keep_alive_margin
         if config.tls is not None:
             self.ssl = upstream_context(config.tls)
             self.server_hostname = config.tls.server_name or config.host
@@ -411,8 +412,8 @@ class UpstreamPool:
         if field is not None:
             conn.keep_alive_field = None
             announced = keep_alive_timeout(field)
-            if announced is not None:
-                window = min(window, announced - self.config.keep_alive_margin)
+            if announced is not None and announced - self._margin < window:
+                window = announced - self._margin
         if window <= 0 or len(self.idle) >= self.config.max_idle_connections:
             conn.abort()
             return
