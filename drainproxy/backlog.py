@@ -92,13 +92,16 @@ def handshakes_under_way(ports: Iterable[int]) -> int:
 
 async def wait_for_handshakes(ports: Iterable[int], limit: float = HANDSHAKE_WAIT_LIMIT) -> int:
     """Wait until no handshake to ``ports`` is under way, at most ``limit`` seconds; the kernel
-    offers no event for it, so the table is polled at a growing interval. Returns how many were
-    still under way at the end (0 normally)."""
+    offers no event for it, so the table is polled at a growing interval, in a thread (it lists
+    every TCP socket of the network namespace). Returns how many were still under way at the
+    end (0 normally)."""
     ports = tuple(ports)
     loop = asyncio.get_running_loop()
     give_up = loop.time() + limit
     interval = 0.005
-    while (under_way := handshakes_under_way(ports)) and loop.time() < give_up:
+    while (
+        under_way := await asyncio.to_thread(handshakes_under_way, ports)
+    ) and loop.time() < give_up:
         await asyncio.sleep(min(interval, max(0.0, give_up - loop.time())))
         interval *= 2
     return under_way
