@@ -20,6 +20,7 @@ import resource
 import socket
 import ssl
 import struct
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,6 +120,11 @@ class ProxyContext:
     #: TLS on the listener (``tls:``): its reloading context, and what the listener is given.
     tls: ListenerTLS | None = field(init=False, default=None)
     listener_ssl: ssl.SSLContext | None = field(init=False, default=None)
+    #: TLS connections accepted whose handshake is not done: not yet in ``connections``, but the
+    #: drain must not end under them. Weak: a failed handshake just drops its protocol.
+    handshaking: weakref.WeakSet[ClientConnection] = field(
+        init=False, default_factory=weakref.WeakSet
+    )
     max_connections: int = field(init=False, default=0)
     limits: LimitsConfig = field(init=False, default_factory=LimitsConfig)
     #: Seconds between sweeps for timeouts, idle app connections and certificate files.
@@ -178,6 +184,9 @@ class ProxyContext:
         now = self.loop.time()
         for conn in list(self.connections):
             conn.check_timeouts(now)
+        if self.listener_ssl is not None and not self.connections:
+            # A failed TLS handshake ends without a callback: let the driver look again.
+            self.on_connection_closed()
         expired = self.pool.expire_idle(now)
         if expired:
             log.debug("closed %d app connection(s) at the end of their reuse window", expired)
@@ -277,6 +286,7 @@ class Request:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "__weakref__",
         "active",
         "batch",
         "batch_body_bytes",
@@ -318,6 +328,8 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
+        if ctx.listener_ssl is not None:
+            ctx.handshaking.add(self)
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         #: ``X-Forwarded-For: <peer>`` and its CRLF, for requests that carry no prior value.
@@ -376,6 +388,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
+        if ctx.listener_ssl is not None:
+            ctx.handshaking.discard(self)
         ctx.stats.connections_accepted += 1
         ctx.stats.last_connection_at = ctx.loop.time()
         if len(ctx.connections) >= ctx.max_connections:

@@ -373,6 +373,7 @@ class Server:
             and not self.proxy.connections
             and not self._listener_closing
             and not self._adopting
+            and not self.proxy.handshaking
         ):
             self.lifecycle.note_quiescent()
             self._wake.set()
