@@ -240,13 +240,12 @@ class DrainLifecycle:
         now = self._clock()
         self.drains_started += 1
         self.drain = DrainRecord(started_at=now, number=self.drains_started, sources={source})
+        reason = f"drain requested by {source.value}"
         if self._timings.readiness_fail_delay > 0:
-            self._move(Event.DRAIN_REQUESTED, Phase.DELAYING, f"drain requested by {source.value}")
+            self._move(Event.DRAIN_REQUESTED, Phase.DELAYING, reason, now)
             self.deadline = now + self._timings.readiness_fail_delay
         else:
-            self._move(
-                Event.DRAIN_REQUESTED, Phase.PROPAGATING, f"drain requested by {source.value}"
-            )
+            self._move(Event.DRAIN_REQUESTED, Phase.PROPAGATING, reason, now)
             self._start_propagating(now)
         return True
 
