@@ -193,8 +193,7 @@ async def prestop(server: Server, request: Request) -> Response:
     """The app container's preStop hook: start the drain, answer when the app may stop."""
     if not _request_authorized(server, request):
         return _forbidden(server, request)
-    server.request_drain(DrainSource.PRESTOP)
-    await server.app_released.wait()
+    await server.prestop_hook()
     return Response.text("app released\n")
 
 

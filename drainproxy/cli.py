@@ -423,10 +423,17 @@ def _add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     demo.add_argument(
         "--propagation",
         type=_number(0, 15),
-        default=2.0,
+        default=5.0,
         metavar="SECONDS",
-        help="drain.propagation: how long drainproxy keeps serving, not ready, while the "
-        "balancer notices (default 2; the balancer needs about 0.5)",
+        help="drain.propagation: the longest drainproxy keeps serving, not ready, while the "
+        "balancer notices (default 5; the balancer needs about 0.5)",
+    )
+    demo.add_argument(
+        "--propagation-mode",
+        choices=("evidence", "fixed"),
+        default="evidence",
+        help="drain.propagation_mode: evidence (default) leaves once the balancer marked the "
+        "replica down and traffic stopped; fixed waits all of --propagation",
     )
     demo.add_argument(
         "--slow-share",
@@ -470,6 +477,7 @@ def demo(args: argparse.Namespace) -> int:
     options = DemoOptions(
         rate=args.rate,
         propagation=args.propagation,
+        propagation_mode=args.propagation_mode,
         slow_share=args.slow_share,
         balancer=args.balancer,
         svg_path=args.svg,

@@ -372,7 +372,10 @@ class UpstreamConfig:
     connect_timeout: float = key(_duration("5s"), parse_duration)
     response_timeout: float = key(_duration("60s"), parse_duration)
     max_idle_connections: int = key(64, _whole_number(0, 1_000_000))
-    idle_timeout: float = key(_duration("30s"), parse_duration)
+    #: Below the app's own keep-alive timeout (gunicorn 2 s, Node and uvicorn 5 s), see pool.
+    idle_timeout: float = key(_duration("1s"), parse_duration)
+    #: Taken from an app's announced ``Keep-Alive: timeout=N``.
+    keep_alive_margin: float = key(_duration("1s"), parse_duration)
     check: AppCheck = section(AppCheck)
     #: Set exactly when the URL is https:// (its defaults when not written).
     tls: UpstreamTLSConfig | None = optional_section(UpstreamTLSConfig)

@@ -46,8 +46,10 @@ class DemoError(DrainproxyError):
 @dataclass(frozen=True)
 class DemoOptions:
     rate: float = 150.0
-    #: drainproxy's drain.propagation: how long it keeps serving while the balancer notices.
-    propagation: float = 2.0
+    #: drainproxy's drain.propagation: the longest it keeps serving while the balancer notices.
+    propagation: float = 5.0
+    #: ``evidence`` leaves as soon as the balancer marked the replica down and traffic stopped.
+    propagation_mode: Literal["evidence", "fixed"] = "evidence"
     slow_share: float = 0.1
     slow_seconds: float = 1.5
     balancer: BalancerChoice = "auto"
@@ -72,6 +74,35 @@ class RunReport:
     phases: list[tuple[float, str]] = field(default_factory=list)
     #: When the balancer first marked the deleted replica anything but UP.
     balancer_down_at: float | None = None
+    #: Why drainproxy's propagation ended (the reason in its log), and when.
+    propagation_ended: tuple[float, str] | None = None
+
+    @property
+    def failed_by_kind(self) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for outcome in self.result.failures:
+            kind = failure_kind(outcome)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return kinds
+
+    @property
+    def slow_in_flight(self) -> list[Outcome]:
+        """Slow requests to the deleted replica still running when the deletion began (a
+        failed one is counted as the deleted replica's: the survivor fails none)."""
+        deleted_at = self.result.deleted_at
+        prefix = self.result.deleted.name.encode()
+        return [
+            o
+            for o in self.result.outcomes
+            if o.path.startswith("/slow")
+            and o.started < deleted_at < o.finished
+            and (o.failed or o.body.startswith(prefix))
+        ]
+
+    @property
+    def load_window(self) -> float:
+        """How long the load ran after the deletion began."""
+        return self.result.load_stopped - self.result.deleted_at
 
     @property
     def requests(self) -> int:
@@ -105,6 +136,21 @@ class RunReport:
             "failed": self.failed,
             "failed_percent": round(self.failed_percent, 3),
             "replica_gone_seconds": round(self.gone_seconds, 3),
+            "load_window_seconds": round(self.load_window, 3),
+            "failed_by_kind": self.failed_by_kind,
+            "slow_in_flight_at_deletion": {
+                "sent": len(self.slow_in_flight),
+                "answered": sum(not o.failed for o in self.slow_in_flight),
+                "finished_seconds": [
+                    round(self.since_deletion(o.finished), 3) for o in self.slow_in_flight
+                ],
+            },
+            "propagation_ended": None
+            if self.propagation_ended is None
+            else {
+                "at": round(self.propagation_ended[0], 3),
+                "reason": self.propagation_ended[1],
+            },
             "served_by": served,
             "balancer_down_seconds": None
             if self.balancer_down_at is None
@@ -130,9 +176,15 @@ class RunReport:
 class DemoReport:
     balancer: str
     runs: list[RunReport]
+    #: The load window after the deletion that both runs were given.
+    load_until: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
-        return {"balancer": self.balancer, "runs": [run.as_dict() for run in self.runs]}
+        return {
+            "balancer": self.balancer,
+            "load_until_seconds": self.load_until,
+            "runs": [run.as_dict() for run in self.runs],
+        }
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -155,13 +207,14 @@ async def run_demo(options: DemoOptions, out: TextIO) -> DemoReport:
         out,
         f"Load balancer: {how}, health-checking each replica every {CHECK_INTERVAL:g}s "
         f"(DOWN after {FALL} failed checks, no retries). Load: {options.rate:g} requests/s, "
-        f"{options.slow_share:.0%} of them slow ({options.slow_seconds:g}s), never retried.",
+        f"{options.slow_share:.0%} of them slow ({options.slow_seconds:g}s), never retried; "
+        f"the same load window in both runs: {_load_until(options):g}s from the deletion.",
     )
     runs: list[RunReport] = []
     with tempfile.TemporaryDirectory(prefix="drainproxy-demo-") as workdir:
         for with_drainproxy in (False, True):
             runs.append(await _one_run(options, balancer, with_drainproxy, Path(workdir), out))
-    report = DemoReport(balancer, runs)
+    report = DemoReport(balancer, runs, _load_until(options))
     _say(out, "")
     _say(out, format_table(runs))
     _say(out, "")
@@ -173,8 +226,36 @@ async def run_demo(options: DemoOptions, out: TextIO) -> DemoReport:
     return report
 
 
+def _slow_seconds(options: DemoOptions) -> float:
+    return min(options.slow_seconds, 1.0) if options.short else options.slow_seconds
+
+
+def _load_until(options: DemoOptions) -> float:
+    """The load window after the deletion, the same for both runs: long enough for the longest
+    drain drainproxy is given (propagation, the slow requests, the app's stop), plus a tail."""
+    return options.propagation + _slow_seconds(options) + (1.5 if options.short else 3.0)
+
+
+def _drain(options: DemoOptions, drain_timeout: float) -> dict[str, object]:
+    drain: dict[str, object] = {
+        "propagation": f"{options.propagation}s",
+        "timeout": f"{drain_timeout}s",
+        "idle_grace": "200ms",
+    }
+    if options.propagation_mode == "evidence":
+        # The balancer's checks are the evidence: DOWN after FALL failures, then a margin.
+        drain.update(
+            propagation_mode="evidence",
+            propagation_min="200ms",
+            propagation_margin="300ms",
+            quiet="300ms",
+            default_failure_threshold=FALL,
+        )
+    return drain
+
+
 def _plan(options: DemoOptions, with_drainproxy: bool) -> RolloutPlan:
-    slow_seconds = min(options.slow_seconds, 1.0) if options.short else options.slow_seconds
+    slow_seconds = _slow_seconds(options)
     drain_timeout = slow_seconds + 2
     # The client waits for each response before its next request on a connection: enough
     # connections that slow requests do not hold the rate down.
@@ -186,15 +267,11 @@ def _plan(options: DemoOptions, with_drainproxy: bool) -> RolloutPlan:
         slow_share=options.slow_share,
         slow_seconds=slow_seconds,
         slow_in_flight_at_delete=1 if options.slow_share > 0 else 0,
-        drain={
-            "propagation": f"{options.propagation}s",
-            "timeout": f"{drain_timeout}s",
-            "idle_grace": "200ms",
-        },
+        drain=_drain(options, drain_timeout),
         # The drain, the app's stop (3s by default) and drainproxy's 2s margin must fit.
         grace_period=max(15.0, options.propagation + drain_timeout + 6),
         load_before=1.0 if options.short else 2.0,
-        load_after=1.0 if options.short else 2.0,
+        load_until=_load_until(options),
         extra_config={"log": {"format": "json", "level": "info"}},
     )
 
@@ -250,14 +327,23 @@ async def _one_run(
         None,
     )
     if result.deleted.proxy_log is not None:
-        report.phases = [
-            (report.since_deletion(at), phase) for at, phase in drain_phases(result.deleted)
-        ]
+        changes = drain_changes(result.deleted)
+        report.phases = [(report.since_deletion(at), phase) for at, phase, _ in changes]
+        report.propagation_ended = next(
+            (
+                (report.since_deletion(at), reason)
+                for at, phase, reason in changes
+                if phase == "draining"
+            ),
+            None,
+        )
     _say(
         out,
         f"  done: {report.requests} requests, {report.failed} failed "
         f"({report.failed_percent:.2f}%)",
     )
+    for line in sequence_lines(report):
+        _say(out, f"  {line}")
     return report
 
 
@@ -312,16 +398,55 @@ async def _watch_balancer(
 
 def drain_phases(replica: Replica) -> list[tuple[float, str]]:
     """(monotonic time, phase entered) from a replica's drainproxy JSON log."""
+    return [(at, phase) for at, phase, _ in drain_changes(replica)]
+
+
+def drain_changes(replica: Replica) -> list[tuple[float, str, str]]:
+    """(monotonic time, phase entered, why) from a replica's drainproxy JSON log."""
     assert replica.proxy_log is not None
     wall_minus_monotonic = time.time() - time.monotonic()
-    phases = []
+    changes = []
     for line in list(replica.proxy_log.lines):
         if '"event": "phase"' not in line:
             continue
         entry = json.loads(line)
         stamp = datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-        phases.append((stamp.timestamp() - wall_minus_monotonic, str(entry["phase"])))
-    return phases
+        why = str(entry.get("msg", "")).partition(" (")[2].removesuffix(")")
+        changes.append((stamp.timestamp() - wall_minus_monotonic, str(entry["phase"]), why))
+    return changes
+
+
+def failure_kind(outcome: Outcome) -> str:
+    """What the client saw: the balancer's own error status, or how the connection failed."""
+    if outcome.status is not None:
+        return f"{outcome.status} from the balancer"
+    error = (outcome.error or "").partition(":")[0]
+    return {
+        "ConnectionResetError": "connection reset",
+        "EOFError": "closed without a response",
+        "ConnectionRefusedError": "connection refused",
+        "TimeoutError": "timed out",
+    }.get(error, error or "no response")
+
+
+def sequence_lines(run: RunReport) -> list[str]:
+    """The deleted replica's story, in the order it happened, in seconds since the deletion."""
+    events: list[tuple[float, str]] = []
+    if run.balancer_down_at is not None:
+        events.append((run.balancer_down_at, "the balancer marks the replica DOWN"))
+    if run.propagation_ended is not None:
+        at, reason = run.propagation_ended
+        why = "on evidence" if reason.startswith("evidence") else f"({reason})"
+        events.append((at, f"drainproxy ends propagation {why}: stops accepting, drains"))
+    for outcome in run.slow_in_flight:
+        what = "fails" if outcome.failed else "is answered"
+        events.append((run.since_deletion(outcome.finished), f"a slow request in flight {what}"))
+    events.append((run.gone_seconds, "the replica is gone"))
+    lines = [f"+{at:4.1f}s  {text}" for at, text in sorted(events)]
+    if run.failed:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in run.failed_by_kind.items())
+        lines.append(f"failed: {kinds}")
+    return lines
 
 
 def _say(out: TextIO, text: str) -> None:
@@ -333,11 +458,29 @@ def _say(out: TextIO, text: str) -> None:
 
 
 def format_table(runs: Sequence[RunReport]) -> str:
+    kinds = sorted({kind for run in runs for kind in run.failed_by_kind})
+
+    def ended(run: RunReport) -> str:
+        if run.propagation_ended is None:
+            return "-"
+        at, reason = run.propagation_ended
+        return f"{'evidence' if reason.startswith('evidence') else 'maximum'} {at:.1f}s"
+
     rows = [
         ("", [run.label for run in runs]),
+        ("load after deletion", [f"{run.load_window:.1f}s" for run in runs]),
         ("requests", [str(run.requests) for run in runs]),
         ("failed", [str(run.failed) for run in runs]),
+        *[(f"  {kind}", [str(run.failed_by_kind.get(kind, 0)) for run in runs]) for kind in kinds],
         ("failed %", [f"{run.failed_percent:.2f}%" for run in runs]),
+        (
+            "slow in flight answered",
+            [
+                f"{sum(not o.failed for o in run.slow_in_flight)}/{len(run.slow_in_flight)}"
+                for run in runs
+            ],
+        ),
+        ("propagation ended", [ended(run) for run in runs]),
         ("replica gone after", [f"{run.gone_seconds:.1f}s" for run in runs]),
     ]
     first = max(len(name) for name, _ in rows)

@@ -53,6 +53,7 @@ FORWARDED_FOR = 6
 FORWARDED_PROTO = 7
 FORWARDED_HOST = 8
 OTHER_HOP_BY_HOP = 9
+KEEP_ALIVE = 10
 
 _KIND_BY_LOWER_NAME = {
     b"content-length": CONTENT_LENGTH,
@@ -63,7 +64,7 @@ _KIND_BY_LOWER_NAME = {
     b"x-forwarded-for": FORWARDED_FOR,
     b"x-forwarded-proto": FORWARDED_PROTO,
     b"x-forwarded-host": FORWARDED_HOST,
-    b"keep-alive": OTHER_HOP_BY_HOP,
+    b"keep-alive": KEEP_ALIVE,
     b"proxy-connection": OTHER_HOP_BY_HOP,
     b"te": OTHER_HOP_BY_HOP,
     b"trailer": OTHER_HOP_BY_HOP,
@@ -73,8 +74,8 @@ _KIND_BY_LOWER_NAME = {
 #: (``HTTP_CONTENT_LENGTH``), and lenient parsers squeeze separators, so the app would read a
 #: field drainproxy never saw. Dropped; in a request, a look-alike of a framing field (or Host)
 #: is refused, as the request is built to be read two ways (issue 11).
-LOOK_ALIKE = 10
-LOOK_ALIKE_FRAMING = 11
+LOOK_ALIKE = 11
+LOOK_ALIKE_FRAMING = 12
 _LOOK_ALIKE_KINDS = {name.replace(b"-", b""): kind for name, kind in _KIND_BY_LOWER_NAME.items()}
 _FRAMING_KINDS = frozenset({CONTENT_LENGTH, TRANSFER_ENCODING, HOST})
 
@@ -148,6 +149,8 @@ class HeadInfo:
     forwarded_for: list[bytes] | None = None
     has_forwarded_proto = False
     has_forwarded_host = False
+    #: The Keep-Alive field's value (hop-by-hop, not forwarded); see ``keep_alive_timeout``.
+    keep_alive: bytes | None = None
 
 
 _OWS = b" \t"
@@ -280,6 +283,8 @@ def forward_head(
             info.upgrade = value
         elif kind == OTHER_HOP_BY_HOP:
             pass
+        elif kind == KEEP_ALIVE:
+            info.keep_alive = value
         elif kind >= LOOK_ALIKE:
             if request and kind == LOOK_ALIKE_FRAMING:
                 raise FramingError(
@@ -401,6 +406,34 @@ def check_interim_head(info: HeadInfo) -> None:
     1xx never has content, so a field that says otherwise is a broken or hostile app)."""
     if info.content_length is not None or info.chunked or info.transfer_codings is not None:
         raise FramingError("Content-Length or Transfer-Encoding on a 1xx response")
+
+
+_keep_alive_timeouts: dict[bytes, float | None] = {}
+_KEEP_ALIVE_CACHE_SIZE = 64
+
+
+def keep_alive_timeout(value: bytes) -> float | None:
+    """The ``timeout`` parameter of a Keep-Alive field (``timeout=5, max=100``), in seconds: how
+    long the sender keeps an idle connection open (RFC 2068 §19.7.1.1; Node, Apache and others
+    announce it on every response, so the few values an app sends are parsed once). None when
+    absent or not a number."""
+    try:
+        return _keep_alive_timeouts[value]
+    except KeyError:
+        pass
+    seconds = _parse_keep_alive_timeout(value)
+    if len(_keep_alive_timeouts) < _KEEP_ALIVE_CACHE_SIZE:
+        _keep_alive_timeouts[value] = seconds
+    return seconds
+
+
+def _parse_keep_alive_timeout(value: bytes) -> float | None:
+    for parameter in value.split(b","):
+        name, _, number = parameter.partition(b"=")
+        if name.strip().lower() == b"timeout":
+            number = number.strip().strip(b'"')
+            return float(number) if number.replace(b".", b"", 1).isdigit() else None
+    return None
 
 
 def drop_fields(out: list[bytes], start: int, names: frozenset[bytes]) -> None:

@@ -19,12 +19,14 @@ So a drain is a sequence of phases, each ended by a deadline or an event:
 * PROPAGATING: /ready fails, but we keep serving and accepting; every response now says
   ``Connection: close`` so keep-alive clients move to other pods.
   With ``propagation_mode: evidence`` it may end early, on evidence instead of a fixed sleep:
-  once every readiness prober seen in the last minute has received its failure threshold of
-  503s (plus a margin) and no new connection arrived for ``quiet`` (``consider_evidence``).
+  once every prober still probing /ready has received its failure threshold of 503s (plus a
+  margin) and traffic has stopped arriving at its usual pace (``consider_evidence``).
 * DRAINING: the listener is closed, idle connections are closed, in-flight requests finish.
   It ends when no client connection is left (but not before ``drain.min``), or at
   ``drain.timeout``, when whatever remains is cut (``forced``).
-* STOPPING_APP: the driver stops the app (``app.stop``), then releases the waiting preStop hooks.
+* STOPPING_APP: the driver stops the app (``app.stop``), then releases the preStop hooks waiting
+  for this drain (``prestop_waits_for``, ``note_app_released``); a hook called in a later drain,
+  or while RECOVERING (which starts one), waits for that drain's app stop.
 
 The driver (``server.py``) feeds events in and runs each entered phase's effects, in order, from
 ``pop_transitions()``. Deadlines are computed once, when a phase is entered, from the clock.
@@ -35,6 +37,7 @@ a no-op apart from recording who asked (SIGTERM and the preStop hook both arrive
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -114,13 +117,18 @@ class DrainTimings:
 
 @dataclass(frozen=True)
 class Evidence:
-    """What the driver has seen since readiness began to fail."""
+    """What the driver has seen since readiness began to fail (see ``probers.py``)."""
 
-    #: When the last recent prober received its failure threshold of 503s; None if not yet.
+    #: When the last counted prober received its failure threshold of 503s; None if not yet
+    #: (or when nobody probes).
     probers_satisfied_at: float | None
-    #: When the last new client connection arrived; None if none since the phase began.
-    last_connection_at: float | None
-    summary: str
+    #: When the last request arrived; None if none ever did.
+    last_arrival_at: float | None
+    #: When every client requesting at a pace will have missed its next requests; None when
+    #: no client has a pace.
+    traffic_overdue_at: float | None
+    probers: str
+    traffic: str
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,12 @@ class DrainRecord:
     """What one drain did, for the summary line and /status."""
 
     started_at: float
+    #: 1 for the process's first drain, 2 for the next (after a recovery)...: the preStop calls
+    #: made during a drain wait for that drain's app stop, not another's.
+    number: int = 1
     sources: set[DrainSource] = field(default_factory=set)
+    #: The waiting preStop calls were released: this drain's app stop is due or done.
+    app_released: bool = False
     quiescent_at: float | None = None
     forced: bool = False
     phase_seconds: dict[Phase, float] = field(default_factory=dict)
@@ -157,7 +170,10 @@ class DrainLifecycle:
         self.timeout_deadline: float | None = None
         self.exit_requested = False
         self.immediate = False
+        #: In evidence mode: what the last look at the evidence found still missing.
+        self.evidence_holding = "no evidence considered yet"
         self.drain: DrainRecord | None = None
+        self.drains_started = 0
         self.completed_drains: list[DrainRecord] = []
         self._pending: list[Transition] = []
 
@@ -185,6 +201,24 @@ class DrainLifecycle:
             return None
         return max(0.0, self.deadline - self._clock())
 
+    def prestop_waits_for(self) -> int | None:
+        """The drain whose app stop a preStop call made now must wait for (its ``number``),
+        or None when it may return at once: that drain already released the app, or the
+        process is stopping. Kubernetes runs the app's preStop on every container kill and may
+        repeat a hook, so a call during a recovery or a later drain belongs to that drain."""
+        drain = self.drain
+        if self.phase is Phase.STOPPED or drain is None or drain.app_released:
+            return None
+        return drain.number
+
+    def note_app_released(self) -> int:
+        """The driver released the waiting preStop calls of the drain stopping the app; returns
+        that drain's number."""
+        if self.phase is not Phase.STOPPING_APP or self.drain is None:
+            raise LifecycleError(f"no app stop is due in phase {self.phase.value}")
+        self.drain.app_released = True
+        return self.drain.number
+
     def pop_transitions(self) -> list[Transition]:
         """The transitions since the last call, oldest first, for the driver to act on."""
         pending, self._pending = self._pending, []
@@ -204,14 +238,14 @@ class DrainLifecycle:
                 self.drain.sources.add(source)
             return False
         now = self._clock()
-        self.drain = DrainRecord(started_at=now, sources={source})
+        self.drains_started += 1
+        self.drain = DrainRecord(started_at=now, number=self.drains_started, sources={source})
+        reason = f"drain requested by {source.value}"
         if self._timings.readiness_fail_delay > 0:
-            self._move(Event.DRAIN_REQUESTED, Phase.DELAYING, f"drain requested by {source.value}")
+            self._move(Event.DRAIN_REQUESTED, Phase.DELAYING, reason, now)
             self.deadline = now + self._timings.readiness_fail_delay
         else:
-            self._move(
-                Event.DRAIN_REQUESTED, Phase.PROPAGATING, f"drain requested by {source.value}"
-            )
+            self._move(Event.DRAIN_REQUESTED, Phase.PROPAGATING, reason, now)
             self._start_propagating(now)
         return True
 
@@ -230,9 +264,10 @@ class DrainLifecycle:
         elif self.phase is Phase.PROPAGATING:
             assert self.propagation_deadline is not None
             if self._clock() >= self.propagation_deadline:
-                self._start_draining(
-                    Event.DEADLINE_REACHED, self.propagation_deadline, "propagation over"
-                )
+                reason = "propagation over"
+                if self._timings.evidence:
+                    reason = f"propagation ran to its maximum; held by {self.evidence_holding}"
+                self._start_draining(Event.DEADLINE_REACHED, self.propagation_deadline, reason)
                 self.poll()
         elif self.phase is Phase.DRAINING:
             assert self.drain is not None
@@ -246,30 +281,45 @@ class DrainLifecycle:
             self.deadline = None
 
     def consider_evidence(self, evidence: Evidence) -> None:
-        """In evidence mode, end PROPAGATING once every recent prober has marked us unready
-        (plus ``propagation_margin``) and no new connection came for ``quiet``; never before
-        ``propagation_min``, never after ``propagation``."""
+        """In evidence mode, end PROPAGATING once every prober still probing has marked us
+        unready (plus ``propagation_margin``) and traffic has stopped: no request for ``quiet``,
+        and every client with a pace overdue; never before ``propagation_min``, never after
+        ``propagation``. Remembers what holds it back, for the log line that ends the phase."""
         timings = self._timings
         if not timings.evidence or self.phase is not Phase.PROPAGATING:
             return
         assert self.propagation_deadline is not None
-        if evidence.probers_satisfied_at is None:
-            self.deadline = self.propagation_deadline
-            return
         started = self.phase_entered_at
-        earliest = max(
-            started + timings.propagation_min,
-            evidence.probers_satisfied_at + timings.propagation_margin,
-            (evidence.last_connection_at or started) + timings.quiet,
-        )
+        last_arrival = evidence.last_arrival_at
+        quiet_from = started if last_arrival is None else max(started, last_arrival)
+        quiet_until = quiet_from + timings.quiet
+        if evidence.traffic_overdue_at is not None:
+            quiet_until = max(quiet_until, evidence.traffic_overdue_at)
+        satisfied = evidence.probers_satisfied_at
+        conditions = [
+            (f"propagation_min {timings.propagation_min:g}s", started + timings.propagation_min),
+            (
+                f"probers: {evidence.probers}",
+                math.inf if satisfied is None else satisfied + timings.propagation_margin,
+            ),
+            (f"traffic still arriving: {evidence.traffic}", quiet_until),
+        ]
+        earliest = max(at for _, at in conditions)
+        now = self._clock()
         if earliest >= self.propagation_deadline:
             self.deadline = self.propagation_deadline
-        elif self._clock() >= earliest:
+        elif now >= earliest:
             self._start_draining(
-                Event.PROPAGATION_EVIDENCE, self._clock(), f"evidence: {evidence.summary}"
+                Event.PROPAGATION_EVIDENCE,
+                now,
+                f"evidence: {evidence.probers}; traffic stopped: {evidence.traffic}",
             )
+            return
         else:
             self.deadline = earliest
+        self.evidence_holding = "; ".join(
+            what for what, at in conditions if at >= min(earliest, self.propagation_deadline)
+        )
 
     def note_quiescent(self) -> None:
         """No client connection is left open. Ends the drain now, or at drain.min."""
@@ -287,6 +337,7 @@ class DrainLifecycle:
     def note_app_stopped(self) -> None:
         self._check(Event.APP_STOPPED)
         assert self.drain is not None
+        self.drain.app_released = True  # the driver released the preStop calls with the stop
         if self.exit_requested:
             target, reason = Phase.STOPPED, "app stopped, exit requested by signal"
         elif self.drain.sources - {DrainSource.PRESTOP}:
@@ -314,6 +365,7 @@ class DrainLifecycle:
     # --- internals -----------------------------------------------------------------------
 
     def _start_propagating(self, at: float) -> None:
+        self.evidence_holding = "no evidence considered yet"
         self.propagation_deadline = self.deadline = at + self._timings.propagation
 
     def _start_draining(self, event: Event, at: float, reason: str) -> None:

@@ -20,6 +20,7 @@ import resource
 import socket
 import ssl
 import struct
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from drainproxy.http1 import (
 )
 from drainproxy.lifecycle import DrainLifecycle, Phase
 from drainproxy.logs import AccessRecord
+from drainproxy.probers import ArrivalPace
 from drainproxy.stats import Stats
 from drainproxy.tls import ListenerTLS
 from drainproxy.upstream import UpstreamConnection, UpstreamPool
@@ -119,11 +121,18 @@ class ProxyContext:
     on_connection_closed: Callable[[], None]
     scheme: bytes = b"http"
     connections: set[ClientConnection] = field(default_factory=set)
+    #: Requests timed per client, in evidence mode (``probers.ArrivalPace``); else None.
+    arrivals: ArrivalPace | None = None
     #: ``log.access_log``, read once: when off, an exchange pays one test of this flag.
     access_log: bool = field(init=False, default=False)
     #: TLS on the listener (``tls:``): its reloading context, and what the listener is given.
     tls: ListenerTLS | None = field(init=False, default=None)
     listener_ssl: ssl.SSLContext | None = field(init=False, default=None)
+    #: TLS connections accepted whose handshake is not done: not yet in ``connections``, but the
+    #: drain must not end under them. Weak: a failed handshake just drops its protocol.
+    handshaking: weakref.WeakSet[ClientConnection] = field(
+        init=False, default_factory=weakref.WeakSet
+    )
     max_connections: int = field(init=False, default=0)
     limits: LimitsConfig = field(init=False, default_factory=LimitsConfig)
     #: Seconds between sweeps for timeouts, idle app connections and certificate files.
@@ -175,7 +184,6 @@ class ProxyContext:
             timeouts.client_idle,
             timeouts.client_body,
             config.upstream.response_timeout,
-            config.upstream.idle_timeout,
         ]
         shortest = min((seconds for seconds in limits if seconds > 0), default=1.0)
         self.tick = min(1.0, max(0.02, shortest / 10))
@@ -187,9 +195,12 @@ class ProxyContext:
         now = self.loop.time()
         for conn in list(self.connections):
             conn.check_timeouts(now)
+        if self.listener_ssl is not None and not self.connections:
+            # A failed TLS handshake ends without a callback: let the driver look again.
+            self.on_connection_closed()
         expired = self.pool.expire_idle(now)
         if expired:
-            log.debug("closed %d app connection(s) idle past upstream.idle_timeout", expired)
+            log.debug("closed %d app connection(s) at the end of their reuse window", expired)
             self.stats.timeouts["upstream_idle"] = (
                 self.stats.timeouts.get("upstream_idle", 0) + expired
             )
@@ -286,6 +297,7 @@ class Request:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "__weakref__",
         "active",
         "batch",
         "batch_body_bytes",
@@ -298,7 +310,6 @@ class ClientConnection(asyncio.Protocol):
         "current",
         "feeding",
         "framing_credit",
-        "fresh",
         "gathered",
         "head_bytes",
         "header_bytes",
@@ -328,6 +339,8 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
+        if ctx.listener_ssl is not None:
+            ctx.handshaking.add(self)
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         #: ``X-Forwarded-For: <peer>`` and its CRLF, for requests that carry no prior value.
@@ -357,8 +370,6 @@ class ClientConnection(asyncio.Protocol):
         self.close_reason = "client"
         #: When the connection last made progress in its current state (see ``check_timeouts``).
         self.mark = 0.0
-        #: No request has begun yet: the head timeout applies to the silence.
-        self.fresh = True
         #: Bytes of the request being parsed that are not body data, held to
         #: ``limits.max_header_bytes`` (issue 11): reads that ended inside its head, and chunk
         #: framing beyond what the data of the same read pays for (``framing_credit``; see
@@ -388,6 +399,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
+        if ctx.listener_ssl is not None:
+            ctx.handshaking.discard(self)
         ctx.stats.connections_accepted += 1
         ctx.stats.last_connection_at = ctx.loop.time()
         if len(ctx.connections) >= ctx.max_connections:
@@ -398,6 +411,10 @@ class ClientConnection(asyncio.Protocol):
         self.peer_line = b"X-Forwarded-For: " + self.peer.encode() + CRLF
         self.idle_since = self.mark = ctx.loop.time()
         ctx.connections.add(self)
+        lifecycle = ctx.lifecycle
+        if lifecycle.phase is not Phase.SERVING and not lifecycle.accepts_connections():
+            # Accepted from the queue of a listener being closed: silent, it is idle.
+            self.close_when_idle(ctx.config.drain.idle_grace)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -542,10 +559,12 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.current = Request()
         self.idle_since = None
-        self.fresh = False
         self.head_bytes = self.header_bytes = 0
         if self.active is None:
-            self.mark = self.ctx.loop.time()
+            ctx = self.ctx
+            self.mark = now = ctx.loop.time()
+            if ctx.arrivals is not None:
+                ctx.arrivals.note(self.peer, now)
 
     def on_url(self, url: bytes) -> None:
         req = self.current
@@ -823,6 +842,7 @@ class ClientConnection(asyncio.Protocol):
         if status == 204 and info.content_length is not None:
             # 204 has no content, so a Content-Length on it can only mislead (RFC 9110 §8.6).
             drop_fields(out, 1, _CONTENT_LENGTH_NAME)
+        conn.keep_alive_field = info.keep_alive
         if status == 101:
             if req.upgrade and info.upgrade is not None:
                 self._start_tunnel(conn, out, info.upgrade)
@@ -982,12 +1002,9 @@ class ClientConnection(asyncio.Protocol):
                 if head and elapsed >= head:
                     self._timed_out("request_head")
                     self._reject(408, f"request head not received within {head:g}s")
-            elif self.fresh:
-                if head and elapsed >= head:
-                    self._timed_out("request_head")
-                    log.debug("closing a connection from %s that sent nothing", self.peer)
-                    self.close("idle")
             elif timeouts.client_idle and elapsed >= timeouts.client_idle:
+                # A connection that has sent nothing yet is idle too: balancers open backend
+                # connections ahead of use (issue 12); the head timeout starts at a first byte.
                 self._timed_out("client_idle")
                 log.debug("closing a keep-alive connection from %s idle too long", self.peer)
                 self.close("idle")

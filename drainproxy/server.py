@@ -10,11 +10,19 @@ import logging
 import math
 import os
 import signal
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 from drainproxy import __version__
 from drainproxy.appcheck import AppProbe
 from drainproxy.appstop import AppStopError, StopMethod, stop_method_for, stop_then_release
+from drainproxy.backlog import (
+    accept_queued,
+    listening_sockets,
+    refuse_new_handshakes,
+    wait_for_handshakes,
+)
 from drainproxy.config import Address, Config
 from drainproxy.errors import ConfigError
 from drainproxy.lifecycle import (
@@ -27,7 +35,7 @@ from drainproxy.lifecycle import (
 )
 from drainproxy.logs import bind_log_context
 from drainproxy.memory import release_freed_memory
-from drainproxy.probers import ProberTracker
+from drainproxy.probers import ArrivalPace, ProberTracker
 from drainproxy.proxy import ClientConnection, ProxyContext
 from drainproxy.stats import Stats
 from drainproxy.upstream import UpstreamPool
@@ -61,6 +69,9 @@ class Server:
         self.pool = UpstreamPool(
             config.upstream, self.loop, config.limits.max_response_header_bytes
         )
+        self._evidence_mode = config.drain.propagation_mode == "evidence"
+        #: Requests timed per client, for evidence mode only (it costs the data path a little).
+        self.pace = ArrivalPace()
         self.proxy = ProxyContext(
             config=config,
             pool=self.pool,
@@ -68,9 +79,11 @@ class Server:
             stats=self.stats,
             loop=self.loop,
             on_connection_closed=self._connection_closed,
+            arrivals=self.pace if self._evidence_mode else None,
         )
         self.probe = AppProbe(config.upstream, on_checked=self._app_checked)
-        self.app_released = asyncio.Event()
+        #: preStop calls waiting for their drain's app stop, by drain number.
+        self._prestop_waiters: dict[int, asyncio.Event] = {}
         #: app.stop's method; the preStop calls are released after it in every mode.
         self.app_stop: StopMethod = stop_method_for(config.app)
         self.app_stopper: AppStopper = lambda: stop_then_release(
@@ -82,6 +95,10 @@ class Server:
         self.phases_entered: dict[str, int] = {}
         self.app_stop_outcome: str | None = None
         self._listener: asyncio.Server | None = None
+        #: The drain is closing the listener (backlog.py): not quiescent before it is closed.
+        self._listener_closing = False
+        #: Connections accepted from the listener's queue, not yet handed to the protocol.
+        self._adopting = 0
         self._wake = asyncio.Event()
         self._signals: list[signal.Signals] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -105,6 +122,16 @@ class Server:
             self.lifecycle.shutdown_now(reason)
             self._wake.set()
 
+    async def prestop_hook(self) -> None:
+        """``GET /prestop``, the app container's preStop hook: start (or join) a drain and return
+        once that drain's app stop is due. Each drain releases only its own calls: a hook
+        repeated while recovering, or in a later drain, waits for that drain (issue 12)."""
+        self.request_drain(DrainSource.PRESTOP)
+        number = self.lifecycle.prestop_waits_for()
+        if number is None:
+            return
+        await self._prestop_waiters.setdefault(number, asyncio.Event()).wait()
+
     def is_ready(self) -> bool:
         return self.lifecycle.is_ready() and self.probe.reachable
 
@@ -116,13 +143,12 @@ class Server:
 
     def _evidence(self) -> Evidence:
         now = self.loop.time()
-        last_connection = self.stats.last_connection_at
         return Evidence(
             probers_satisfied_at=self.probers.all_satisfied_at(now),
-            last_connection_at=(
-                last_connection if last_connection >= self.lifecycle.phase_entered_at else None
-            ),
-            summary=self.probers.describe(now),
+            last_arrival_at=self.pace.last_arrival,
+            traffic_overdue_at=self.pace.overdue_at(now),
+            probers=self.probers.describe(now),
+            traffic=self.pace.describe(now),
         )
 
     def in_flight(self) -> int:
@@ -155,7 +181,7 @@ class Server:
             self._wake.clear()
             self._handle_signals()
             self.lifecycle.poll()
-            if self.lifecycle.phase is Phase.PROPAGATING:
+            if self.lifecycle.phase is Phase.PROPAGATING and self._evidence_mode:
                 self.lifecycle.consider_evidence(self._evidence())
             for transition in self.lifecycle.pop_transitions():
                 self._enter(transition)
@@ -202,17 +228,62 @@ class Server:
         )
 
     def _stop_accepting(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            self._listener_closing = True
+            self._spawn(self._close_listener(listener))
         self._close_idle_connections()
+        self._connection_closed()
+
+    async def _close_listener(self, listener: asyncio.Server) -> None:
+        """Close the listener without resetting a connection the kernel completed for it:
+        complete no new handshake, let those under way finish, accept all, close (backlog.py)."""
+        handles = listening_sockets(listener)
+        try:
+            if not all([refuse_new_handshakes(handle) for handle in handles]):
+                log.warning("cannot stop new handshakes before closing the listener (no filter)")
+            ports = {handle.getsockname()[1] for handle in handles}
+            unfinished = await wait_for_handshakes(ports)
+            backlog = [conn for handle in handles for conn in accept_queued(handle)]
+        finally:
+            listener.close()
+            for handle in handles:
+                handle.close()
+        for conn in backlog:
+            self._adopt(conn)
         log.info(
-            "listener closed; %d connection(s) open, %d request(s) in flight; timeout in %gs",
-            len(self.proxy.connections),
+            "listener closed; accepted %d connection(s) left in its queue%s; %d connection(s) "
+            "open, %d request(s) in flight; timeout in %gs",
+            len(backlog),
+            f", {unfinished} handshake(s) unfinished" if unfinished else "",
+            len(self.proxy.connections) + len(backlog),
             self.in_flight(),
             self.config.drain.timeout,
+            extra={"event": "listener_closed", "backlog": len(backlog)},
         )
+        self._listener_closing = False
         self._connection_closed()
+
+    def _adopt(self, conn: socket.socket) -> None:
+        """Serve a connection accepted from the queue like one the listener accepted."""
+        self._adopting += 1
+
+        async def serve() -> None:
+            try:
+                await self.loop.connect_accepted_socket(
+                    lambda: ClientConnection(self.proxy),
+                    conn,
+                    ssl=self.proxy.listener_ssl,
+                    ssl_handshake_timeout=self._handshake_timeout(),
+                )
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                log.debug("a connection accepted from the queue failed: %s", exc)
+                conn.close()
+            finally:
+                self._adopting -= 1
+                self._connection_closed()
+
+        self._spawn(serve())
 
     def _close_idle_connections(self) -> None:
         """Close idle keep-alive connections, spread over drain.close_spread so their clients
@@ -246,12 +317,13 @@ class Server:
         self._spawn(self._open_listener())
 
     def _serve_again(self) -> None:
-        self.app_released = asyncio.Event()
         log.info("serving again")
 
     def _stop(self) -> None:
         self._force_close_remaining("immediate shutdown")
-        self.app_released.set()
+        for waiter in self._prestop_waiters.values():  # exiting: nothing is left to wait for
+            waiter.set()
+        self._prestop_waiters.clear()
         if self.lifecycle.immediate:
             log.warning("immediate shutdown")
         elif (
@@ -275,7 +347,14 @@ class Server:
             self._wake.set()
 
     async def _release_prestop_hooks(self) -> str:
-        self.app_released.set()
+        """Release the preStop calls of the drain stopping the app (an immediate shutdown may
+        have released every call already)."""
+        if self.lifecycle.phase is Phase.STOPPING_APP:
+            number = self.lifecycle.note_app_released()
+            waiter = self._prestop_waiters.pop(number, None)
+            if waiter is not None:
+                waiter.set()
+            log.debug("released the preStop calls waiting for drain %d", number)
         return "preStop hooks released"
 
     def _force_close_remaining(self, why: str) -> None:
@@ -292,6 +371,9 @@ class Server:
             and drain is not None
             and drain.quiescent_at is None
             and not self.proxy.connections
+            and not self._listener_closing
+            and not self._adopting
+            and not self.proxy.handshaking
         ):
             self.lifecycle.note_quiescent()
             self._wake.set()
@@ -345,12 +427,22 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _handshake_timeout(self) -> float | None:
+        if self.proxy.listener_ssl is None:
+            return None
+        return self.config.timeouts.request_head or None
+
     async def _open_listener(self) -> None:
         listen = self.config.listen
         try:
-            self._listener = await self._create_listener(listen)
+            listener = await self._create_listener(listen)
         except OSError as exc:
             raise _bind_error("listen", listen, exc) from None
+        if self.lifecycle.accepts_connections():
+            self._listener = listener
+        else:  # reopened for a recovery that a new drain overtook while it opened
+            self._listener_closing = True
+            await self._close_listener(listener)
 
     async def _create_listener(self, listen: Address) -> asyncio.Server:
         return await self.loop.create_server(
@@ -360,9 +452,7 @@ class Server:
             reuse_address=True,
             backlog=1024,
             ssl=self.proxy.listener_ssl,
-            ssl_handshake_timeout=(self.config.timeouts.request_head or None)
-            if self.proxy.listener_ssl is not None
-            else None,
+            ssl_handshake_timeout=self._handshake_timeout(),
         )
 
     # --- signals --------------------------------------------------------------------------------

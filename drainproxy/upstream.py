@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 from collections import deque
 from typing import TYPE_CHECKING, cast
@@ -18,6 +19,7 @@ from drainproxy.http1 import (
     Headers,
     gather_more,
     gather_start,
+    keep_alive_timeout,
 )
 from drainproxy.tls import upstream_context
 
@@ -46,8 +48,8 @@ class UpstreamConnection(asyncio.Protocol):
         "framing_credit",
         "gathered",
         "headers",
-        "idle_since",
         "keep_alive",
+        "keep_alive_field",
         "max_head_bytes",
         "overhead",
         "parser",
@@ -58,6 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reason",
         "response_done",
         "response_head_done",
+        "reuse_until",
         "reused",
         "status",
         "trailer_bytes",
@@ -86,7 +89,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: Headers = []
-        self.idle_since = 0.0
+        #: The last response's Keep-Alive field: the app's own idle timeout, if it says.
+        self.keep_alive_field: bytes | None = None
+        #: While pooled: the time after which the app may have closed it (``UpstreamPool``).
+        self.reuse_until = 0.0
         self.reading_paused = False
         self.write_paused = False
         #: Bytes still to come of a body framed by Content-Length (set by the client side,
@@ -358,8 +364,15 @@ class UpstreamConnection(asyncio.Protocol):
 
 class UpstreamPool:
     """Idle keep-alive connections to the app, most recently used first (the warmest socket,
-    and the least likely to have been closed by the app's own idle timeout). Idle expiry is
-    checked by the proxy's periodic sweep, so a request pays no timer."""
+    and the least likely to have been closed by the app's own idle timeout).
+
+    The keep-alive race: an app closes a connection it has kept idle for its own timeout; a
+    request written into it at that moment is lost (a POST cannot be retried). So a connection
+    is reused only while the app surely still keeps it: for ``upstream.idle_timeout`` (which must
+    be shorter than the app's), or for the app's announced ``Keep-Alive: timeout=N`` less
+    ``upstream.keep_alive_margin`` if that is shorter (as undici does); never when that leaves
+    nothing. Expiry is checked when a connection is taken, so a request never gets a stale one,
+    and by the proxy's periodic sweep, which frees the sockets."""
 
     def __init__(
         self,
@@ -373,18 +386,31 @@ class UpstreamPool:
         self.idle: deque[UpstreamConnection] = deque()
         self.open_connections = 0
         self.max_head_bytes = max_head_bytes
+        #: Pooled connections closed because their reuse window ended, since the last sweep.
+        self.expired = 0
         self.ssl: ssl.SSLContext | None = None
         self.server_hostname: str | None = None
+        self._idle_timeout = config.idle_timeout or math.inf
+        self._margin = config.keep_alive_margin
         if config.tls is not None:
             self.ssl = upstream_context(config.tls)
             self.server_hostname = config.tls.server_name or config.host
 
     def take_idle(self) -> UpstreamConnection | None:
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed:
-                conn.reused = True
-                return conn
+        idle = self.idle
+        if not idle:
+            return None
+        now = self.loop.time()
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if now >= conn.reuse_until:
+                conn.abort()
+                self.expired += 1
+                continue
+            conn.reused = True
+            return conn
         return None
 
     async def connect(self) -> UpstreamConnection:
@@ -402,15 +428,23 @@ class UpstreamPool:
         return protocol
 
     def release(self, conn: UpstreamConnection) -> None:
-        """Keep ``conn`` for reuse, or close it when the pool is full."""
+        """Keep ``conn`` for reuse, or close it when the pool is full or the app's announced
+        idle timeout leaves no safe time to reuse it."""
         conn.client = None
         if conn.closed:
             return
-        conn.resume_reading()
-        if len(self.idle) >= self.config.max_idle_connections:
+        window = self._idle_timeout
+        field = conn.keep_alive_field
+        if field is not None:
+            conn.keep_alive_field = None
+            announced = keep_alive_timeout(field)
+            if announced is not None and announced - self._margin < window:
+                window = announced - self._margin
+        if window <= 0 or len(self.idle) >= self.config.max_idle_connections:
             conn.abort()
             return
-        conn.idle_since = self.loop.time()
+        conn.resume_reading()
+        conn.reuse_until = self.loop.time() + window
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -418,14 +452,18 @@ class UpstreamPool:
             self.idle.remove(conn)
 
     def expire_idle(self, now: float) -> int:
-        """Close connections idle longer than ``upstream.idle_timeout``; the oldest are first."""
-        timeout = self.config.idle_timeout
-        expired = 0
-        if timeout <= 0:
-            return expired
-        while self.idle and now - self.idle[0].idle_since >= timeout:
-            self.idle.popleft().abort()
-            expired += 1
+        """Close pooled connections whose reuse window has ended; returns how many were closed
+        since the last call (here or in ``take_idle``)."""
+        if any(now >= conn.reuse_until for conn in self.idle):
+            kept: deque[UpstreamConnection] = deque()
+            for conn in self.idle:
+                if now >= conn.reuse_until:
+                    conn.abort()
+                    self.expired += 1
+                else:
+                    kept.append(conn)
+            self.idle = kept
+        expired, self.expired = self.expired, 0
         return expired
 
     def close_all(self) -> None:

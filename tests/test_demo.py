@@ -106,6 +106,28 @@ async def test_short_demo_reports_real_requests(tmp_path: Path, demos: list[Demo
         assert min(served.values()) > 0, run
         assert sum(served.values()) + run["failed"] == run["requests"]
     assert {"propagating", "stopped"} <= {p["phase"] for p in with_drainproxy["phases"]}
+    # The same load window after the deletion in both runs (issue 12: it used to end 2 s after
+    # the replica was gone, 0 s into the run without drainproxy).
+    for run in report["runs"]:
+        assert (
+            run["load_window_seconds"] >= report["load_until_seconds"] > run["replica_gone_seconds"]
+        ), run
+    # The whole sequence: propagation ends early on the balancer's evidence, the slow requests
+    # in flight at the deletion are answered (they fail without drainproxy), and "failed" is
+    # broken down by what the client saw.
+    assert with_drainproxy["propagation_ended"]["reason"].startswith("evidence: 1 prober(s)")
+    in_flight = with_drainproxy["slow_in_flight_at_deletion"]
+    assert in_flight["sent"] >= 1 and in_flight["answered"] == in_flight["sent"], in_flight
+    assert without["slow_in_flight_at_deletion"]["answered"] == 0
+    for run in report["runs"]:
+        assert sum(run["failed_by_kind"].values()) == run["failed"]
+    assert set(without["failed_by_kind"]) <= {
+        "closed without a response",
+        "connection reset",
+    }, without["failed_by_kind"]
+    assert re.search(r"^propagation ended\s+-\s+evidence \d+\.\ds$", output, re.M), output
+    assert re.search(r"^  \+ *\d+\.\ds  a slow request in flight is answered$", output, re.M)
+    assert re.search(r"^  failed: \d+ ", output, re.M), "the kinds behind the failures"
     assert [(c["name"], c["killed"], c["returncode"]) for c in with_drainproxy["containers"]] == [
         ("app", False, -signal.SIGTERM),
         ("drainproxy", False, 0),
@@ -119,7 +141,7 @@ async def test_short_demo_reports_real_requests(tmp_path: Path, demos: list[Demo
     assert table_row(output, "failed") == [str(without["failed"]), "0"]
     assert re.search(r"^  phase  s+p+.*x+\s*$", output, re.MULTILINE), output
     assert "== Deleting a replica without drainproxy ==" in output
-    assert re.search(r"\d+ requests, 0 failed, replica-1 drainproxy: propagating", output)
+    assert re.search(r"\d+ requests, 0 failed, replica-1 drainproxy: (?!serving)\w+", output)
 
     root = ET.fromstring(svg.read_text())
     assert root.tag == "{http://www.w3.org/2000/svg}svg"

@@ -206,6 +206,42 @@ def test_signal_while_recovering_starts_a_new_drain() -> None:
     assert lifecycle.exit_requested
 
 
+def test_each_drain_releases_only_its_own_prestop_calls() -> None:
+    """Issue 12: a preStop call while recovering, or in a later drain, waits for that drain."""
+    lifecycle, clock = make()
+    lifecycle.request_drain(DrainSource.PRESTOP)
+    assert lifecycle.prestop_waits_for() == 1
+    while lifecycle.phase is not Phase.STOPPING_APP:
+        _step(lifecycle, clock)
+    assert lifecycle.prestop_waits_for() == 1, "due, not yet released"
+    assert lifecycle.note_app_released() == 1
+    assert lifecycle.prestop_waits_for() is None, "a repeat after the release returns at once"
+    lifecycle.pop_transitions()
+    lifecycle.note_app_stopped()
+    assert phases(lifecycle) == [Phase.RECOVERING]
+    assert lifecycle.prestop_waits_for() is None
+    lifecycle.request_drain(DrainSource.PRESTOP)  # the hook again, while recovering
+    assert phases(lifecycle) == [Phase.PROPAGATING]
+    assert lifecycle.prestop_waits_for() == 2
+    with pytest.raises(LifecycleError):
+        lifecycle.note_app_released()
+    while lifecycle.phase is not Phase.STOPPING_APP:
+        _step(lifecycle, clock)
+    assert lifecycle.note_app_released() == 2
+    lifecycle.note_app_stopped()
+    lifecycle.note_app_ready()
+    lifecycle.request_drain(DrainSource.SIGNAL)
+    assert lifecycle.prestop_waits_for() == 3, "a later drain started by SIGTERM"
+
+
+def test_prestop_returns_at_once_when_stopping_or_already_released() -> None:
+    drained, _ = drive_to(Phase.DRAINED)
+    drained.request_drain(DrainSource.PRESTOP)
+    assert drained.prestop_waits_for() is None, "the admin drain already stopped the app"
+    stopped, _ = drive_to(Phase.STOPPED)
+    assert stopped.prestop_waits_for() is None
+
+
 @pytest.mark.parametrize("phase", [p for p in Phase if p is not Phase.STOPPED])
 def test_shutdown_now_from_any_phase(phase: Phase) -> None:
     lifecycle, _ = drive_to(phase)
@@ -264,8 +300,16 @@ EVIDENCE = DrainTimings(
 )
 
 
-def evidence(satisfied: float | None, connection: float | None = None) -> Evidence:
-    return Evidence(probers_satisfied_at=satisfied, last_connection_at=connection, summary="s")
+def evidence(
+    satisfied: float | None, arrival: float | None = None, overdue: float | None = None
+) -> Evidence:
+    return Evidence(
+        probers_satisfied_at=satisfied,
+        last_arrival_at=arrival,
+        traffic_overdue_at=overdue,
+        probers="P",
+        traffic="T",
+    )
 
 
 def test_evidence_ends_propagation_after_margin_and_quiet() -> None:
@@ -274,14 +318,14 @@ def test_evidence_ends_propagation_after_margin_and_quiet() -> None:
     lifecycle.consider_evidence(evidence(None))
     assert lifecycle.deadline == start + 10.0, "no evidence yet: the fixed maximum"
     clock.advance(1.2)
-    lifecycle.consider_evidence(evidence(start + 1.2, connection=start + 1.1))
+    lifecycle.consider_evidence(evidence(start + 1.2, arrival=start + 1.1))
     assert lifecycle.phase is Phase.PROPAGATING
     assert lifecycle.deadline == pytest.approx(start + 1.7), "satisfied + margin"
     clock.advance(0.5)
-    lifecycle.consider_evidence(evidence(start + 1.2, connection=start + 1.6))
+    lifecycle.consider_evidence(evidence(start + 1.2, arrival=start + 1.6))
     assert lifecycle.deadline == pytest.approx(start + 1.9), "a new connection: wait for quiet"
     clock.advance(0.2)
-    lifecycle.consider_evidence(evidence(start + 1.2, connection=start + 1.6))
+    lifecycle.consider_evidence(evidence(start + 1.2, arrival=start + 1.6))
     transitions = lifecycle.pop_transitions()
     assert [t.phase for t in transitions] == [Phase.DRAINING]
     assert transitions[0].reason.startswith("evidence: ")
@@ -305,7 +349,41 @@ def test_evidence_never_extends_propagation_past_its_maximum() -> None:
     clock.advance(0.1)
     lifecycle.poll()
     transitions = lifecycle.pop_transitions()
-    assert [(t.phase, t.reason) for t in transitions] == [(Phase.DRAINING, "propagation over")]
+    assert [(t.phase, t.reason) for t in transitions] == [
+        (Phase.DRAINING, "propagation ran to its maximum; held by probers: P")
+    ]
+
+
+def test_traffic_at_its_usual_pace_holds_propagation() -> None:
+    """Issue 12: probers all satisfied, but a router still arrives every 1.5 s."""
+    lifecycle, clock = drive_to(Phase.PROPAGATING, EVIDENCE)
+    start = clock.now
+    clock.advance(2.8)
+    lifecycle.consider_evidence(evidence(start + 2.0, start + 2.5, overdue=start + 4.75))
+    assert lifecycle.phase is Phase.PROPAGATING
+    assert lifecycle.deadline == pytest.approx(start + 4.75), "until the router is overdue"
+    assert lifecycle.evidence_holding == "traffic still arriving: T"
+    clock.advance(1.2)  # 4.0: it came again at 4.0
+    lifecycle.consider_evidence(evidence(start + 2.0, start + 4.0, overdue=start + 6.25))
+    assert lifecycle.deadline == pytest.approx(start + 6.25)
+    clock.advance(2.25)
+    lifecycle.consider_evidence(evidence(start + 2.0, start + 4.0, overdue=start + 6.25))
+    transitions = lifecycle.pop_transitions()
+    assert [t.phase for t in transitions] == [Phase.DRAINING]
+    assert transitions[0].reason == "evidence: P; traffic stopped: T"
+
+
+def test_traffic_that_never_stops_holds_to_the_maximum_and_says_so() -> None:
+    lifecycle, clock = drive_to(Phase.PROPAGATING, EVIDENCE)
+    start = clock.now
+    clock.advance(9.5)
+    lifecycle.consider_evidence(evidence(start + 2.0, start + 9.4, overdue=start + 10.9))
+    clock.advance(0.5)
+    lifecycle.poll()
+    (transition,) = lifecycle.pop_transitions()
+    assert transition.reason == (
+        "propagation ran to its maximum; held by traffic still arriving: T"
+    )
 
 
 def test_evidence_is_ignored_in_fixed_mode() -> None:

@@ -33,7 +33,8 @@ Writer = asyncio.StreamWriter
 
 @pytest.fixture(scope="module")
 def proxy_overrides() -> dict[str, Any]:
-    return {"upstream": {"max_idle_connections": 2}}
+    # Pooled app connections outlive any pause of a loaded machine between two requests.
+    return {"upstream": {"max_idle_connections": 2, "idle_timeout": "60s"}}
 
 
 def last(app: RawApp, path: bytes) -> AppRequest:

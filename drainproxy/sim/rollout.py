@@ -56,6 +56,9 @@ class RolloutPlan:
     load_before: float = 0.0
     #: Keep the load running this long after the deleted replica is gone.
     load_after: float = 0.5
+    #: Instead: keep the load running until this long after the deletion began (and at least
+    #: until the replica is gone), so that runs compared side by side share one load window.
+    load_until: float | None = None
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     #: How each replica runs (a Replica subclass: another way of stopping the app, say).
     replica_class: type[Replica] = Replica
@@ -71,6 +74,8 @@ class RolloutResult:
     gone_at: float
     deleted: Replica
     survivor: Replica
+    #: When the load stopped sending.
+    load_stopped: float = 0.0
 
     @property
     def failures(self) -> list[Outcome]:
@@ -149,11 +154,24 @@ async def run_rollout(
         containers = await terminate_pod(deleted.containers(), plan.grace_period)
         gone_at = time.monotonic()
         on_progress(f"{deleted.name} gone after {gone_at - deleted_at:.1f}s")
-        await asyncio.sleep(plan.load_after)  # the survivor keeps taking load for a moment
+        if plan.load_until is None:
+            tail = plan.load_after
+        else:
+            tail = max(0.0, deleted_at + plan.load_until - time.monotonic())
+        await asyncio.sleep(tail)  # the survivor keeps taking load for a while
+        load_stopped = time.monotonic()
         outcomes = await load.stop()
         load = None
         return RolloutResult(
-            plan, outcomes, containers, load_started, deleted_at, gone_at, deleted, survivor
+            plan,
+            outcomes,
+            containers,
+            load_started,
+            deleted_at,
+            gone_at,
+            deleted,
+            survivor,
+            load_stopped,
         )
     finally:
         if load is not None:
