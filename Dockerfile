@@ -1,6 +1,6 @@
 # drainproxy image: Python slim, the wheel built in a first stage and installed into a virtual
 # environment in the final one, so no compiler, pip cache or source tree ends up in the image.
-#   docker build -t drainproxy:0.1.0 .
+#   docker build -t drainproxy:0.1.0 .       (or `make image`, which tags it as k8s/ expects)
 # The manifests in k8s/ run it with `serve --config /etc/drainproxy/drainproxy.yaml`.
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
@@ -8,7 +8,7 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 # Everything the wheel is built from, and nothing else (see .dockerignore).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY drainproxy ./drainproxy
 # One wheel for drainproxy and one for each dependency (httptools and uvloop come prebuilt
 # for manylinux, so this stage needs no compiler either).

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from drainproxy.sim.kubelet import Container
-from drainproxy.sim.process import spawn_watched
 from drainproxy.sim.replica import Replica
 from tests.support import kill_wrapped_app
 
@@ -18,7 +17,7 @@ class WrappedReplica(Replica):
 
     def start(self) -> None:
         command = [*self.drainproxy_command("wrap"), "--", *self.app_command()]
-        self.proxy, self.proxy_log = spawn_watched(command)
+        self.proxy, self.proxy_log = self.launch("drainproxy", command)
 
     async def started(self, timeout: float = 30.0) -> None:
         assert self.proxy_log is not None

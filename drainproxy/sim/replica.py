@@ -80,16 +80,23 @@ class Replica:
             self.name,
         ]
 
-    def drainproxy_command(self, mode: str) -> list[str]:
-        """``drainproxy MODE --config FILE`` with this replica's config written to FILE."""
+    def write_config(self) -> Path:
         config = self.workdir / f"{self.name}-drainproxy.yaml"
         config.write_text(yaml.safe_dump(self.proxy_config()))
-        return [sys.executable, "-m", "drainproxy", mode, "--config", str(config)]
+        return config
+
+    def drainproxy_command(self, mode: str) -> list[str]:
+        """``drainproxy MODE --config FILE`` with this replica's config written to FILE."""
+        return [sys.executable, "-m", "drainproxy", mode, "--config", str(self.write_config())]
+
+    def launch(self, role: str, command: list[str]) -> tuple[subprocess.Popen[bytes], LogWatcher]:
+        """Start one of the pod's containers (``role`` is "app" or "drainproxy"): here a process."""
+        return spawn_watched(command)
 
     def start(self) -> None:
-        self.app, self.app_log = spawn_watched(self.app_command())
+        self.app, self.app_log = self.launch("app", self.app_command())
         if self.with_drainproxy:
-            self.proxy, self.proxy_log = spawn_watched(self.drainproxy_command("serve"))
+            self.proxy, self.proxy_log = self.launch("drainproxy", self.drainproxy_command("serve"))
 
     async def started(self, timeout: float = 30.0) -> None:
         assert self.app_log is not None
