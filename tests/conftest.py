@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -8,8 +9,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from drainproxy.sim.podman import IMAGE, PodmanError, ensure_image, unavailable_reason
 from tests.proxy_support import RawApp, launch_proxy
-from tests.support import ProxyProcess, base_config, deep_merge, free_port
+from tests.support import REPO, ProxyProcess, base_config, deep_merge, free_port
 
 StartProxy = Callable[..., Awaitable[ProxyProcess]]
 StartApp = Callable[[web.Application], Awaitable[int]]
@@ -96,3 +98,23 @@ async def raw_app() -> AsyncIterator[RawApp]:
     await one_app.start()
     yield one_app
     await one_app.stop()
+
+
+# --- drainproxy's image, for the tests marked `container` ---
+
+
+@pytest.fixture(scope="session")
+def drainproxy_image() -> str:
+    """The image's name, built once per session unless already built from this tree (CI's
+    `make image` builds it before the tests). Where podman cannot run the tests are skipped,
+    except in CI, which must run them."""
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs the container tests, but {reason}")
+        pytest.skip(reason)
+    try:
+        ensure_image(REPO)
+    except PodmanError as exc:
+        pytest.fail(f"drainproxy's image cannot be built: {exc}")
+    return IMAGE

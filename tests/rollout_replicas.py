@@ -1,12 +1,14 @@
 """Replicas for the rollout test in the other two ways of stopping the app: wrapper mode (one
 container, drainproxy its main process with the app as its child) and ``app.stop: signal`` (a
-shared process namespace: drainproxy signals the app's process itself)."""
+shared process namespace: drainproxy signals the app's process itself), as processes and as
+podman pods (drainproxy.sim.pods)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from drainproxy.sim.kubelet import Container
+from drainproxy.sim.pods import PodReplica
 from drainproxy.sim.replica import Replica
 from tests.support import kill_wrapped_app
 
@@ -43,3 +45,16 @@ class SignalledReplica(Replica):
         pattern = rf"drainproxy\.sim\.sample_app --port {self.app_port} "
         app = {"stop": "signal", "process": pattern, "stop_timeout": "2s"}
         return {**super().proxy_config(), "app": app}
+
+
+class WrappedPod(WrappedReplica, PodReplica):
+    """A pod of one container, drainproxy's image running ``drainproxy wrap -- sample_app``."""
+
+    # The container's end is the end of every process in it: no child can be left behind.
+    stop = PodReplica.stop
+
+
+class SignalledPod(SignalledReplica, PodReplica):
+    """A pod whose containers share one PID namespace (``podman pod create --share ...,pid``)."""
+
+    share_pid = True

@@ -32,6 +32,7 @@ class Pod:
         self.name = f"drainproxy-{name}-{secrets.token_hex(3)}"
         self.published = list(published)
         self.share_pid = share_pid
+        self.created = False
 
     def create(self) -> None:
         args = ["pod", "create", "--name", self.name]
@@ -40,6 +41,7 @@ class Pod:
         if self.share_pid:
             args += ["--share", "ipc,net,uts,pid"]
         podman(*args)
+        self.created = True
 
     def run(
         self, container: str, image: str, command: Sequence[str], options: Sequence[str] = ()
@@ -78,8 +80,8 @@ class PodReplica(Replica):
     def app_command(self) -> list[str]:
         host = "127.0.0.1" if self.with_drainproxy else "0.0.0.0"
         module = "drainproxy.sim.sample_app"
-        return ["python", "-m", module, "--host", host, "--port", str(self.app_port),
-                "--name", self.name]  # fmt: skip
+        return ["python", "-m", module, "--port", str(self.app_port), "--name", self.name,
+                "--host", host]  # fmt: skip
 
     def drainproxy_command(self, mode: str) -> list[str]:
         return ["drainproxy", mode, "--config", CONFIG_PATH]
@@ -93,11 +95,9 @@ class PodReplica(Replica):
             # Its own PID namespace would make the app PID 1, which ignores SIGTERM unless it
             # handles it: a legacy app's image starts it under an init (tini, catatonit).
             options = ["--init"]
+        if not self.pod.created:
+            self.pod.create()
         return self.pod.run(role, self.image, command, options)
-
-    def start(self) -> None:
-        self.pod.create()
-        super().start()
 
     async def started(self, timeout: float = 60.0) -> None:
         await super().started(timeout)
