@@ -163,6 +163,21 @@ def context_digest(repo: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def image_id(image: str) -> str | None:
+    found = podman("image", "inspect", "--format", "{{.Id}}", image, check=False).strip()
+    return found or None
+
+
+def remove_if_untagged(image: str | None) -> None:
+    """Remove an image a rebuild took the tag from (one this module built), so that rebuilds
+    leave nothing behind; one still in use, or tagged otherwise, stays."""
+    if image is None:
+        return
+    tags = podman("image", "inspect", "--format", "{{json .RepoTags}}", image, check=False)
+    if tags.strip() == "[]":
+        podman("image", "rm", image, check=False)
+
+
 def image_labels(image: str) -> dict[str, str] | None:
     """The image's labels; None when there is no such image."""
     if subprocess.run(["podman", "image", "exists", image], check=False).returncode != 0:
@@ -178,11 +193,11 @@ def build_image(repo: Path, python_image: str | None = None, tag: str = IMAGE) -
     Dockerfile's), unless an image of that name was built from the same context on the same
     base already. Returns a line saying which happened. Raises PodmanError if the build fails."""
     base = python_image or DEFAULT_BASE
-    base_id = podman("image", "inspect", "--format", "{{.Id}}", base, check=False).strip()
-    wanted = {CONTEXT_LABEL: context_digest(repo), BASE_LABEL: base_id or base}
+    wanted = {CONTEXT_LABEL: context_digest(repo), BASE_LABEL: image_id(base) or base}
     labels = image_labels(tag) or {}
     if all(labels.get(key) == value for key, value in wanted.items()):
         return f"{tag}: up to date (context {wanted[CONTEXT_LABEL]})"
+    previous = image_id(tag)
     command = ["buildah", "bud", "--isolation", "chroot", "--network", "host", *ulimit_args()]
     for key, value in wanted.items():
         command += ["--label", f"{key}={value}"]
@@ -195,6 +210,7 @@ def build_image(repo: Path, python_image: str | None = None, tag: str = IMAGE) -
     )  # fmt: skip
     if result.returncode != 0:
         raise PodmanError(f"{' '.join(command)}: exit {result.returncode}\n{result.stdout}")
+    remove_if_untagged(previous)
     return f"{tag}: built on {base} (context {wanted[CONTEXT_LABEL]})"
 
 
