@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint unit system-deps bench callgrind clean
+.PHONY: demo test lint unit system-deps bench callgrind image clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ bench: $(BIN)/.installed
 # make callgrind CALLGRIND_ARGS="--rev main --rev HEAD"
 callgrind: $(BIN)/.installed
 	$(BIN)/python bench/callgrind.py $(CALLGRIND_ARGS)
+
+# drainproxy's image from the Dockerfile, with buildah (as root), tagged as the manifests in k8s/
+# expect: registry.example.com/drainproxy:VERSION. The base is the Dockerfile's
+# (python:3.12-slim-bookworm) unless PYTHON_IMAGE names another; PYTHON_IMAGE=debian makes one
+# here from Debian packages (mmdebstrap; what CI does, as no registry image can be pulled).
+# Both are rebuilt only when what they are made from changes.
+image:
+	$(PYTHON) -m drainproxy.sim.podman build $(if $(PYTHON_IMAGE),--python-image $(PYTHON_IMAGE))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from drainproxy import __version__
 from drainproxy.config import load_config
 from drainproxy.k8scheck import IMAGE_DEFAULT_ARGS, IMAGE_USER
+from drainproxy.sim.podman import BUILD_CONTEXT, IMAGE, context_digest
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -212,3 +214,41 @@ def test_image_stages_build_the_wheel_install_it_and_run_it(tmp_path: Path) -> N
     # (the wrapper example: the sidecar ones carry the placeholder token, an error until replaced)
     wrapper = ("--config", REPO / "config/k8s-wrap.yaml", "--manifest", REPO / "k8s/wrapper.yaml")
     assert run(drainproxy, "check", *wrapper, cwd=tmp_path).endswith(": ok\n")
+
+
+def test_the_image_build_cache_covers_everything_the_build_reads() -> None:
+    """`make image` skips a build whose context digest is unchanged: the digest must cover
+    every file the Dockerfile copies, or a change to one would never reach the image."""
+    copied = {source.rstrip("/") for stage in stages() for sources, _ in copy_sources(stage)
+              for source in sources}  # fmt: skip
+    assert copied | {"Dockerfile", ".dockerignore"} == set(BUILD_CONTEXT)
+
+
+def test_the_context_digest_changes_with_a_source_and_not_with_a_cache(tmp_path: Path) -> None:
+    for entry in BUILD_CONTEXT:
+        origin = REPO / entry
+        if origin.is_dir():
+            shutil.copytree(origin, tmp_path / entry)
+        else:
+            (tmp_path / entry).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(origin, tmp_path / entry)
+    before = context_digest(tmp_path)
+    assert context_digest(REPO) == before
+    (tmp_path / "drainproxy" / "__pycache__").mkdir(exist_ok=True)
+    (tmp_path / "drainproxy" / "__pycache__" / "cli.cpython-311.pyc").write_bytes(b"cache")
+    assert context_digest(tmp_path) == before
+    sample_app = tmp_path / "drainproxy" / "sim" / "sample_app.py"
+    sample_app.write_text(sample_app.read_text() + "\n")
+    assert context_digest(tmp_path) != before
+
+
+def test_the_manifests_run_the_image_make_image_tags() -> None:
+    images = set()
+    for manifest in sorted((REPO / "k8s").glob("*.yaml")):
+        for document in yaml.safe_load_all(manifest.read_text()):
+            if document and document["kind"] == "Deployment":
+                pod = document["spec"]["template"]["spec"]
+                for container in pod["containers"] + pod.get("initContainers", []):
+                    if "drainproxy" in container["name"]:
+                        images.add(container["image"])
+    assert images == {IMAGE}

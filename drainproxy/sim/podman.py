@@ -10,10 +10,10 @@ What a machine like the CI's needs (as root, Debian's podman 4, buildah, runc):
 - the image built with ``buildah bud --isolation chroot --network host``, on a base image made
   from Debian packages when no registry image can be pulled (``.ci/debian-python-image``).
 
-``python3 -m drainproxy.sim.podman build [--python-image IMAGE | --debian-base]`` (``make
-image``) builds the image and tags it with the name the manifests in ``k8s/`` use, unless an
-image of that name was already built from the same context (a digest of the files the build
-reads and of the base image, kept in a label).
+``python3 -m drainproxy.sim.podman build [--python-image IMAGE|debian]`` (``make image``)
+builds the image and tags it with the name the manifests in ``k8s/`` use, unless an image of
+that name was already built from the same context on the same base (a digest of the files the
+build reads and the base's id, kept in labels).
 """
 
 from __future__ import annotations
@@ -236,27 +236,26 @@ def ensure_image(repo: Path, tag: str = IMAGE) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drainproxy.sim.podman")
+    parser = argparse.ArgumentParser(prog="python3 -m drainproxy.sim.podman")
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help=f"build the image as {IMAGE}")
-    base = build.add_mutually_exclusive_group()
-    base.add_argument("--python-image", help=f"the base image (default: {DEFAULT_BASE})")
-    base.add_argument(
-        "--debian-base",
-        action="store_true",
-        help=f"build {DEBIAN_BASE} from Debian packages first (.ci/debian-python-image)",
+    build = commands.add_parser("build", help=f"build the Dockerfile as {IMAGE}")
+    build.add_argument(
+        "--python-image",
+        help=f"the base image (default: the Dockerfile's, {DEFAULT_BASE}); 'debian': "
+        f"{DEBIAN_BASE}, made here first from Debian packages (.ci/debian-python-image)",
     )
     build.add_argument("--repo", type=Path, default=Path.cwd())
     build.add_argument("--tag", default=IMAGE)
     args = parser.parse_args(argv)
     python_image = args.python_image
     try:
-        if args.debian_base:
+        if python_image == "debian":
             print(build_debian_base(args.repo), flush=True)
             python_image = DEBIAN_BASE
         print(build_image(args.repo, python_image, args.tag), flush=True)
     except PodmanError as exc:
-        print(f"image build failed: {exc}", file=sys.stderr)
+        hint = "" if python_image else "\n(no registry to pull the base from? --python-image debian)"
+        print(f"image build failed: {exc}{hint}", file=sys.stderr)
         return 1
     return 0
 
