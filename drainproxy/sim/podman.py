@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             python_image = DEBIAN_BASE
         print(build_image(args.repo, python_image, args.tag), flush=True)
     except PodmanError as exc:
-        hint = "" if python_image else "\n(no registry to pull the base from? --python-image debian)"
+        hint = "" if python_image else "\n(no registry to pull from? --python-image debian)"
         print(f"image build failed: {exc}{hint}", file=sys.stderr)
         return 1
     return 0
