@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from drainproxy import __version__
+from drainproxy.sim.kubelet import Container, terminate_pod
 from drainproxy.sim.podman import PodmanRun, podman
 from drainproxy.sim.pods import CONFIG_PATH, PodReplica
 from drainproxy.sim.process import LogWatcher
@@ -141,3 +143,27 @@ def test_wrap_as_pid_1_reaps_orphans_and_exits_with_the_childs_status(
         log.join()
         assert process.stdout is not None
         process.stdout.close()
+
+
+async def test_the_kubelet_kills_a_container_that_outlives_the_grace_period(
+    drainproxy_image: str, tmp_path: Path
+) -> None:
+    """The kubelet simulation's SIGTERM and SIGKILL reach a container through ``podman kill``:
+    one that ignores SIGTERM is killed at the grace period (exit status 137)."""
+    script = 'trap "" TERM; echo ignoring SIGTERM; while :; do sleep 1; done'
+    stubborn = PodmanRun(
+        f"drainproxy-stubborn-{tmp_path.name}",
+        ["--network", "none", "--init", "--entrypoint", "sh", drainproxy_image, "-c", script],
+    )
+    log = LogWatcher(stubborn.stdout)
+    try:
+        await log.wait(r"ignoring SIGTERM")
+        [outcome] = await terminate_pod([Container("stubborn", stubborn)], grace_period=1.0)
+        assert outcome.sigterm_after is not None and outcome.killed, outcome
+        assert outcome.returncode == 128 + signal.SIGKILL, outcome
+    finally:
+        stubborn.kill()
+        stubborn.wait(30)
+        log.join()
+        assert stubborn.stdout is not None
+        stubborn.stdout.close()

@@ -31,6 +31,7 @@ import yaml
 from drainproxy.config import load_config
 from drainproxy.sim.podman import (
     BASE_LABEL,
+    build_lock,
     environment,
     image_id,
     image_labels,
@@ -61,24 +62,25 @@ def app_images(drainproxy_image: str, tmp_path_factory: pytest.TempPathFactory) 
     image (it has Python, and drainproxy for the wrapper manifest) with the sample app as its
     entrypoint. Built once per drainproxy image."""
     base_id = image_id(drainproxy_image)
-    if all((image_labels(i) or {}).get(BASE_LABEL) == base_id for i in APP_IMAGES):
-        return
-    previous = image_id(APP_IMAGES[0])
-    context = tmp_path_factory.mktemp("legacy-app")
-    (context / "run.sh").write_text(RUN_SH)
-    (context / "Containerfile").write_text(
-        f"FROM {drainproxy_image}\n"
-        "COPY --chmod=755 run.sh /app/run.sh\n"
-        'ENTRYPOINT ["/app/run.sh"]\n'
-        "CMD []\n"
-    )
-    tags = [arg for image in APP_IMAGES for arg in ("--tag", image)]
-    subprocess.run(
-        ["buildah", "bud", "--isolation", "chroot", "--label", f"{BASE_LABEL}={base_id}",
-         *tags, str(context)],
-        env=environment(), check=True, capture_output=True,
-    )  # fmt: skip
-    remove_if_untagged(previous)
+    with build_lock():
+        if all((image_labels(i) or {}).get(BASE_LABEL) == base_id for i in APP_IMAGES):
+            return
+        previous = image_id(APP_IMAGES[0])
+        context = tmp_path_factory.mktemp("legacy-app")
+        (context / "run.sh").write_text(RUN_SH)
+        (context / "Containerfile").write_text(
+            f"FROM {drainproxy_image}\n"
+            "COPY --chmod=755 run.sh /app/run.sh\n"
+            'ENTRYPOINT ["/app/run.sh"]\n'
+            "CMD []\n"
+        )
+        tags = [arg for image in APP_IMAGES for arg in ("--tag", image)]
+        subprocess.run(
+            ["buildah", "bud", "--isolation", "chroot", "--label", f"{BASE_LABEL}={base_id}",
+             *tags, str(context)],
+            env=environment(), check=True, capture_output=True,
+        )  # fmt: skip
+        remove_if_untagged(previous)
 
 
 def playable(manifest: Path, name: str) -> tuple[str, str]:

@@ -1,4 +1,5 @@
-"""The kubelet's pod termination sequence, reproduced for processes on this machine.
+"""The kubelet's pod termination sequence, reproduced for processes on this machine (a container
+is one too: :class:`drainproxy.sim.podman.PodmanRun` signals it through ``podman kill``).
 
 What the kubelet does on pod deletion (and what this module does, no more, no less):
 

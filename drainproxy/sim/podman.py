@@ -19,6 +19,8 @@ build reads and the base's id, kept in labels).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -29,7 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,13 +228,23 @@ def build_debian_base(repo: Path) -> str:
     return result.stdout.strip()
 
 
+@contextlib.contextmanager
+def build_lock() -> Iterator[None]:
+    """One build at a time on this machine: a second run waits for the first, then finds its
+    image up to date instead of building the same again."""
+    with (Path(tempfile.gettempdir()) / "drainproxy-image-build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_image(repo: Path, tag: str = IMAGE) -> str:
     """For tests: ``tag`` as built from this context (on whatever base; CI's ``make image``
     built it already), else built now on :data:`DEBIAN_BASE`, which needs no registry."""
-    labels = image_labels(tag) or {}
-    if labels.get(CONTEXT_LABEL) == context_digest(repo):
-        return f"{tag}: up to date"
-    return build_debian_base(repo) + "\n" + build_image(repo, DEBIAN_BASE, tag)
+    with build_lock():
+        labels = image_labels(tag) or {}
+        if labels.get(CONTEXT_LABEL) == context_digest(repo):
+            return f"{tag}: up to date"
+        return build_debian_base(repo) + "\n" + build_image(repo, DEBIAN_BASE, tag)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     python_image = args.python_image
     try:
-        if python_image == "debian":
-            print(build_debian_base(args.repo), flush=True)
-            python_image = DEBIAN_BASE
-        print(build_image(args.repo, python_image, args.tag), flush=True)
+        with build_lock():
+            if python_image == "debian":
+                print(build_debian_base(args.repo), flush=True)
+                python_image = DEBIAN_BASE
+            print(build_image(args.repo, python_image, args.tag), flush=True)
     except PodmanError as exc:
         hint = "" if python_image else "\n(no registry to pull from? --python-image debian)"
         print(f"image build failed: {exc}{hint}", file=sys.stderr)
