@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import subprocess
 from pathlib import Path
@@ -28,7 +29,7 @@ def run_image(image: str, *args: str, entrypoint: str | None = None) -> tuple[in
     options = ["--network", "none"]
     if entrypoint is not None:
         options += ["--entrypoint", entrypoint]
-    process = PodmanRun(f"drainproxy-test-{id(args)}", [*options, image, *args])
+    process = PodmanRun(f"drainproxy-test-{secrets.token_hex(3)}", [*options, image, *args])
     output, _ = process.communicate(timeout=120)
     return process.returncode, output.decode()
 
@@ -117,7 +118,7 @@ def test_wrap_as_pid_1_reaps_orphans_and_exits_with_the_childs_status(
     # The child leaves an orphan (the inner shell exits before its background sleep), which
     # the kernel hands to PID 1; then it waits for a line on stdin and exits 7.
     script = 'sh -c "sleep 0.2 & echo orphan \\$!"; read -r line; exit 7'
-    name = f"drainproxy-wrap-{tmp_path.name}"
+    name = f"drainproxy-wrap-{secrets.token_hex(3)}"
     process = PodmanRun(
         name,
         ["--interactive", "--network", "none", "--volume", f"{config}:{CONFIG_PATH}:ro",
@@ -146,13 +147,13 @@ def test_wrap_as_pid_1_reaps_orphans_and_exits_with_the_childs_status(
 
 
 async def test_the_kubelet_kills_a_container_that_outlives_the_grace_period(
-    drainproxy_image: str, tmp_path: Path
+    drainproxy_image: str,
 ) -> None:
     """The kubelet simulation's SIGTERM and SIGKILL reach a container through ``podman kill``:
     one that ignores SIGTERM is killed at the grace period (exit status 137)."""
     script = 'trap "" TERM; echo ignoring SIGTERM; while :; do sleep 1; done'
     stubborn = PodmanRun(
-        f"drainproxy-stubborn-{tmp_path.name}",
+        f"drainproxy-stubborn-{secrets.token_hex(3)}",
         ["--network", "none", "--init", "--entrypoint", "sh", drainproxy_image, "-c", script],
     )
     log = LogWatcher(stubborn.stdout)
