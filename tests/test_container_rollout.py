@@ -54,6 +54,14 @@ async def test_pods_rollout_loses_no_request(tmp_path: Path) -> None:
     assert outcome(result, "app") == (False, 128 + signal.SIGTERM), describe(result)
 
 
+async def test_without_drainproxy_the_same_pods_fail_requests(tmp_path: Path) -> None:
+    """The setup can see failures: the app's pod alone, deleted the same way, fails some."""
+    result = await run_rollout(
+        RolloutPlan(with_drainproxy=False, replica_class=PodReplica), tmp_path
+    )
+    assert len(result.failures) > 0, describe(result)
+
+
 async def test_shared_pid_namespace_pods_rollout_loses_no_request(tmp_path: Path) -> None:
     result = await run_rollout(RolloutPlan(replica_class=SignalledPod), tmp_path)
     assert result.outcomes, "the load produced no requests"
