@@ -67,9 +67,9 @@ class PodmanError(RuntimeError):
 
 def unavailable_reason() -> str | None:
     """Why containers cannot run here, or None when they can."""
-    for tool in ("podman", "buildah", "runc"):
+    for tool in ("podman", "buildah", "runc", "mmdebstrap"):
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (.ci/system-deps installs podman, buildah, runc)"
+            return f"{tool} is not installed (.ci/system-deps installs it)"
     if os.geteuid() != 0:
         return "the container tests run podman as root"
     return None
@@ -100,7 +100,10 @@ def _containers_conf() -> Path:
         **limits
     )
     quoted = ", ".join(f'"{name}={n}:{n}"' for name, n in limits.items())
-    path.write_text(f"[containers]\ndefault_ulimits = [{quoted}]\n")
+    # Written aside and renamed: another run may be reading it.
+    written = path.with_suffix(f".{os.getpid()}")
+    written.write_text(f"[containers]\ndefault_ulimits = [{quoted}]\n")
+    written.replace(path)
     return path
 
 
