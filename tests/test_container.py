@@ -146,19 +146,30 @@ def test_wrap_as_pid_1_reaps_orphans_and_exits_with_the_childs_status(
         process.stdout.close()
 
 
+@pytest.mark.parametrize(
+    ("options", "command", "started"),
+    [
+        # Ignores SIGTERM on purpose.
+        (["--init"], ["sh", "-c", 'trap "" TERM; echo ignoring; while :; do sleep 1; done'],
+         r"^ignoring$"),
+        # A legacy app with no SIGTERM handler, as PID 1 of its container: the kernel delivers
+        # a namespace's init only the signals it handles (docs/kubernetes.md).
+        ([], ["python", "-m", "drainproxy.sim.sample_app", "--port", "8000"], r"listening on"),
+    ],
+    ids=["ignores-sigterm", "app-as-pid-1"],
+)  # fmt: skip
 async def test_the_kubelet_kills_a_container_that_outlives_the_grace_period(
-    drainproxy_image: str,
+    drainproxy_image: str, options: list[str], command: list[str], started: str
 ) -> None:
     """The kubelet simulation's SIGTERM and SIGKILL reach a container through ``podman kill``:
-    one that ignores SIGTERM is killed at the grace period (exit status 137)."""
-    script = 'trap "" TERM; echo ignoring SIGTERM; while :; do sleep 1; done'
+    one that does not exit on SIGTERM is killed at the grace period (exit status 137)."""
     stubborn = PodmanRun(
         f"drainproxy-stubborn-{secrets.token_hex(3)}",
-        ["--network", "none", "--init", "--entrypoint", "sh", drainproxy_image, "-c", script],
+        ["--network", "none", *options, "--entrypoint", json.dumps(command), drainproxy_image],
     )
     log = LogWatcher(stubborn.stdout)
     try:
-        await log.wait(r"ignoring SIGTERM")
+        await log.wait(started)
         [outcome] = await terminate_pod([Container("stubborn", stubborn)], grace_period=1.0)
         assert outcome.sigterm_after is not None and outcome.killed, outcome
         assert outcome.returncode == 128 + signal.SIGKILL, outcome
