@@ -13,6 +13,7 @@ where the image reads it.
 from __future__ import annotations
 
 import argparse
+import re
 import secrets
 import statistics
 import sys
@@ -50,8 +51,23 @@ def image_size(image: str) -> int:
     return int(podman("image", "inspect", "--format", "{{.Size}}", image))
 
 
-def container_rss(work: Path, origin_port: int, processes: Processes, name: str) -> int:
-    """RSS (KiB) of drainproxy's container once it has answered one request."""
+UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def charged_kib(name: str) -> int:
+    """Memory charged to the container's cgroup, as podman stats reports it (usage less the
+    inactive page cache): what a Kubernetes memory limit applies to."""
+    usage = podman("stats", "--no-stream", "--format", "{{.MemUsageBytes}}", name).split("/")[0]
+    found = re.fullmatch(r"([\d.]+)\s*([KMG]?i?B)", usage.strip())
+    if found is None:
+        raise ValueError(f"podman stats: unexpected memory usage {usage!r}")
+    return int(float(found[1]) * UNITS[found[2]] / 1024)
+
+
+def container_memory(
+    work: Path, origin_port: int, processes: Processes, name: str
+) -> tuple[int, int]:
+    """RSS and cgroup charge (KiB) of drainproxy's container once it has answered one request."""
     port = free_port()
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump(drainproxy_config(port, free_port(), origin_port)))
@@ -64,7 +80,7 @@ def container_rss(work: Path, origin_port: int, processes: Processes, name: str)
         wait_until_serving(Target("container", port, None), processes, timeout=60.0)
         pid = int(podman("inspect", "--format", "{{.State.Pid}}", name))
         time.sleep(0.5)  # as bench/run.py: let the first request settle before reading RSS
-        return rss_kib(pid)
+        return rss_kib(pid), charged_kib(name)
     finally:
         container.kill()
         container.communicate(timeout=30)
@@ -91,6 +107,7 @@ def main() -> int:
     sizes = {"image": image_size(IMAGE), "base": image_size(base)}
 
     container: list[int] = []
+    charged: list[int] = []
     process: list[int] = []
     with tempfile.TemporaryDirectory(prefix="drainproxy-bench-image-") as tmp:
         work = Path(tmp)
@@ -109,10 +126,12 @@ def main() -> int:
                 finally:
                     processes.stop_all()
                 name = f"drainproxy-bench-{secrets.token_hex(3)}-{round_}"
-                container.append(container_rss(round_dir, origin_port, processes, name))
+                rss, charge = container_memory(round_dir, origin_port, processes, name)
+                container.append(rss)
+                charged.append(charge)
                 print(
-                    f"round {round_ + 1}: container {container[-1] / 1024:.1f} MiB, "
-                    f"process {process[-1] / 1024:.1f} MiB",
+                    f"round {round_ + 1}: container {rss / 1024:.1f} MiB "
+                    f"(cgroup {charge / 1024:.1f} MiB), process {process[-1] / 1024:.1f} MiB",
                     file=sys.stderr,
                 )
         finally:
@@ -129,6 +148,10 @@ def main() -> int:
     print(f"| RSS idle, in the container | {idle_container:.1f} MiB |")
     print(f"| RSS idle, as a process from the venv (baseline) | {idle_process:.1f} MiB |")
     print(f"| container / process | {idle_container / idle_process:.2f} |")
+    print(
+        "| memory charged to the container's cgroup (podman stats) | "
+        f"{statistics.median(charged) / 1024:.1f} MiB |"
+    )
     return 0
 
 
