@@ -81,6 +81,7 @@ class Replica:
         ]
 
     def write_config(self) -> Path:
+        """This replica's drainproxy config, written to a file in ``workdir``."""
         config = self.workdir / f"{self.name}-drainproxy.yaml"
         config.write_text(yaml.safe_dump(self.proxy_config()))
         return config
