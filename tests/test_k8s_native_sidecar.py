@@ -15,7 +15,7 @@ from drainproxy.admin import TOKEN_HEADER
 from drainproxy.sim.kubelet import Container, ExecHook, HttpGetHook, terminate_pod
 from drainproxy.sim.replica import free_port
 from tests.conftest import StartProxy
-from tests.support import ProxyProcess
+from tests.support import ProxyProcess, deep_merge
 
 TOKEN = "t0ken"
 FAST_DRAIN = {"drain": {"propagation": "1s", "timeout": "5s"}, "admin": {"token": TOKEN}}
@@ -93,7 +93,11 @@ async def _delete_pod(
 async def test_native_sidecar_as_shipped_drains_once_and_exits_0(
     app_process: tuple[int, subprocess.Popen[bytes]], start_proxy: StartProxy
 ) -> None:
-    proxy = await start_proxy(app_process[0], FAST_DRAIN)
+    # The two hooks start together; `drainproxy drain` must arrive before propagation ends (5s
+    # as shipped). 1s is shorter than a Python start-up on a loaded machine, so 3s here.
+    proxy = await start_proxy(
+        app_process[0], deep_merge(FAST_DRAIN, {"drain": {"propagation": "3s"}})
+    )
     drain = [sys.executable, "-m", "drainproxy", "drain", "--config", str(proxy.config_path)]
     hooks = await _delete_pod(proxy, app_process[1], ExecHook(drain))
     assert hooks == {"app": "httpGet /prestop: 200", "drainproxy": f"exec {sys.executable}: exit 0"}
