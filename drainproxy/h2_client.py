@@ -281,7 +281,6 @@ class H2ClientConnection(asyncio.Protocol):
         self.last_stream_id = MAX_STREAM_ID
         self.streams_opened = 0
         self.early_resets = 0
-        self.fresh = True
         self.mark = ctx.loop.time()
         ctx.stats.http2_connections += 1
         log.debug("HTTP/2 connection from %s", peer)
@@ -377,18 +376,17 @@ class H2ClientConnection(asyncio.Protocol):
         return len(self.streams)
 
     def check_timeouts(self, now: float) -> None:
-        """No stream for ``timeouts.client_idle`` (or, on a connection that never opened one,
-        ``timeouts.request_head``): GOAWAY and close, as an idle HTTP/1.1 keep-alive is closed."""
+        """No stream for ``timeouts.client_idle`` (a connection that never opened one is idle
+        too, as a silent HTTP/1.1 connection is): GOAWAY and close."""
         if self.closing:
             return
         if self.streams:
             self._check_response_timeouts(now)
             return
-        timeouts = self.ctx.config.timeouts
-        limit = timeouts.request_head if self.fresh else timeouts.client_idle
+        limit = self.ctx.config.timeouts.client_idle
         if limit and now - self.mark >= limit:
             stats = self.ctx.stats
-            stats.count(stats.timeouts, "request_head" if self.fresh else "client_idle")
+            stats.count(stats.timeouts, "client_idle")
             self._goaway_and_close(h2.errors.ErrorCodes.NO_ERROR, "idle")
 
     def _check_response_timeouts(self, now: float) -> None:
@@ -578,7 +576,6 @@ class H2ClientConnection(asyncio.Protocol):
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream
         self.streams_opened += 1
-        self.fresh = False
         now = ctx.loop.time()
         self.mark = now
         stats = ctx.stats

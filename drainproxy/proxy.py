@@ -348,6 +348,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "current",
         "feeding",
+        "first_read",
         "framing_credit",
         "gathered",
         "head_bytes",
@@ -420,6 +421,8 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes = 0
         #: The reads of an unfinished head not yet fed to the parser (``http1.gather_more``).
         self.gathered: bytearray | None = None
+        #: Nothing read yet: the first bytes may be the HTTP/2 preface.
+        self.first_read = True
         self.idle_since: float | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -477,9 +480,11 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.must_close:
             return  # nothing more is parsed
-        if self.fresh and self.gathered is None and data[:3] == _H2_PREFACE_START:
-            self._become_http2(data)
-            return
+        if self.first_read:
+            self.first_read = False
+            if data[:3] == _H2_PREFACE_START:
+                self._become_http2(data)
+                return
         if self.gathered is not None:
             held = gather_more(self.gathered, data)
             if held is None:

@@ -141,7 +141,7 @@ async def test_idle_app_connections_are_closed(h2_app: H2App, tmp_path: Path) ->
         client = await RawClient.connect(proxy.port)
         assert (await client.request(target=b"/before-idle")).status == 200
         await client.close()
-        await proxy.log.wait(r"closed 1 app connection\(s\) idle past upstream.idle_timeout")
+        await proxy.log.wait(r"closed 1 app connection\(s\) at the end of their reuse window")
     finally:
         proxy.stop()
 

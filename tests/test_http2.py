@@ -403,15 +403,17 @@ async def test_request_line_that_http1_would_split_is_refused(
     await client.close()
 
 
-async def test_connection_that_opens_no_stream_is_closed_at_the_head_timeout(
+async def test_connection_that_opens_no_stream_is_idle(
     start_proxy: StartProxy, app: RawApp
 ) -> None:
-    proxy = await start_proxy(app.port, {"timeouts": {"request_head": "300ms"}})
+    """As a silent HTTP/1.1 connection (balancers open them ahead of use, issue 12): the idle
+    timeout applies, GOAWAY then the close."""
+    proxy = await start_proxy(app.port, {"timeouts": {"client_idle": "300ms"}})
     client = await H2TestClient.connect(proxy.port)  # the preface and SETTINGS, then nothing
     await client.wait_for(lambda: client.closed)
     assert client.goaways()[-1].error_code == h2.errors.ErrorCodes.NO_ERROR
     await client.close()
-    assert 'drainproxy_timeouts_total{kind="request_head"} 1.0' in await proxy.metrics_text()
+    assert 'drainproxy_timeouts_total{kind="client_idle"} 1.0' in await proxy.metrics_text()
 
 
 async def test_streams_over_the_concurrency_limit_end_the_connection(
