@@ -327,6 +327,9 @@ def items(cls: type[Any], shape: str) -> Any:
 
 
 CheckKind = Literal["tcp", "http"]
+#: ``h2c``: HTTP/2 without TLS (prior knowledge: an http:// url); ``h2``: HTTP/2 over TLS,
+#: agreed by ALPN (an https:// url). See docs/http2.md.
+UpstreamProtocol = Literal["http1", "h2c", "h2"]
 
 
 @dataclass(frozen=True)
@@ -379,6 +382,7 @@ class UpstreamConfig:
     check: AppCheck = section(AppCheck)
     #: Set exactly when the URL is https:// (its defaults when not written).
     tls: UpstreamTLSConfig | None = optional_section(UpstreamTLSConfig)
+    protocol: UpstreamProtocol = key("http1", one_of(UpstreamProtocol))
     #: From ``url``.
     host: str = field(init=False, compare=False, repr=False)
     port: int = field(init=False, compare=False, repr=False)
@@ -392,8 +396,15 @@ class UpstreamConfig:
             object.__setattr__(self, "tls", UpstreamTLSConfig())
 
     def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
-        if self.tls is not None and not self.url.startswith("https:"):
+        https = self.url.startswith("https:")
+        if self.tls is not None and not https:
             yield ConfigError(f"{name}.tls", raw["tls"], f"needs an https:// {name}.url")
+        if https and self.protocol == "h2c":
+            rule = f"is HTTP/2 over plain TCP and needs an http:// {name}.url (h2 is over TLS)"
+            yield ConfigError(f"{name}.protocol", "h2c", rule)
+        if not https and self.protocol == "h2":
+            rule = f"is HTTP/2 over TLS and needs an https:// {name}.url (h2c is without TLS)"
+            yield ConfigError(f"{name}.protocol", "h2", rule)
 
 
 @dataclass(frozen=True)
@@ -406,6 +417,14 @@ class TimeoutsConfig:
 
 
 GetHeadBody = Literal["refuse", "forward"]
+
+
+def _window_size(name: str, value: object) -> int:
+    """An HTTP/2 flow-control window: 64 KiB - 1 up to 2^31 - 1 bytes (RFC 9113 §6.9.1)."""
+    size = parse_size(name, value)
+    if not 65535 <= size <= 2**31 - 1:
+        raise ConfigError(name, value, "must be from 65535 bytes to 2GiB - 1")
+    return size
 
 
 @dataclass(frozen=True)
@@ -425,6 +444,12 @@ class LimitsConfig:
     #: GET and HEAD requests with a body: ``refuse`` (400), or ``forward`` for apps that read
     #: them. An app that ignores a GET body reads it as the next request (issue 11).
     get_head_body: GetHeadBody = key("refuse", one_of(GetHeadBody))
+    #: HTTP/2 (docs/http2.md): streams open at once per connection (SETTINGS_MAX_CONCURRENT_
+    #: STREAMS), and the flow-control windows, which bound request bytes held per stream and
+    #: per connection.
+    max_concurrent_streams: int = key(100, _count)
+    http2_stream_window: int = key(256 * 1024, _window_size)
+    http2_connection_window: int = key(1024 * 1024, _window_size)
 
 
 ClientCertMode = Literal["none", "optional", "required"]

@@ -219,6 +219,26 @@ class _ServerCollector:
         yield CounterMetricFamily(
             "drainproxy_tunnels_opened", "Upgraded connections relayed", value=stats.tunnels_opened
         )
+        yield CounterMetricFamily(
+            "drainproxy_http2_connections",
+            "Client connections that spoke HTTP/2 (prior knowledge or TLS ALPN)",
+            value=stats.http2_connections,
+        )
+        yield CounterMetricFamily(
+            "drainproxy_http2_streams_reset_by_client",
+            "HTTP/2 streams the client reset (RST_STREAM) before their response ended",
+            value=stats.streams_reset_by_client,
+        )
+        yield CounterMetricFamily(
+            "drainproxy_http2_streams_cut",
+            "HTTP/2 streams reset by drainproxy at drain.timeout",
+            value=stats.streams_cut,
+        )
+        yield CounterMetricFamily(
+            "drainproxy_http2_abusive_connections",
+            "HTTP/2 connections closed with GOAWAY ENHANCE_YOUR_CALM (rapid reset)",
+            value=stats.http2_abusive_connections,
+        )
 
 
 def render_metrics(server: Server) -> tuple[bytes, str]:

@@ -24,7 +24,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -65,7 +65,13 @@ from drainproxy.stats import Stats
 from drainproxy.tls import ListenerTLS
 from drainproxy.upstream import UpstreamConnection, UpstreamPool
 
+if TYPE_CHECKING:
+    from drainproxy.h2_client import Backend, H2Stream
+
 log = logging.getLogger("drainproxy.proxy")
+
+#: The start of the HTTP/2 connection preface (RFC 9113 §3.4); no HTTP/1 method is ``PRI``.
+_H2_PREFACE_START = b"PRI"
 
 # Why reading from the client is paused; reading resumes when no reason is left.
 _PAUSE_PIPELINE = 1  # a request is queued behind the active one
@@ -99,6 +105,24 @@ _CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
 _CONNECTION_UPGRADE = b"Connection: upgrade\r\n"
 
 
+class ClientSide(Protocol):
+    """What the driver and the sweep ask of a client connection, HTTP/1.1 or HTTP/2."""
+
+    closing: bool
+
+    def is_idle(self) -> bool: ...
+
+    def in_flight(self) -> int: ...
+
+    def check_timeouts(self, now: float) -> None: ...
+
+    def close_when_idle(self, grace: float) -> None: ...
+
+    def force_close(self) -> None: ...
+
+    def announce_drain(self) -> None: ...
+
+
 class Rejection(Exception):
     """A request drainproxy refuses itself (raised inside parser callbacks)."""
 
@@ -120,7 +144,7 @@ class ProxyContext:
     #: Called whenever a client connection closes, so the driver can notice quiescence.
     on_connection_closed: Callable[[], None]
     scheme: bytes = b"http"
-    connections: set[ClientConnection] = field(default_factory=set)
+    connections: set[ClientSide] = field(default_factory=set)
     #: Requests timed per client, in evidence mode (``probers.ArrivalPace``); else None.
     arrivals: ArrivalPace | None = None
     #: ``log.access_log``, read once: when off, an exchange pays one test of this flag.
@@ -218,6 +242,21 @@ class ProxyContext:
             self.tls.check_files()
         self.loop.call_later(self.tick, self._sweep)
 
+    def announce_drain(self) -> None:
+        """Responses now close their connections: HTTP/2 connections are told at once."""
+        for conn in list(self.connections):
+            conn.announce_drain()
+
+    def open_backend(self, stream: H2Stream) -> Backend:
+        """Where an HTTP/2 client stream goes: the app over HTTP/2, or over the HTTP/1.1 pool."""
+        if self.config.upstream.protocol != "http1":
+            from drainproxy.h2_upstream import open_h2_backend
+
+            return open_h2_backend(self, stream)
+        from drainproxy.h2_client import open_http1_backend
+
+        return open_http1_backend(stream)
+
     def note_refused(self) -> None:
         self.stats.connections_refused += 1
         self._refused_unlogged += 1
@@ -309,6 +348,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "current",
         "feeding",
+        "first_read",
         "framing_credit",
         "gathered",
         "head_bytes",
@@ -381,6 +421,8 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes = 0
         #: The reads of an unfinished head not yet fed to the parser (``http1.gather_more``).
         self.gathered: bytearray | None = None
+        #: Nothing read yet: the first bytes may be the HTTP/2 preface.
+        self.first_read = True
         self.idle_since: float | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -411,10 +453,20 @@ class ClientConnection(asyncio.Protocol):
         self.peer_line = b"X-Forwarded-For: " + self.peer.encode() + CRLF
         self.idle_since = self.mark = ctx.loop.time()
         ctx.connections.add(self)
+        if ctx.listener_ssl is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                self._become_http2(b"")
+                return
         lifecycle = ctx.lifecycle
         if lifecycle.phase is not Phase.SERVING and not lifecycle.accepts_connections():
             # Accepted from the queue of a listener being closed: silent, it is idle.
             self.close_when_idle(ctx.config.drain.idle_grace)
+
+    def _become_http2(self, data: bytes) -> None:
+        from drainproxy.h2_client import take_over
+
+        take_over(self, data)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -428,6 +480,11 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.must_close:
             return  # nothing more is parsed
+        if self.first_read:
+            self.first_read = False
+            if data[:3] == _H2_PREFACE_START:
+                self._become_http2(data)
+                return
         if self.gathered is not None:
             held = gather_more(self.gathered, data)
             if held is None:
@@ -622,6 +679,10 @@ class ClientConnection(asyncio.Protocol):
             raise Rejection(exc.status, f"malformed request: {exc}") from None
         if info.host is None and version == "1.1":
             raise Rejection(400, "malformed request: HTTP/1.1 without Host")
+        if req.upgrade and info.upgrade is not None and info.upgrade.lower() == b"h2c":
+            # RFC 9113 §3.1 deprecates the h2c Upgrade: served as HTTP/1.1, then the connection
+            # closes (llhttp stops at an upgrade request); see docs/http2.md.
+            info.upgrade = None
         max_body = ctx.limits.max_body_bytes
         if info.chunked:
             if version == "1.0":
@@ -1033,6 +1094,12 @@ class ClientConnection(asyncio.Protocol):
 
     def is_idle(self) -> bool:
         return self.active is None and self.current is None and self.tunnel is None
+
+    def in_flight(self) -> int:
+        return 0 if self.is_idle() else 1
+
+    def announce_drain(self) -> None:
+        """HTTP/1.1 learns of the drain from ``Connection: close`` on its next response."""
 
     def close_when_idle(self, grace: float) -> None:
         """Close now if idle past ``grace``; else check again when it would be. A busy connection

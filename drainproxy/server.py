@@ -66,9 +66,14 @@ class Server:
         )
         self.stats = Stats()
         self.probers = ProberTracker(config.drain.probers, config.drain.default_failure_threshold)
-        self.pool = UpstreamPool(
-            config.upstream, self.loop, config.limits.max_response_header_bytes
-        )
+        self.pool: UpstreamPool
+        max_head = config.limits.max_response_header_bytes
+        if config.upstream.protocol != "http1":
+            from drainproxy.h2_upstream import H2BridgePool
+
+            self.pool = H2BridgePool(config.upstream, self.loop, self.stats, max_head)
+        else:
+            self.pool = UpstreamPool(config.upstream, self.loop, max_head)
         self._evidence_mode = config.drain.propagation_mode == "evidence"
         #: Requests timed per client, for evidence mode only (it costs the data path a little).
         self.pace = ArrivalPace()
@@ -152,7 +157,7 @@ class Server:
         )
 
     def in_flight(self) -> int:
-        return sum(1 for conn in self.proxy.connections if not conn.is_idle())
+        return sum(conn.in_flight() for conn in self.proxy.connections)
 
     # --- run --------------------------------------------------------------------------------
 
@@ -223,9 +228,10 @@ class Server:
     def _fail_readiness(self) -> None:
         log.info(
             "readiness now fails; still serving for %gs while endpoint removal propagates; "
-            "responses carry Connection: close",
+            "responses carry Connection: close, HTTP/2 connections get GOAWAY",
             self.config.drain.propagation,
         )
+        self.proxy.announce_drain()
 
     def _stop_accepting(self) -> None:
         listener, self._listener = self._listener, None

@@ -28,6 +28,12 @@ class Stats:
     timeouts: dict[str, int] = field(default_factory=dict)
     #: Connections answered 503 and closed at limits.max_connections.
     connections_refused: int = 0
+    #: HTTP/2 (docs/http2.md): client connections, streams the client reset, and streams reset
+    #: by drainproxy at drain.timeout.
+    http2_connections: int = 0
+    streams_reset_by_client: int = 0
+    streams_cut: int = 0
+    http2_abusive_connections: int = 0
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1

@@ -471,11 +471,11 @@ def _documented_keys(text: str) -> set[str]:
     keys: set[str] = set()
     stack: list[tuple[int, str]] = []
     for line in text.splitlines():
-        match = re.match(r"^( *)(?:# ?( *))?([a-z_]+):(?: |$)", line)
+        match = re.match(r"^( *)(?:# ?( *))?([a-z0-9_]+):(?: |$)", line)
         if match is None:  # a comment continuing the last key's flow example
             if stack:
                 last = ".".join(name for _, name in stack)
-                keys.update(f"{last}.{k}" for k in re.findall(r"[{,] ?([a-z_]+):", line))
+                keys.update(f"{last}.{k}" for k in re.findall(r"[{,] ?([a-z0-9_]+):", line))
             continue
         indent = len(match.group(1)) + len(match.group(2) or "")
         while stack and stack[-1][0] >= indent:
@@ -483,7 +483,7 @@ def _documented_keys(text: str) -> set[str]:
         dotted = ".".join([*(name for _, name in stack), match.group(3)])
         keys.add(dotted)
         stack.append((indent, match.group(3)))
-        keys.update(f"{dotted}.{k}" for k in re.findall(r"[{,] ?([a-z_]+):", line))
+        keys.update(f"{dotted}.{k}" for k in re.findall(r"[{,] ?([a-z0-9_]+):", line))
     return keys
 
 

@@ -47,6 +47,10 @@ class HealthCheckedBalancer:
 
 @dataclass(eq=False)
 class HAProxy(HealthCheckedBalancer):
+    #: ``proto`` on the server lines: ``h2`` has HAProxy speak HTTP/2 to the replicas (the
+    #: readiness checks stay HTTP/1.1: the admin listener speaks no HTTP/2).
+    server_proto: str | None = None
+
     def __post_init__(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="drainproxy-haproxy-"))
         self.socket_path = self._dir / "admin.sock"
@@ -54,8 +58,9 @@ class HAProxy(HealthCheckedBalancer):
 
     def config_text(self) -> str:
         inter = f"{int(self.check_interval * 1000)}ms"
+        proto = f" proto {self.server_proto} check-proto h1" if self.server_proto else ""
         servers = "\n".join(
-            f"    server {b.name} 127.0.0.1:{b.port} check port {b.check_port}"
+            f"    server {b.name} 127.0.0.1:{b.port} check port {b.check_port}{proto}"
             for b in self.backends
         )
         paths = {b.check_path for b in self.backends}
