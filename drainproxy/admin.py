@@ -232,6 +232,7 @@ class AdminServer:
         #: Each connection's task, and whether it is answering a request now.
         self._connections: dict[asyncio.Task[None], bool] = {}
         self._refusing = False
+        self._closing = False
 
     async def start(self) -> None:
         listen = self.server.config.admin.listen
@@ -240,6 +241,7 @@ class AdminServer:
         )
 
     async def close(self) -> None:
+        self._closing = True
         if self._listener is not None:
             self._listener.close()
         for task, busy in list(self._connections.items()):
@@ -271,6 +273,12 @@ class AdminServer:
             await self._serve(task, reader, writer)
         except (_Closed, ConnectionError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # ``close`` ends connections by cancelling them: such a task must end normally, or
+            # Python 3.11's asyncio stream callback (task.exception() on a cancelled task)
+            # logs a traceback at every shutdown with a keep-alive admin connection open.
+            if not self._closing:
+                raise
         finally:
             del self._connections[task]
             writer.close()

@@ -102,6 +102,27 @@ async def test_after_propagation_new_connections_are_refused_and_idle_ones_close
     assert await proxy.exited() == 0
 
 
+async def test_an_admin_keep_alive_connection_is_closed_quietly_at_exit(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
+    """A scraper's keep-alive admin connection is open at exit: it is closed, and the log holds
+    no traceback (Python 3.11's stream callback raised on a connection task cancelled by the
+    admin's close)."""
+    proxy = await start_proxy(
+        await start_app(slow_app(asyncio.Event(), asyncio.Event())),
+        {"drain": {"propagation": "100ms"}},
+    )
+    admin_port = int(proxy.admin_url.rpartition(":")[2])
+    reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
+    writer.write(b"GET /live HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert (await read_head(reader)).startswith(b"HTTP/1.1 200")
+    proxy.send(signal.SIGTERM)
+    assert await reader.read() == b"live\n", "the connection is closed after its answer"
+    writer.close()
+    assert await proxy.exited() == 0
+    assert "Traceback" not in proxy.log.text()
+
+
 async def test_a_request_outliving_drain_timeout_is_cut_and_counted(
     start_app: StartApp, start_proxy: StartProxy
 ) -> None:
