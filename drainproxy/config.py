@@ -896,6 +896,8 @@ def read_config(path: str | Path | None) -> ConfigReport:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError("config", str(path), f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", str(path), f"is not UTF-8 text: {exc.reason}") from None
     return read_config_text(text, str(path))
 
 

@@ -992,7 +992,10 @@ def parse_text(text: str, source: str) -> tuple[list[Document], bool]:
 
 def _files(path: str) -> list[tuple[str, str]]:
     if path == "-":
-        return [("<stdin>", sys.stdin.read())]
+        try:  # bytes, decoded strictly: the text layer may smuggle bad bytes in as surrogates
+            return [("<stdin>", sys.stdin.buffer.read().decode())]
+        except UnicodeDecodeError:
+            raise InjectError("<stdin>: is not text") from None
     given = Path(path)
     try:
         if given.is_dir():

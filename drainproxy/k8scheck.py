@@ -362,6 +362,8 @@ def load_manifests(paths: Iterable[str | Path], stdin: TextIO | None = None) -> 
                 text = path.read_text()
             except OSError as exc:
                 raise ManifestError(f"{path}: cannot be read: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ManifestError(f"{path}: is not UTF-8 text: {exc.reason}") from None
             docs.extend(parse_manifests(text, str(path)))
     return docs
 

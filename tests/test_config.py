@@ -317,6 +317,29 @@ def test_check_as_a_process(tmp_path: Path) -> None:
     assert "limits.max_headers: 'none' must be a whole number, 1 or more" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_a_config_file_that_is_not_utf8_is_named_without_a_traceback(
+    command: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("upstream: http://127.0.0.1:8000 # caf\xe9\n".encode("latin-1"))
+    result = run_cli(command, "--config", str(path))
+    assert result.returncode == EXIT_CONFIG
+    assert f"'{path}' is not UTF-8 text" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_manifest_that_is_not_utf8_is_named_without_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "drainproxy.yaml"
+    config.write_text("upstream: http://127.0.0.1:8000\n")
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_bytes("kind: Pod # caf\xe9\n".encode("latin-1"))
+    result = run_cli("check", "--config", str(config), "--manifest", str(manifest))
+    assert result.returncode == EXIT_CONFIG
+    assert f"{manifest}: is not UTF-8 text" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_with_a_bad_config_exits_without_a_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstream: http://127.0.0.1:8000\ntimeouts: {client_body: forever}\n")

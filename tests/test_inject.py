@@ -537,6 +537,20 @@ def test_a_missing_file_is_named() -> None:
     )
 
 
+def test_stdin_that_is_not_utf8_is_one_line_and_exit_2() -> None:
+    """Read as bytes and decoded strictly: the text layer would pass bad bytes on as surrogates
+    that the YAML parser cannot encode (a traceback)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "drainproxy", "inject", "-"],
+        input="kind: Pod # caf\xe9\n".encode("latin-1"),
+        capture_output=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr == b"drainproxy inject: <stdin>: is not text\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # The app's shell preStop hook, run for real: it waits on /prestop, then runs the original
 
