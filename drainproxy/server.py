@@ -111,12 +111,20 @@ class Server:
         #: While RECOVERING: the restarted app must be seen down first, unless this passes.
         self._app_seen_down = False
         self._old_app_gone_by = 0.0
+        #: The counters the drain summary reports, as they were when the current drain began:
+        #: it reports that drain's share, not the process's whole life.
+        self._counts_at_drain: tuple[int, dict[str, int]] = (0, {})
         bind_log_context(self)
 
     # --- the one entry point for every drain trigger --------------------------------------------
 
     def request_drain(self, source: DrainSource) -> bool:
         started = self.lifecycle.request_drain(source)
+        if started:
+            self._counts_at_drain = (
+                self._requests_outside_serving(),
+                self.stats.connections_closed.copy(),
+            )
         self._wake.set()
         return started
 
@@ -408,15 +416,15 @@ class Server:
         drain = self.lifecycle.drain
         if drain is None:
             return
-        closed = self.stats.connections_closed
+        requests_before, closed_before = self._counts_at_drain
+        closed = {
+            reason: count - closed_before.get(reason, 0)
+            for reason, count in self.stats.connections_closed.items()
+        }
         phases = ", ".join(
             f"{phase.value} {seconds:.3f}s" for phase, seconds in drain.phase_seconds.items()
         )
-        during = sum(
-            count
-            for phase, count in self.stats.requests_by_phase.items()
-            if phase != Phase.SERVING.value
-        )
+        during = self._requests_outside_serving() - requests_before
         log.info(
             "drain summary: %s; requests served during the drain %d; connections closed idle %d, "
             "after a response %d, by force %d",
@@ -427,6 +435,10 @@ class Server:
             closed.get("forced", 0),
             extra={"event": "drain_summary", "forced": drain.forced},
         )
+
+    def _requests_outside_serving(self) -> int:
+        serving = Phase.SERVING.value
+        return sum(n for phase, n in self.stats.requests_by_phase.items() if phase != serving)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

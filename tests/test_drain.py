@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -200,6 +201,38 @@ async def test_liveness_restart_prestop_without_sigterm_recovers(
             if app is not None:
                 app.kill()
                 app.wait()
+
+
+async def test_each_drain_summary_counts_only_that_drains_requests_and_closes(
+    start_app: StartApp, start_proxy: StartProxy
+) -> None:
+    """A liveness restart's drain, then serving, then the pod's deletion: the second summary
+    counts nothing of the first drain nor of the serving in between."""
+    proxy = await start_proxy(
+        await start_app(slow_app(asyncio.Event(), asyncio.Event())),
+        {"drain": {"propagation": "1s"}, "app": {"stop_timeout": "200ms"}},
+    )
+    async with aiohttp.ClientSession() as session:
+        prestop = asyncio.ensure_future(session.get(proxy.admin_url + "/prestop"))
+        await proxy.log.wait(PHASE.format("propagating"))
+        async with session.get(proxy.url + "/") as response:
+            assert response.status == 200
+        (await prestop).release()
+    await proxy.log.wait(r"recovering -> serving")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 200")  # closed by the proxy
+    writer.close()
+    proxy.send(signal.SIGTERM)
+    assert await proxy.exited() == 0
+    summaries = re.findall(
+        r"drain summary: .*; requests served during the drain (\d+); connections closed idle "
+        r"(\d+), after a response (\d+), by force (\d+)",
+        proxy.log.text(),
+    )
+    assert len(summaries) == 2
+    assert summaries[0][0] == "1"
+    assert summaries[1] == ("0", "0", "0", "0")
 
 
 async def test_second_sigint_exits_at_once(start_app: StartApp, start_proxy: StartProxy) -> None:
