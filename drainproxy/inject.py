@@ -343,8 +343,10 @@ def _wait_script(admin_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _original_hook_argv(where: str, hook: Mapping[str, Any]) -> list[str]:
-    """The app's existing preStop as an argv to run after the drain."""
+def _original_hook_argv(where: str, hook: Mapping[str, Any], app: Mapping[str, Any]) -> list[str]:
+    """The app's existing preStop as an argv to run after the drain. An httpGet hook's port
+    may name a port of the ``app`` container (the kubelet resolves it there): a URL needs
+    its number."""
     if "exec" in hook:
         return [str(word) for word in _get(hook, "exec", "command") or []]
     if "sleep" in hook:
@@ -352,7 +354,16 @@ def _original_hook_argv(where: str, hook: Mapping[str, Any]) -> list[str]:
     if "httpGet" in hook:
         http = hook["httpGet"] if isinstance(hook["httpGet"], dict) else {}
         scheme = str(http.get("scheme", "HTTP")).lower()
-        url = f"{scheme}://{http.get('host') or '127.0.0.1'}:{http.get('port')}"
+        port = http.get("port")
+        if _int_port(port) is None:
+            named = {p.get("name"): p.get("containerPort") for p in _dicts(app.get("ports"))}
+            if _int_port(named.get(port)) is None:
+                raise InjectError(
+                    f"{where}: the app's preStop httpGet names port {port!r}, which the app "
+                    "container does not declare"
+                )
+            port = named[port]
+        url = f"{scheme}://{http.get('host') or '127.0.0.1'}:{port}"
         url += str(http.get("path") or "/")
         return ["sh", "-c", f'curl -fsS -k -o /dev/null "{url}" || wget -q -O /dev/null "{url}"']
     if "tcpSocket" in hook:
@@ -361,12 +372,16 @@ def _original_hook_argv(where: str, hook: Mapping[str, Any]) -> list[str]:
 
 
 def _app_prestop(
-    where: str, kept: Mapping[str, Any] | None, admin_port: int, token: str | None
+    where: str,
+    app: Mapping[str, Any],
+    kept: Mapping[str, Any] | None,
+    admin_port: int,
+    token: str | None,
 ) -> dict[str, Any]:
     """The app's new preStop: an httpGet of /prestop carrying ``token``, or (no token) the
     shell script, followed by the ``kept`` hook if there is one."""
     if token is None:
-        original = _original_hook_argv(where, kept) if kept is not None else []
+        original = _original_hook_argv(where, kept, app) if kept is not None else []
         script = _wait_script(admin_port)
         return {"exec": {"command": ["sh", "-c", script, "drainproxy-prestop", *original]}}
     return {
@@ -649,7 +664,7 @@ def inject_pod(
 
     needs_token = hook_style == "http" and kept is None
     token = options.new_token(token_scope or what) if needs_token else None
-    prestop = _app_prestop(where, kept, admin_port, token)
+    prestop = _app_prestop(where, app, kept, admin_port, token)
     _mapping(app, "lifecycle")["preStop"] = prestop
 
     grace = max(original_grace, math.ceil(timings.budget()))

@@ -620,6 +620,72 @@ async def test_shell_prestop_waits_for_the_release_then_runs_the_original_hook(
     assert marker.read_text() == "stopped\n"
 
 
+async def test_an_httpget_prestop_on_a_named_port_calls_that_ports_number(
+    prestop_server: tuple[int, asyncio.Event, asyncio.Event], tmp_path: Path
+) -> None:
+    """The kubelet resolves a hook's port name in its own container; the shell hook that runs
+    the original after the drain needs the number in its URL (it held the name)."""
+    port, _, release = prestop_server
+    shutdown = asyncio.Event()
+
+    async def on_shutdown(request: web.Request) -> web.Response:
+        shutdown.set()
+        return web.Response(text="bye\n")
+
+    app_server = web.Application()
+    app_server.router.add_get("/shutdown", on_shutdown)
+    runner = web.AppRunner(app_server, shutdown_timeout=0.5)
+    await runner.setup()
+    app_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", app_port).start()
+    source = f"""apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata:
+      labels: {{app: web}}
+      annotations: {{drainproxy.io/admin-port: '{port}'}}
+    spec:
+      containers:
+        - name: web
+          image: example/web
+          ports: [{{name: http, containerPort: {app_port}}}]
+          lifecycle: {{preStop: {{httpGet: {{port: http, path: /shutdown}}}}}}
+"""
+    try:
+        result = inject("-", stdin=source)
+        assert result.returncode == 0, result.stderr
+        app = template(workloads(objects(result.stdout))[0])["spec"]["containers"][0]
+        command = app["lifecycle"]["preStop"]["exec"]["command"]
+        release.set()
+        hook = await asyncio.create_subprocess_exec(
+            *command, env={"PATH": str(tool_dir(tmp_path, "curl"))}
+        )
+        assert await asyncio.wait_for(hook.wait(), 10) == 0
+        assert shutdown.is_set(), "the app's own preStop endpoint was called"
+    finally:
+        await runner.cleanup()
+
+
+def test_an_httpget_prestop_naming_an_undeclared_port_is_refused() -> None:
+    source = (
+        (MANIFESTS / "rails.yaml")
+        .read_text()
+        .replace(
+            "          readinessProbe:",
+            "          lifecycle: {preStop: {httpGet: {port: admin, path: /quit}}}\n"
+            "          readinessProbe:",
+        )
+    )
+    result = inject("-", stdin=source)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "the app's preStop httpGet names port 'admin', which the app container" in (
+        result.stderr
+    )
+
+
 def test_the_cli_lists_inject_and_webhook() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "drainproxy", "--help"], capture_output=True, text=True, timeout=60
