@@ -638,6 +638,13 @@ class Config:
     def _rules(self, name: str, raw: dict[Any, Any]) -> Iterator[ConfigError]:
         if self.listen == self.admin.listen:
             yield ConfigError("admin.listen", str(self.admin.listen), "must differ from listen")
+        elif _listeners_clash(self.listen, self.admin.listen):
+            yield ConfigError(
+                "admin.listen",
+                str(self.admin.listen),
+                f"must differ from listen ({self.listen}): a wildcard address takes the port "
+                "on every address of its family, so the second bind would fail",
+            )
         for own, address in (("listen", self.listen), ("admin.listen", self.admin.listen)):
             if _same_socket(self.upstream.host, self.upstream.port, address):
                 yield ConfigError(
@@ -658,6 +665,17 @@ class Config:
                 f"{needed} (and terminationGracePeriodSeconds in the pod spec) or shorten the "
                 "drain",
             )
+
+
+def _listeners_clash(a: Address, b: Address) -> bool:
+    """Would binding both fail (EADDRINUSE)? The same port with a wildcard host on one side and
+    an address of its family on the other (``::`` takes IPv4 too: Linux binds it dual-stack)."""
+    if a.port != b.port:
+        return False
+    if a.host == b.host or "::" in (a.host, b.host):
+        return True
+    pairs = ((a.host, b.host), (b.host, a.host))
+    return any(wild == "0.0.0.0" and ":" not in other for wild, other in pairs)
 
 
 def _same_socket(host: str, port: int, address: Address) -> bool:

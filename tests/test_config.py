@@ -113,6 +113,15 @@ BAD_CONFIGS = [
         "forwarded.x_forwarded_proto: 'keep' must be one of preserve, overwrite, off",
     ),
     ("admin: {listen: '0.0.0.0:8080'}", "admin.listen: '0.0.0.0:8080' must differ from listen"),
+    (
+        "admin: {listen: '127.0.0.1:8080'}",
+        "admin.listen: '127.0.0.1:8080' must differ from listen (0.0.0.0:8080): a wildcard",
+    ),
+    (
+        "{listen: '127.0.0.1:9901', upstream: 'http://127.0.0.1:8000'}",
+        "admin.listen: '0.0.0.0:9901' must differ from listen (127.0.0.1:9901): a wildcard",
+    ),
+    ("admin: {listen: '[::]:8080'}", "admin.listen: '[::]:8080' must differ from listen"),
     ("drain: {timeout: 1 minute}", "drain.timeout: '1 minute' must be a duration"),
     ("drain: {min: 25s, timeout: 20s}", "drain.min: 25s must not exceed drain.timeout (20s)"),
     ("termination_grace_period: 10s", "termination_grace_period: 10s is shorter than"),
