@@ -48,7 +48,8 @@ MAX_BODY_BYTES = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 #: A keep-alive connection with no request for this long is closed (aiohttp's former default).
 IDLE_TIMEOUT = 75.0
-#: Open admin connections; beyond it new ones are closed at once. Probes open one at a time.
+#: Open admin connections; beyond it the oldest idle one is closed for the newcomer (a flood of
+#: silent connections must not lock the kubelet's probes out), or the newcomer if all are busy.
 MAX_CONNECTIONS = 256
 #: After an error answer, what the client still sends is read and dropped for at most this long.
 LINGER_SECONDS = 2.0
@@ -231,6 +232,7 @@ class AdminServer:
         self._listener: asyncio.Server | None = None
         #: Each connection's task, and whether it is answering a request now.
         self._connections: dict[asyncio.Task[None], bool] = {}
+        self._writers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._refusing = False
         self._closing = False
 
@@ -257,7 +259,7 @@ class AdminServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._connections) >= MAX_CONNECTIONS:
+        if len(self._connections) >= MAX_CONNECTIONS and not self._close_oldest_idle():
             if not self._refusing:  # once per episode, not once per connection
                 log.warning(
                     "admin: %d connections open; closing new ones until some end",
@@ -269,6 +271,7 @@ class AdminServer:
             return
         self._refusing = False
         self._connections[task] = False
+        self._writers[task] = writer
         try:
             await self._serve(task, reader, writer)
         except (_Closed, ConnectionError, TimeoutError):
@@ -280,8 +283,18 @@ class AdminServer:
             if not self._closing:
                 raise
         finally:
-            del self._connections[task]
+            self._connections.pop(task, None)  # already gone if closed for a newcomer
+            del self._writers[task]
             writer.close()
+
+    def _close_oldest_idle(self) -> bool:
+        """Close the longest-open connection that is not answering a request; False if none."""
+        for task, busy in self._connections.items():
+            if not busy:
+                self._writers[task].close()  # its read ends, and the task with it
+                del self._connections[task]
+                return True
+        return False
 
     async def _serve(
         self, task: asyncio.Task[None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -289,9 +302,10 @@ class AdminServer:
         peer = writer.get_extra_info("peername")
         remote = str(peer[0]) if isinstance(peer, tuple) else "-"
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        first = True
         while True:
             try:
-                request = await self._read_request(conn, reader, writer, remote)
+                request = await self._read_request(conn, reader, writer, remote, first)
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     status = exc.error_status_hint
@@ -322,6 +336,7 @@ class AdminServer:
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # Connection: close from either side, or HTTP/1.0
             conn.start_next_cycle()
+            first = False
 
     async def _answer(self, request: Request) -> Response:
         found = route(request.method, request.path)
@@ -339,9 +354,12 @@ class AdminServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         remote: str,
+        first: bool,
     ) -> Request:
-        """The next request, its body read and dropped. The first byte may take ``IDLE_TIMEOUT``;
-        the whole request then gets ``REQUEST_TIMEOUT``."""
+        """The next request, its body read and dropped. On a new connection the whole request
+        gets ``REQUEST_TIMEOUT`` from the connect (probes and hooks send at once; a silent
+        connection is not kept); on a kept-alive one the first byte may take ``IDLE_TIMEOUT``,
+        the rest ``REQUEST_TIMEOUT``."""
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         head: h11.Request | None = None
@@ -351,6 +369,8 @@ class AdminServer:
             if event is h11.NEED_DATA:
                 if conn.they_are_waiting_for_100_continue:
                     writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                if deadline is None and first:
+                    deadline = loop.time() + REQUEST_TIMEOUT
                 wait = IDLE_TIMEOUT if deadline is None else deadline - loop.time()
                 async with asyncio.timeout(max(0.0, wait)):
                     data = await reader.read(65536)
