@@ -145,6 +145,8 @@ class HeadInfo:
     transfer_codings: bytes | None = None
     connection_tokens: frozenset[bytes] = frozenset()
     host: bytes | None = None
+    #: The request had no Host field; ``host`` was made from an absolute-form target.
+    host_from_target = False
     upgrade: bytes | None = None
     forwarded_for: list[bytes] | None = None
     has_forwarded_proto = False
@@ -317,6 +319,7 @@ def forward_head(
                 raise FramingError("transfer codings other than chunked are not supported", 501)
     if authority is not None and info.host is None:
         info.host = authority
+        info.host_from_target = True
         out += (b"Host", _FIELD_SEPARATOR, authority, CRLF)
     tokens = info.connection_tokens
     if tokens and not tokens <= _NO_EXTRA_DROP:

@@ -677,8 +677,12 @@ class ClientConnection(asyncio.Protocol):
                 )
         except FramingError as exc:
             raise Rejection(exc.status, f"malformed request: {exc}") from None
-        if info.host is None and version == "1.1":
+        if version == "1.1" and (info.host is None or info.host_from_target):
+            # RFC 9112 §3.2: 400 for any HTTP/1.1 request without Host, absolute-form included.
             raise Rejection(400, "malformed request: HTTP/1.1 without Host")
+        if target == b"*" and req.method != b"OPTIONS":
+            # RFC 9112 §3.2.4: the asterisk-form is only for a server-wide OPTIONS.
+            raise Rejection(400, "malformed request: asterisk-form target without OPTIONS")
         if req.upgrade and info.upgrade is not None and info.upgrade.lower() == b"h2c":
             # RFC 9113 §3.1 deprecates the h2c Upgrade: served as HTTP/1.1, then the connection
             # closes (llhttp stops at an upgrade request); see docs/http2.md.

@@ -30,6 +30,10 @@ def post(headers: bytes, body: bytes = b"", version: bytes = b"1.1") -> bytes:
 
 
 REFUSED = {
+    # RFC 9112 §3.2: an HTTP/1.1 request without Host is 400, absolute-form too (review).
+    "absolute-form-without-host": b"GET http://a/front HTTP/1.1\r\n\r\n",
+    # RFC 9112 §3.2.4: the asterisk-form is for OPTIONS only.
+    "asterisk-form-get": b"GET * HTTP/1.1\r\nHost: h\r\n\r\n",
     # CL.TE and TE.CL: both framings present.
     "cl-te": post(b"Content-Length: 6\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n" + SMUGGLED),
     "te-cl": post(b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n", CHUNK_WITH_SMUGGLED),
