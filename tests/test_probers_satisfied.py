@@ -1,0 +1,47 @@
+"""Issue 17: a prober's "satisfied" state (it has seen its threshold of 503s) lasts only while it
+keeps seeing failures; rules are tried in order, each one's address and User-Agent both checked."""
+
+from __future__ import annotations
+
+from drainproxy.config import ProberRule
+from drainproxy.probers import ProberTracker
+
+LB = ("10.0.0.9", "lb")
+
+
+def test_a_prober_that_sees_ready_again_is_no_longer_satisfied() -> None:
+    """After a recovery the balancer sees 200s again: its earlier 503s are no evidence for the
+    next drain, which must wait for a fresh threshold of failures."""
+    probers = ProberTracker([], default_threshold=2)
+    probers.record(*LB, ready=False, now=0.0)
+    probers.record(*LB, ready=False, now=1.0)
+    assert probers.all_satisfied_at(1.0) == 1.0
+    probers.record(*LB, ready=True, now=2.0)
+    assert probers.all_satisfied_at(2.0) is None
+    probers.record(*LB, ready=False, now=3.0)
+    assert probers.all_satisfied_at(3.0) is None, "one failure of two since it saw ready"
+    probers.record(*LB, ready=False, now=4.0)
+    assert probers.all_satisfied_at(4.0) == 4.0, "satisfied again, from the new failures"
+
+
+def test_more_failures_past_the_threshold_keep_the_first_moment() -> None:
+    probers = ProberTracker([], default_threshold=2)
+    for at in (0.0, 1.0, 2.0, 3.0):
+        probers.record(*LB, ready=False, now=at)
+    assert probers.all_satisfied_at(3.0) == 1.0
+
+
+def test_a_rule_for_another_address_is_skipped_not_the_end_of_the_rules() -> None:
+    rules = [
+        ProberRule(failure_threshold=5, address="10.0.0.1"),
+        ProberRule(failure_threshold=4, address="10.0.0.9", user_agent=r"^kube-probe/"),
+        ProberRule(failure_threshold=2, address="10.0.0.9"),
+    ]
+    probers = ProberTracker(rules, default_threshold=3)
+    assert probers.threshold_for("10.0.0.9", "lb") == 2
+    assert probers.threshold_for("10.0.0.9", "kube-probe/1.31") == 4
+    assert probers.threshold_for("10.0.0.1", "kube-probe/1.31") == 5
+    assert probers.threshold_for("10.0.0.2", "kube-probe/1.31") == 3
+    probers.record(*LB, ready=False, now=0.0)
+    probers.record(*LB, ready=False, now=1.0)
+    assert probers.all_satisfied_at(1.0) == 1.0, "the address rule's threshold of 2 applies"
