@@ -15,6 +15,7 @@ The score is killed / (all - equivalent); the target is ≥ 95 % per module (iss
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -125,7 +126,15 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only report the last run")
     args = parser.parse_args()
     if not args.report:
-        subprocess.run([*MUTMUT, "run"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        # mutmut runs the type checker by name: the venv's mypy, activated or not.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        subprocess.run(
+            [*MUTMUT, "run"],
+            cwd=REPO,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "PATH": path},
+        )
     table, met = report(verdicts())
     head = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
