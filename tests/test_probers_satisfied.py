@@ -4,7 +4,7 @@ keeps seeing failures; rules are tried in order, each one's address and User-Age
 from __future__ import annotations
 
 from drainproxy.config import ProberRule
-from drainproxy.probers import ProberTracker
+from drainproxy.probers import Prober, ProberTracker
 
 LB = ("10.0.0.9", "lb")
 
@@ -45,3 +45,9 @@ def test_a_rule_for_another_address_is_skipped_not_the_end_of_the_rules() -> Non
     probers.record(*LB, ready=False, now=0.0)
     probers.record(*LB, ready=False, now=1.0)
     assert probers.all_satisfied_at(1.0) == 1.0, "the address rule's threshold of 2 applies"
+
+
+def test_a_prober_describes_itself_for_the_log() -> None:
+    assert Prober("10.0.0.9", "", 2, 0.0).describe() == "10.0.0.9 - (0/2 x 503)"
+    prober = Prober("10.0.0.1", "kube-probe/1.31", 1, 5.0, interval=0.5, consecutive_failures=1)
+    assert prober.describe() == "10.0.0.1 kube-probe/1.31 (1/1 x 503, every 0.50s)"
