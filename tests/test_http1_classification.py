@@ -223,4 +223,67 @@ def test_plain_response_frames_its_body() -> None:
         b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Length: 12\r\nConnection: close\r\n\r\nbad gateway\n"
     )
-    assert b"Connection" not in plain_response(400, "x", close=False)
+    assert plain_response(400, "x", close=False) == (
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 2\r\n\r\nx\n"
+    )
+
+
+def test_framing_errors_say_what_is_wrong() -> None:
+    cases = [
+        ([(b"Content-Length", b"x")], "Content-Length is not a number"),
+        (
+            [(b"Content-Length", b"1"), (b"Content-Length", b"2")],
+            "several differing Content-Length fields",
+        ),
+        ([(b"Host", b"a"), (b"Host", b"b")], "several Host fields"),
+        (
+            [(b"Content-Length", b"1"), (b"Transfer-Encoding", b"chunked")],
+            "both Content-Length and Transfer-Encoding",
+        ),
+        ([(b"Transfer-Encoding", b"gzip")], "Transfer-Encoding does not end in chunked"),
+    ]
+    for headers, message in cases:
+        with pytest.raises(FramingError) as raised:
+            forward(headers)
+        assert str(raised.value) == message
+
+
+def test_the_last_of_several_codings_decides_chunked() -> None:
+    _, info = forward([(b"Transfer-Encoding", b"gzip, deflate, chunked")], request=False)
+    assert info.chunked
+    _, info = forward([(b"Transfer-Encoding", b"chunked, gzip, deflate")], request=False)
+    assert not info.chunked
+
+
+def test_an_unknown_name_as_long_as_a_watched_one_is_an_ordinary_field() -> None:
+    headers = [(b"X-Request-Id-1", b"a"), (b"X-Custom-Header1", b"b"), (b"Accept-Ranges", b"c")]
+    fields, info = forward(headers)
+    assert fields == headers
+    assert info.content_length is None and info.host is None
+
+
+def test_connection_tokens_of_several_fields_add_up() -> None:
+    fields, info = forward(
+        [(b"Connection", b"X-A"), (b"Connection", b"close"), (b"X-A", b"1"), (b"Upgrade", b"h2c")]
+    )
+    assert info.connection_tokens == {b"x-a", b"close"}
+    assert info.upgrade == b"h2c"
+    assert fields == []
+
+
+def test_a_connection_naming_only_hop_by_hop_fields_keeps_the_others() -> None:
+    every = b"connection, keep-alive, proxy-connection, te, trailer, transfer-encoding, upgrade"
+    fields, _ = forward([(b"Connection", every + b", close"), (b"Close", b"1")], request=False)
+    assert fields == [(b"Close", b"1")]
+
+
+def test_chunk_size_lines_are_lower_case_hex() -> None:
+    assert http1.chunk_size_line(255) == b"ff\r\n"
+    assert http1.chunk_size_line(0) == b"0\r\n"
+
+
+def test_gathering_starts_from_the_last_two_bytes_fed() -> None:
+    assert http1.gather_start(b"GET / HTTP/1.1\r") == bytearray(b"1\r")
+    assert http1.gather_start(b"\r") == bytearray(b"\n\r"), "padded with LF"
+    assert http1.gather_start(b"abc") == bytearray(b"bc")

@@ -4,7 +4,7 @@ keeps seeing failures; rules are tried in order, each one's address and User-Age
 from __future__ import annotations
 
 from drainproxy.config import ProberRule
-from drainproxy.probers import Prober, ProberTracker
+from drainproxy.probers import RECENT, Prober, ProberTracker
 
 LB = ("10.0.0.9", "lb")
 
@@ -51,3 +51,21 @@ def test_a_prober_describes_itself_for_the_log() -> None:
     assert Prober("10.0.0.9", "", 2, 0.0).describe() == "10.0.0.9 - (0/2 x 503)"
     prober = Prober("10.0.0.1", "kube-probe/1.31", 1, 5.0, interval=0.5, consecutive_failures=1)
     assert prober.describe() == "10.0.0.1 kube-probe/1.31 (1/1 x 503, every 0.50s)"
+
+
+def test_a_satisfied_prober_counts_until_recent_has_passed() -> None:
+    probers = ProberTracker([], default_threshold=2)
+    probers.record(*LB, ready=False, now=0.0)
+    probers.record(*LB, ready=False, now=1.0)
+    assert probers.all_satisfied_at(1.0 + RECENT) == 1.0, "exactly RECENT ago still counts"
+    assert probers.all_satisfied_at(1.5 + RECENT) is None
+
+
+def test_the_tracker_lists_every_prober_for_the_log() -> None:
+    probers = ProberTracker([], default_threshold=2)
+    for at in (0.0, 1.0):
+        probers.record(*LB, ready=False, now=at)
+        probers.record("10.0.0.1", "", ready=False, now=at)
+    text = probers.describe(1.0)
+    assert text.startswith("2 prober(s): ")
+    assert "10.0.0.9 lb (2/2 x 503, every 1.00s); 10.0.0.1 - (2/2 x 503, every 1.00s)" in text
