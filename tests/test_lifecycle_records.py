@@ -16,6 +16,7 @@ from drainproxy.lifecycle import (
     DrainLifecycle,
     DrainSource,
     DrainTimings,
+    Evidence,
     Phase,
     Transition,
 )
@@ -428,3 +429,32 @@ def test_a_signal_while_recovering_starts_a_drain_that_exits() -> None:
         Transition(Phase.RECOVERING, Phase.PROPAGATING, START + 2.0, "drain requested by signal")
     ]
     assert len(lifecycle.completed_drains) == 1
+
+
+def test_evidence_that_holds_exactly_now_ends_propagation_now() -> None:
+    """Every condition met at this very moment: the phase ends now, not at a deadline of now
+    (a zero wait, on which the driver would spin until the clock ticks)."""
+    clock = FakeClock()
+    timings = DrainTimings(
+        propagation=8.0, timeout=8.0, evidence=True, propagation_min=1.0,
+        propagation_margin=0.5, quiet=0.25,
+    )  # fmt: skip
+    lifecycle = DrainLifecycle(timings, clock)
+    lifecycle.request_drain(DrainSource.SIGNAL)
+    lifecycle.pop_transitions()
+    clock.advance(1.0)
+    lifecycle.consider_evidence(
+        Evidence(
+            probers_satisfied_at=START + 0.5,
+            last_arrival_at=START + 0.75,
+            traffic_overdue_at=None,
+            probers="P",
+            traffic="T",
+        )
+    )
+    assert lifecycle.pop_transitions() == [
+        Transition(
+            Phase.PROPAGATING, Phase.DRAINING, START + 1.0, "evidence: P; traffic stopped: T"
+        )
+    ]
+    assert_deadlines_clean(lifecycle)
