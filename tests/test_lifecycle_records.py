@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from drainproxy.errors import LifecycleError
 from drainproxy.lifecycle import (
     DrainLifecycle,
     DrainSource,
@@ -458,3 +459,42 @@ def test_evidence_that_holds_exactly_now_ends_propagation_now() -> None:
         )
     ]
     assert_deadlines_clean(lifecycle)
+
+
+def test_a_drain_starts_at_the_one_clock_reading_of_its_request() -> None:
+    ticks = iter(START + 0.25 * step for step in range(100))
+    lifecycle = DrainLifecycle(DrainTimings(readiness_fail_delay=0.0), lambda: next(ticks))
+    lifecycle.request_drain(DrainSource.SIGNAL)
+    (transition,) = lifecycle.pop_transitions()
+    assert lifecycle.drain is not None and transition.at == lifecycle.drain.started_at
+    delayed = DrainLifecycle(DrainTimings(readiness_fail_delay=1.0), lambda: next(ticks))
+    delayed.request_drain(DrainSource.SIGNAL)
+    (transition,) = delayed.pop_transitions()
+    assert delayed.drain is not None and transition.at == delayed.drain.started_at
+
+
+def test_releasing_the_app_outside_its_stop_is_refused_by_name() -> None:
+    lifecycle, _ = make()
+    with pytest.raises(LifecycleError, match=r"^no app stop is due in phase serving$"):
+        lifecycle.note_app_released()
+
+
+def test_propagation_held_to_its_maximum_says_what_held_it() -> None:
+    clock = FakeClock()
+    lifecycle = DrainLifecycle(DrainTimings(propagation=2.0, evidence=True), clock)
+    lifecycle.request_drain(DrainSource.PRESTOP)
+    (_, drain) = sleep_until_deadline(lifecycle, clock)
+    assert drain.reason == "propagation ran to its maximum; held by no evidence considered yet"
+    lifecycle.note_quiescent()
+    lifecycle.note_app_stopped()
+    lifecycle.note_app_ready()
+    lifecycle.request_drain(DrainSource.SIGNAL)
+    lifecycle.pop_transitions()
+    lifecycle.consider_evidence(
+        Evidence(None, clock.now, clock.now + 9.0, probers="P", traffic="T")
+    )
+    assert lifecycle.evidence_holding == "probers: P; traffic still arriving: T"
+    sleep_until_deadline(lifecycle, clock)
+    lifecycle.note_quiescent()
+    lifecycle.note_app_stopped()
+    assert phase_of(lifecycle) is Phase.STOPPED
