@@ -278,7 +278,6 @@ class DrainLifecycle:
             else:
                 self.drain.forced = True
                 self._move(Event.DEADLINE_REACHED, Phase.STOPPING_APP, "drain.timeout reached", due)
-            self.deadline = None
 
     def consider_evidence(self, evidence: Evidence) -> None:
         """In evidence mode, end PROPAGATING once every prober still probing has marked us
@@ -330,7 +329,6 @@ class DrainLifecycle:
             self.drain.quiescent_at = now
         if now >= self.min_deadline:
             self._move(Event.QUIESCENT, Phase.STOPPING_APP, "no connection left")
-            self.deadline = None
         else:
             self.deadline = self.min_deadline
 
@@ -345,7 +343,6 @@ class DrainLifecycle:
         else:
             target, reason = Phase.RECOVERING, "app released by preStop only: waiting for it"
         self._move(Event.APP_STOPPED, target, reason)
-        self.deadline = None
 
     def note_app_ready(self) -> None:
         self._check(Event.APP_READY)
@@ -353,14 +350,14 @@ class DrainLifecycle:
         self.drain = None
 
     def shutdown_now(self, reason: str) -> None:
-        """Skip to STOPPED (a second SIGINT, or SIGQUIT)."""
+        """Skip to STOPPED (a second SIGINT, or SIGQUIT). A drain still under way is recorded
+        ``forced``; one already over (DRAINED, RECOVERING) stays as it ended."""
         self._check(Event.SHUTDOWN_NOW)
         self.immediate = True
         self.exit_requested = True
-        if self.drain is not None:
+        if self.drain is not None and self.drain not in self.completed_drains:
             self.drain.forced = True
         self._move(Event.SHUTDOWN_NOW, Phase.STOPPED, reason)
-        self.deadline = None
 
     # --- internals -----------------------------------------------------------------------
 
@@ -370,7 +367,6 @@ class DrainLifecycle:
 
     def _start_draining(self, event: Event, at: float, reason: str) -> None:
         self._move(event, Phase.DRAINING, reason, at)
-        self.propagation_deadline = None
         self.min_deadline = at + self._timings.min
         self.timeout_deadline = self.deadline = at + self._timings.timeout
 
@@ -388,9 +384,19 @@ class DrainLifecycle:
         if self.drain is not None and self.phase not in (Phase.SERVING, Phase.RECOVERING):
             spent = self.drain.phase_seconds.get(self.phase, 0.0)
             self.drain.phase_seconds[self.phase] = spent + now - self.phase_entered_at
+        self._clear_deadlines()
         self._pending.append(Transition(self.phase, target, now, reason))
         self.phase = target
         self.phase_entered_at = now
         drain_over = target in (Phase.STOPPED, Phase.DRAINED, Phase.RECOVERING)
         if drain_over and self.drain is not None and self.drain not in self.completed_drains:
             self.completed_drains.append(self.drain)
+
+    def _clear_deadlines(self) -> None:
+        """Leaving a phase drops its deadlines (the phase entered sets its own): one left in
+        the past would make the driver's wait 0 s, a busy loop, and show in /status."""
+        self.deadline = None
+        if self.phase is Phase.PROPAGATING:
+            self.propagation_deadline = None
+        elif self.phase is Phase.DRAINING:
+            self.min_deadline = self.timeout_deadline = None

@@ -143,7 +143,11 @@ def test_quiescent_before_drain_min_waits_for_it() -> None:
     clock.advance(2.0)
     lifecycle.poll()
     assert phases(lifecycle) == [Phase.STOPPING_APP]
-    assert not lifecycle.completed_drains or not lifecycle.completed_drains[-1].forced
+    lifecycle.note_app_stopped()
+    assert phases(lifecycle) == [Phase.RECOVERING]
+    (drain,) = lifecycle.completed_drains
+    assert not drain.forced, "it went quiet: nothing was cut"
+    assert drain.quiescent_at == clock.now - 2.0
 
 
 def test_drain_timeout_forces_the_end() -> None:
