@@ -804,21 +804,7 @@ class Http1Exchange:
         if not stream.request_complete and info.content_length is None:
             self.chunked = True
             head.append(b"Transfer-Encoding: chunked\r\n")
-        if ctx.xff_append:
-            prior = info.forwarded_for
-            if prior is None:
-                head.append(stream.conn.peer_line)
-            else:
-                peer = stream.conn.peer.encode()
-                head += (b"X-Forwarded-For: ", b", ".join([*prior, peer]), CRLF)
-        if ctx.set_xfp and (ctx.overwrite_xfp or not info.has_forwarded_proto):
-            head.append(ctx.forwarded_proto_line)
-        if (
-            ctx.set_xfh
-            and info.host is not None
-            and (ctx.overwrite_xfh or not info.has_forwarded_host)
-        ):
-            head += (b"X-Forwarded-Host: ", info.host, CRLF)
+        ctx.add_forwarding_fields(head, info, stream.conn.peer_line, stream.conn.peer)
         head.append(CRLF)
         return b"".join(head)
 

@@ -41,6 +41,8 @@ from drainproxy.k8scheck import (
     IMAGE_USER,
     TOKEN_HEADER,
     UNPROXIED_PORTS_ANNOTATION,
+    _get,
+    _list,
     drainproxy_launch,
 )
 
@@ -159,24 +161,12 @@ class InjectedPod:
 # Small helpers over parsed YAML
 
 
-def _get(node: object, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
-
-
-def _dicts(node: object) -> list[dict[str, Any]]:
-    return [item for item in node if isinstance(item, dict)] if isinstance(node, list) else []
-
-
 def _containers(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return _dicts(spec.get("containers")) + _dicts(spec.get("initContainers"))
+    return _list(spec.get("containers")) + _list(spec.get("initContainers"))
 
 
 def _declared(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [port for c in _containers(spec) for port in _dicts(c.get("ports"))]
+    return [port for c in _containers(spec) for port in _list(c.get("ports"))]
 
 
 def _int_port(value: object) -> int | None:
@@ -196,9 +186,9 @@ def find_service_port(spec: Mapping[str, Any], service_port: Mapping[str, Any]) 
     if number is not None:
         return number
     protocol = service_port.get("protocol", "TCP")
-    sidecars = [c for c in _dicts(spec.get("initContainers")) if c.get("restartPolicy") == "Always"]
-    for container in _dicts(spec.get("containers")) + sidecars:
-        for port in _dicts(container.get("ports")):
+    sidecars = [c for c in _list(spec.get("initContainers")) if c.get("restartPolicy") == "Always"]
+    for container in _list(spec.get("containers")) + sidecars:
+        for port in _list(container.get("ports")):
             if port.get("name") == target and port.get("protocol", "TCP") == protocol:
                 return _int_port(port.get("containerPort"))
     return None
@@ -247,7 +237,7 @@ def _choose_app_port(
     requested: str | None,
     service_targets: Iterable[int],
 ) -> int:
-    ports = _dicts(app.get("ports"))
+    ports = _list(app.get("ports"))
     if requested is not None:
         number = _int_port(requested)
         if number is None:
@@ -356,7 +346,7 @@ def _original_hook_argv(where: str, hook: Mapping[str, Any], app: Mapping[str, A
         scheme = str(http.get("scheme", "HTTP")).lower()
         port = http.get("port")
         if _int_port(port) is None:
-            named = {p.get("name"): p.get("containerPort") for p in _dicts(app.get("ports"))}
+            named = {p.get("name"): p.get("containerPort") for p in _list(app.get("ports"))}
             if _int_port(named.get(port)) is None:
                 raise InjectError(
                     f"{where}: the app's preStop httpGet names port {port!r}, which the app "
@@ -417,7 +407,7 @@ def _folded_app_check(app: Mapping[str, Any], app_port: int) -> dict[str, Any] |
         port = next(
             (
                 _int_port(p.get("containerPort"))
-                for p in _dicts(app.get("ports"))
+                for p in _list(app.get("ports"))
                 if p.get("name") == http.get("port")
             ),
             None,
@@ -572,7 +562,7 @@ def _style(
 
 
 def _app_container(where: str, spec: Mapping[str, Any], name: str | None) -> dict[str, Any]:
-    containers = _dicts(spec.get("containers"))
+    containers = _list(spec.get("containers"))
     if name is not None:
         found = next((c for c in containers if c.get("name") == name), None)
         if found is None:
@@ -717,7 +707,7 @@ def _hand_over_port_name(
     A name another container declares too is not taken: once the app gives it up, names
     resolve in the regular containers first, so Services would reach that other container."""
     app_entry = next(
-        (p for p in _dicts(app.get("ports")) if p.get("containerPort") == app_port), None
+        (p for p in _list(app.get("ports")) if p.get("containerPort") == app_port), None
     )
     if app_entry is None:
         # Declared, so the pod says which container owns the port drainproxy forwards to.
@@ -884,7 +874,7 @@ def _inject_workload(
         n
         for s in services
         if _selects(s.body, doc.body, labels)
-        for p in _dicts(_get(s.body, "spec", "ports"))
+        for p in _list(_get(s.body, "spec", "ports"))
         if (n := _int_port(p.get("targetPort", p.get("port")))) is not None
     ]
     name = _get(doc.body, "metadata", "name") or "pod"
@@ -929,7 +919,7 @@ def _proxy(spec: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _listen_name(spec: Mapping[str, Any]) -> str | None:
-    ports = _dicts(_get(_proxy(spec), "ports"))
+    ports = _list(_get(_proxy(spec), "ports"))
     return str(ports[0]["name"]) if ports and ports[0].get("name") else None
 
 
@@ -938,9 +928,9 @@ def _point_service(service: dict[str, Any], fronted: list[_Fronted]) -> None:
     for pod in fronted:
         if not _selects(service, pod.workload, pod.labels):
             continue
-        proxy_ports = _dicts(_get(_proxy(pod.after), "ports"))
+        proxy_ports = _list(_get(_proxy(pod.after), "ports"))
         listen = _int_port(proxy_ports[0].get("containerPort")) if proxy_ports else None
-        for port in _dicts(_get(service, "spec", "ports")):
+        for port in _list(_get(service, "spec", "ports")):
             reached_app = find_service_port(pod.before, port) == pod.app_port
             if reached_app and find_service_port(pod.after, port) != listen:
                 port["targetPort"] = pod.listen_name

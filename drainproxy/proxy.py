@@ -257,6 +257,26 @@ class ProxyContext:
 
         return open_http1_backend(stream)
 
+    def add_forwarding_fields(
+        self, head: list[bytes], info: HeadInfo, peer_line: bytes, peer: str
+    ) -> None:
+        """Append the X-Forwarded-* fields this hop adds, as ``forwarded:`` configures them, to
+        a request head for the app (HTTP/1.1 and HTTP/2 clients alike)."""
+        if self.xff_append:
+            prior = info.forwarded_for
+            if prior is None:
+                head.append(peer_line)
+            else:
+                head += (b"X-Forwarded-For: ", b", ".join([*prior, peer.encode()]), CRLF)
+        if self.set_xfp and (self.overwrite_xfp or not info.has_forwarded_proto):
+            head.append(self.forwarded_proto_line)
+        if (
+            self.set_xfh
+            and info.host is not None
+            and (self.overwrite_xfh or not info.has_forwarded_host)
+        ):
+            head += (b"X-Forwarded-Host: ", info.host, CRLF)
+
     def note_refused(self) -> None:
         self.stats.connections_refused += 1
         self._refused_unlogged += 1
@@ -850,21 +870,7 @@ class ClientConnection(asyncio.Protocol):
             head.append(_TRANSFER_ENCODING_CHUNKED)
         if req.upgrade and info.upgrade is not None:
             head += (_CONNECTION_UPGRADE, b"Upgrade: ", info.upgrade, CRLF)
-        if ctx.xff_append:
-            prior = info.forwarded_for
-            if prior is None:
-                head.append(self.peer_line)
-            else:
-                peer = self.peer.encode()
-                head += (b"X-Forwarded-For: ", b", ".join([*prior, peer]), CRLF)
-        if ctx.set_xfp and (ctx.overwrite_xfp or not info.has_forwarded_proto):
-            head.append(ctx.forwarded_proto_line)
-        if (
-            ctx.set_xfh
-            and info.host is not None
-            and (ctx.overwrite_xfh or not info.has_forwarded_host)
-        ):
-            head += (b"X-Forwarded-Host: ", info.host, CRLF)
+        ctx.add_forwarding_fields(head, info, self.peer_line, self.peer)
         head.append(CRLF)
         return b"".join(head)
 
