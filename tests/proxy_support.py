@@ -82,7 +82,28 @@ class AppRequest:
 Handler = Callable[[AppRequest, asyncio.StreamWriter], Awaitable[bool]]
 
 
-class RawApp:
+class LoopbackServer:
+    """A test server on 127.0.0.1 and a free port; subclasses answer in ``_serve``."""
+
+    server: asyncio.Server | None = None
+    port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+
+
+class RawApp(LoopbackServer):
     """An upstream on raw sockets. Every request is recorded; the handler routed by path (else
     ``default``) writes any bytes it likes."""
 
@@ -95,8 +116,6 @@ class RawApp:
         self.open_connections = 0
         self.disconnects = 0
         self.changed = asyncio.Condition()
-        self.server: asyncio.Server | None = None
-        self.port = 0
 
     def route(self, path: bytes) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
@@ -104,17 +123,6 @@ class RawApp:
             return handler
 
         return register
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         async with self.changed:
@@ -391,6 +399,31 @@ async def launch_proxy(
 
 
 # --- measuring the proxy process ---------------------------------------------------------------
+
+
+MiB = 1 << 20
+_BLOCK = b"x" * MiB
+
+
+def add_streaming_routes(app: RawApp) -> None:
+    """``/upload`` reads a body of any size without keeping it and answers its length;
+    ``/download?N`` answers N bytes (a whole number of MiB) written with back-pressure: the
+    app side of the tests that a body streams through without being held."""
+
+    @app.route(b"/upload")
+    async def upload(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        size = await request.read_body(keep=False)
+        writer.write(response_bytes(200, b"%d" % size))
+        return True
+
+    @app.route(b"/download")
+    async def download(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        size = int(request.target.partition(b"?")[2])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // MiB):
+            writer.write(_BLOCK)
+            await writer.drain()
+        return True
 
 
 def proc_status_kib(pid: int, field_name: str) -> int:

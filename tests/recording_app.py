@@ -9,11 +9,12 @@ request target, so a client can tell its own answer from another's."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from dataclasses import dataclass, field
 
 import h11
+
+from tests.proxy_support import LoopbackServer
 
 #: A target whose request is answered, on that connection, by these exact bytes.
 Scripts = dict[bytes, bytes]
@@ -175,7 +176,7 @@ def echo_response(request: SeenRequest) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(request.target), body)
 
 
-class RecordingApp:
+class RecordingApp(LoopbackServer):
     """A raw-socket app: per connection, every byte received (``streams``), answered as the
     lenient reader delimits requests. A request with an Upgrade field is answered 200 and then
     nothing more on that connection is read as HTTP (the app has "switched")."""
@@ -185,19 +186,6 @@ class RecordingApp:
         self.streams: list[bytearray] = []
         self.open: set[asyncio.StreamWriter] = set()
         self.changed = asyncio.Condition()
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
 
     async def end_connections(self) -> None:
         """Half-close every connection and wait until drainproxy has closed each (so none of

@@ -24,9 +24,9 @@ from tests.proxy_support import (
     AppRequest,
     RawApp,
     RawClient,
+    add_streaming_routes,
     parse_responses,
     proc_status_kib,
-    response_bytes,
 )
 from tests.support import ProxyProcess
 
@@ -43,20 +43,7 @@ MEMORY_GROWTH_LIMIT_KIB = 48 * 1024
 async def app() -> AsyncIterator[RawApp]:
     raw_app = RawApp()
 
-    @raw_app.route(b"/upload")
-    async def upload(request: AppRequest, writer: Writer) -> bool:
-        size = await request.read_body(keep=False)
-        writer.write(response_bytes(200, b"%d" % size))
-        return True
-
-    @raw_app.route(b"/download")
-    async def download(request: AppRequest, writer: Writer) -> bool:
-        size = int(request.target.partition(b"?")[2])
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        for _ in range(size // MiB):
-            writer.write(BLOCK)
-            await writer.drain()
-        return True
+    add_streaming_routes(raw_app)
 
     @raw_app.route(b"/hold")
     async def hold(request: AppRequest, writer: Writer) -> bool:

@@ -14,8 +14,8 @@ import pytest_asyncio
 from tests.proxy_support import (
     AppRequest,
     RawApp,
+    add_streaming_routes,
     proc_status_kib,
-    response_bytes,
 )
 from tests.support import ProxyProcess
 
@@ -34,20 +34,7 @@ MEMORY_GROWTH_LIMIT_KIB = 48 * 1024
 async def app() -> AsyncIterator[RawApp]:
     raw_app = RawApp()
 
-    @raw_app.route(b"/upload")
-    async def upload(request: AppRequest, writer: Writer) -> bool:
-        size = await request.read_body(keep=False)
-        writer.write(response_bytes(200, b"%d" % size))
-        return True
-
-    @raw_app.route(b"/download")
-    async def download(request: AppRequest, writer: Writer) -> bool:
-        size = int(request.target.partition(b"?")[2])
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        for _ in range(size // MiB):
-            writer.write(BLOCK)
-            await writer.drain()
-        return True
+    add_streaming_routes(raw_app)
 
     await raw_app.start()
     yield raw_app
