@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,19 @@ async def start_app() -> AsyncIterator[StartApp]:
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+@pytest.fixture
+def app_process() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A legacy app as its own process: SIGTERM kills it at once."""
+    port = free_port()
+    app = subprocess.Popen(
+        [sys.executable, "-m", "drainproxy.sim.sample_app", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+    )
+    yield port, app
+    app.kill()
+    app.wait()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +48,6 @@ spec:
 """
 
 
-@pytest.fixture
-def app_port() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = free_port()
-    app = subprocess.Popen(
-        [sys.executable, "-m", "drainproxy.sim.sample_app", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    yield port, app
-    app.kill()
-    app.wait()
-
-
 def hook_of(handler: Obj, config_path: Path) -> Hook:
     """A pod spec's hook as the kubelet runs it; drainproxy's own commands run from here."""
     if "httpGet" in handler:
@@ -83,7 +70,7 @@ async def test_the_injected_pod_drains_once_then_releases_the_app_and_exits_0(
     style: str,
     existing_hook: bool,
     propagation: str,
-    app_port: tuple[int, subprocess.Popen[bytes]],
+    app_process: tuple[int, subprocess.Popen[bytes]],
     tmp_path: Path,
     proxies: list[ProxyProcess],
 ) -> None:
@@ -91,7 +78,7 @@ async def test_the_injected_pod_drains_once_then_releases_the_app_and_exits_0(
     the app's /prestop: a drain started by /prestop alone ends in recovery, and a late
     `drainproxy drain` then starts a second one. The default propagation (5s) leaves the exec
     time to start; the classic style has no such race (the kubelet signals drainproxy)."""
-    port, app = app_port
+    port, app = app_process
     marker = tmp_path / "app-hook-ran"
     app_hook = (
         "          lifecycle:\n            preStop:\n              exec:\n"

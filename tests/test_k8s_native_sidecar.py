@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from drainproxy.admin import TOKEN_HEADER
 from drainproxy.sim.kubelet import Container, ExecHook, HttpGetHook, terminate_pod
@@ -33,19 +30,6 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode().strip(), err.decode().strip()
-
-
-@pytest.fixture
-def app_process() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """A legacy app as its own process: SIGTERM kills it at once."""
-    port = free_port()
-    app = subprocess.Popen(
-        [sys.executable, "-m", "drainproxy.sim.sample_app", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    yield port, app
-    app.kill()
-    app.wait()
 
 
 def admin_port(proxy: ProxyProcess) -> int:
