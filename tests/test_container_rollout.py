@@ -17,7 +17,7 @@ from drainproxy.sim.haproxy import haproxy_binary
 from drainproxy.sim.pods import PodReplica
 from drainproxy.sim.rollout import RolloutPlan, RolloutResult, run_rollout
 from tests.rollout_replicas import SignalledPod, WrappedPod
-from tests.test_rollout import describe
+from tests.test_rollout import assert_no_request_lost, assert_slow_in_flight_answered, describe
 
 pytestmark = [
     pytest.mark.container,
@@ -38,14 +38,8 @@ def outcome(result: RolloutResult, name: str) -> tuple[bool, int | None]:
 
 async def test_pods_rollout_loses_no_request(tmp_path: Path) -> None:
     result = await run_rollout(RolloutPlan(replica_class=PodReplica), tmp_path)
-    assert result.outcomes, "the load produced no requests"
-    assert result.failures == [], describe(result)
-    slow_after = [
-        o
-        for o in result.served_by(result.deleted)
-        if o.path.startswith("/slow") and o.finished > result.deleted_at
-    ]
-    assert slow_after, describe(result)
+    assert_no_request_lost(result)
+    assert_slow_in_flight_answered(result)
     app = next(c for c in result.containers if c.name == "app")
     assert app.hook_result == "httpGet /prestop: 200", describe(result)
     # Neither container needed the SIGKILL: drainproxy exited 0 after its drain, the app (no
@@ -64,8 +58,7 @@ async def test_without_drainproxy_the_same_pods_fail_requests(tmp_path: Path) ->
 
 async def test_shared_pid_namespace_pods_rollout_loses_no_request(tmp_path: Path) -> None:
     result = await run_rollout(RolloutPlan(replica_class=SignalledPod), tmp_path)
-    assert result.outcomes, "the load produced no requests"
-    assert result.failures == [], describe(result)
+    assert_no_request_lost(result)
     assert result.deleted.proxy_log is not None
     # drainproxy found the app container's process in the pod's PID namespace and stopped it.
     await result.deleted.proxy_log.wait(r"app stop plan: signal: SIGTERM to pid \d+ ")
@@ -76,8 +69,7 @@ async def test_shared_pid_namespace_pods_rollout_loses_no_request(tmp_path: Path
 
 async def test_wrapper_mode_pods_rollout_loses_no_request(tmp_path: Path) -> None:
     result = await run_rollout(RolloutPlan(replica_class=WrappedPod), tmp_path)
-    assert result.outcomes, "the load produced no requests"
-    assert result.failures == [], describe(result)
+    assert_no_request_lost(result)
     # One container: drainproxy (PID 1) drained, stopped its child, exited with its status.
     assert [c.name for c in result.containers] == ["app"], describe(result)
     assert outcome(result, "app") == (False, 128 + signal.SIGTERM), describe(result)
