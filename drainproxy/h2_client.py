@@ -56,6 +56,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("drainproxy.h2")
 
+
+def h2_connection(*, client_side: bool) -> h2.connection.H2Connection:
+    """An h2 connection state machine for either side of the proxy, with bytes for names."""
+    return h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            # What is sent was built here from fields already checked on the way in (by h2 or
+            # llhttp), lowercased and without connection-specific fields: h2's second pass over
+            # them cost a tenth of the time per stream (bench/RESULTS.md).
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+    )
+
+
 #: RFC 9113 §6.8: "a server that is attempting to gracefully shut down a connection SHOULD send
 #: an initial GOAWAY frame with the last stream identifier set to 2^31-1 and a NO_ERROR code".
 MAX_STREAM_ID = 2**31 - 1
@@ -245,17 +261,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.peer = peer
         self.peer_line = b"X-Forwarded-For: " + peer.encode() + CRLF
         limits = ctx.limits
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                client_side=False,
-                header_encoding=None,
-                # What is sent was built here from fields already checked on the way in
-                # (by h2 or llhttp), lowercased and without connection-specific fields: h2's
-                # second pass over them cost a tenth of the time per stream (bench/RESULTS.md).
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
+        self.h2 = h2_connection(client_side=False)
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={

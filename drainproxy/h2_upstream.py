@@ -29,7 +29,7 @@ import h2.settings
 import httptools
 
 from drainproxy.config import UpstreamConfig
-from drainproxy.h2_client import H2Stream, response_fields
+from drainproxy.h2_client import H2Stream, h2_connection, response_fields
 from drainproxy.http1 import HOP_BY_HOP, Headers
 from drainproxy.logs import AccessRecord
 from drainproxy.stats import Stats
@@ -172,17 +172,7 @@ class H2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                client_side=True,
-                header_encoding=None,
-                # What is sent was built here from fields already checked on the way in
-                # (by h2 or llhttp), lowercased and without connection-specific fields: h2's
-                # second pass over them cost a tenth of the time per stream (bench/RESULTS.md).
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
+        self.h2 = h2_connection(client_side=True)
         self.h2.state_machine = _StateMachineOpenAfterGoaway()
         self.exchanges: dict[int, H2UpstreamExchange] = {}
         self.going_away = False
