@@ -21,6 +21,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check drainproxy tests bench
 	$(BIN)/ruff format --check drainproxy tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: system-deps lint
 	$(BIN)/pytest

@@ -25,10 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from drainproxy.config import config_from_mapping
-from drainproxy.proxy import ClientConnection, ProxyContext
-from drainproxy.server import Server
-from drainproxy.upstream import UpstreamConnection
+from drainproxy.config.schema import config_from_mapping
+from drainproxy.control.server import Server
+from drainproxy.dataplane.proxy import ClientConnection, ProxyContext
+from drainproxy.dataplane.upstream import UpstreamConnection
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (

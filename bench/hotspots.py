@@ -52,7 +52,7 @@ def py_spy_binary() -> str | None:
 
 
 def _frame_name(frame: str) -> str:
-    """``handle (drainproxy/proxy.py:120)`` -> ``handle (drainproxy/proxy.py)``."""
+    """``handle (.../proxy.py:120)`` -> ``handle (.../proxy.py)``."""
     return _LINE_NUMBER.sub(")", frame)
 
 

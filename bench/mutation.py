@@ -43,14 +43,15 @@ class Mutation:
 
 
 def function_of(name: str) -> str:
-    """mutmut's ``drainproxy.lifecycle.xǁDrainLifecycleǁpoll__mutmut_7`` as
+    """mutmut's ``drainproxy.core.lifecycle.xǁDrainLifecycleǁpoll__mutmut_7`` as
     ``lifecycle.DrainLifecycle.poll``."""
-    qualified = name.removeprefix("drainproxy.").rsplit("__mutmut_", 1)[0]
+    qualified = name.split(".", 2)[2].rsplit("__mutmut_", 1)[0]
     return qualified.replace(".xǁ", ".").replace("ǁ", ".").replace(".x_", ".")
 
 
 def module_of(name: str) -> str:
-    return name.removeprefix("drainproxy.").split(".", 1)[0]
+    """mutmut's ``drainproxy.core.lifecycle.xǁ...`` as ``lifecycle`` (the layer dropped)."""
+    return name.split(".", 3)[2]
 
 
 def verdicts() -> dict[str, tuple[str, Path]]:

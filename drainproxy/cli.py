@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drainproxy import __version__
-from drainproxy.config import Config, ConfigWarning, read_config
+from drainproxy.config.schema import Config, ConfigWarning, read_config
+from drainproxy.control.logs import setup_logging
 from drainproxy.errors import ConfigError, DrainproxyError
-from drainproxy.logs import setup_logging
 
 if TYPE_CHECKING:
-    from drainproxy.inject import InjectOptions
+    from drainproxy.kube.inject import InjectOptions
 
 log = logging.getLogger("drainproxy")
 
@@ -97,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check(config_path: str | None, manifests: list[str], output: str) -> int:
     """Lint the config and the manifests, reporting everything in one run: exit 2 if the config
     or a manifest does not load, else 1 on error findings, else 0."""
-    from drainproxy.config import read_config, read_config_text
-    from drainproxy.k8scheck import (
+    from drainproxy.config.schema import read_config, read_config_text
+    from drainproxy.kube.k8scheck import (
         RULES,
         Finding,
         ManifestDoc,
@@ -181,7 +181,7 @@ def check(config_path: str | None, manifests: list[str], output: str) -> int:
 
 
 def drain(config: Config, wait: bool) -> int:
-    from drainproxy.drainctl import request_drain
+    from drainproxy.control.drainctl import request_drain
 
     try:
         print(request_drain(config, wait))
@@ -196,7 +196,7 @@ def serve(config: Config, warnings: Sequence[ConfigWarning] = ()) -> int:
 
 
 def wrap(config: Config, command: list[str], warnings: Sequence[ConfigWarning] = ()) -> int:
-    from drainproxy.config import check_wrapper_config
+    from drainproxy.config.schema import check_wrapper_config
 
     command = command[1:] if command[:1] == ["--"] else command
     if not command:
@@ -238,7 +238,7 @@ def _run_logged(config: Config, run: Callable[[str], Coroutine[Any, Any, int]]) 
 
 
 async def _serve(config: Config, warnings: Sequence[ConfigWarning], loop_name: str) -> int:
-    from drainproxy.server import Server
+    from drainproxy.control.server import Server
 
     server = Server(config, loop_name)
     _log_config_warnings(warnings)  # with the server bound, so each line carries its phase
@@ -250,7 +250,7 @@ async def _wrap(
 ) -> int:
     """An app command that cannot be started ends drainproxy with the shell's status for that
     (127 not found, 126 not executable)."""
-    from drainproxy.wrapper import ChildStartError, run_wrapped
+    from drainproxy.control.wrapper import ChildStartError, run_wrapped
 
     _log_config_warnings(warnings)
     try:
@@ -327,7 +327,7 @@ def _add_inject_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
 def _inject_options(args: argparse.Namespace) -> InjectOptions:
     """``DRAINPROXY_TOKEN_KEY`` in the environment makes inject's admin tokens the same on every
     run (keyed per workload) instead of random."""
-    from drainproxy.inject import InjectOptions, keyed_tokens
+    from drainproxy.kube.inject import InjectOptions, keyed_tokens
 
     options = InjectOptions(style=args.style, hook=args.prestop)
     if args.image:
@@ -341,7 +341,7 @@ def _inject_options(args: argparse.Namespace) -> InjectOptions:
 def inject(paths: list[str], options: InjectOptions) -> int:
     """Print the injected manifests; on any error one line on stderr, nothing on stdout, exit 2
     (the output is often piped into kubectl apply)."""
-    from drainproxy.inject import InjectError, inject_documents, read_sources, render
+    from drainproxy.kube.inject import InjectError, inject_documents, read_sources, render
 
     if paths == ["-"] and sys.stdin.isatty():
         print("drainproxy inject: give a PATH, or pipe manifests into -", file=sys.stderr)
@@ -362,10 +362,10 @@ def inject(paths: list[str], options: InjectOptions) -> int:
 def webhook(args: argparse.Namespace, options: InjectOptions) -> int:
     import asyncio
 
-    from drainproxy.config import parse_duration
+    from drainproxy.config.schema import parse_duration
 
     try:
-        from drainproxy.webhook import run_webhook
+        from drainproxy.kube.webhook import run_webhook
     except ModuleNotFoundError as exc:
         if exc.name != "aiohttp":
             raise
@@ -463,7 +463,7 @@ def demo(args: argparse.Namespace) -> int:
     import asyncio
 
     try:
-        from drainproxy.demo import DemoOptions, run_demo
+        from drainproxy.sim.demo import DemoOptions, run_demo
     except ModuleNotFoundError as exc:
         if exc.name != "aiohttp":
             raise

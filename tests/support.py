@@ -16,7 +16,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from drainproxy.appstop import command_line
+from drainproxy.control.appstop import command_line
 from drainproxy.sim.process import spawn_watched
 from drainproxy.sim.replica import free_port as free_port  # re-exported for the tests
 

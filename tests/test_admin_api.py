@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from drainproxy.admin import MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_HEAD_BYTES
+from drainproxy.control.admin import MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_HEAD_BYTES
 from tests.proxy_support import RawClient, exchange, parse_responses
 from tests.support import ProxyProcess
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from drainproxy import admin, drainctl
-from drainproxy.admin import is_authorized
+from drainproxy.control import admin, drainctl
+from drainproxy.control.admin import is_authorized
 from tests.conftest import StartProxy
 from tests.proxy_support import RawApp
 from tests.support import free_port

@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from drainproxy.appstop import AppStopError, ExecStop, HttpStop, ProcessFinder
-from drainproxy.config import config_from_mapping
+from drainproxy.config.schema import config_from_mapping
+from drainproxy.control.appstop import AppStopError, ExecStop, HttpStop, ProcessFinder
 from drainproxy.errors import ConfigError
 from tests.conftest import StartApp, StartProxy
 from tests.support import (

@@ -18,9 +18,8 @@ import trustme
 import yaml
 from aiohttp import web
 
-from drainproxy.appcheck import ReachabilityLog
 from drainproxy.cli import EXIT_CONFIG, main
-from drainproxy.config import (
+from drainproxy.config.schema import (
     PLACEHOLDER_TOKEN,
     Config,
     ConfigReport,
@@ -33,6 +32,7 @@ from drainproxy.config import (
     read_config,
     read_config_text,
 )
+from drainproxy.control.appcheck import ReachabilityLog
 from drainproxy.errors import ConfigErrors
 from tests.conftest import StartApp, StartProxy
 from tests.support import REPO, ProxyProcess, base_config, deep_merge, free_port
@@ -298,7 +298,7 @@ def test_good_config_with_every_new_section(tmp_path: Path, cert_files: dict[str
 
 def test_default_files_are_identical_and_valid() -> None:
     shipped = (REPO / "config" / "drainproxy.yaml").read_text()
-    embedded = (REPO / "drainproxy" / "default.yaml").read_text()
+    embedded = (REPO / "drainproxy" / "config" / "default.yaml").read_text()
     assert shipped == embedded
     assert load_config(REPO / "config" / "drainproxy.yaml") == load_config(None)
 

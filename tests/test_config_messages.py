@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from drainproxy.config import (
+from drainproxy.config.schema import (
     GRACE_MARGIN,
     PLACEHOLDER_TOKEN,
     ConfigReport,

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drainproxy.config import load_config
+from drainproxy.config.schema import load_config
 from drainproxy.sim.podman import (
     BASE_LABEL,
     build_lock,

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from drainproxy import __version__
-from drainproxy.config import load_config
-from drainproxy.k8scheck import IMAGE_DEFAULT_ARGS, IMAGE_USER
+from drainproxy.config.schema import load_config
+from drainproxy.kube.k8scheck import IMAGE_DEFAULT_ARGS, IMAGE_USER
 from drainproxy.sim.podman import BUILD_CONTEXT, IMAGE, context_digest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ def test_dockerignore_sends_what_the_stages_copy_and_nothing_else() -> None:
         for sources, _ in copy_sources(stage):
             for source in sources:
                 assert dockerignore_allows(source.rstrip("/")), source
-    assert dockerignore_allows("drainproxy/k8scheck.py")
+    assert dockerignore_allows("drainproxy/kube/k8scheck.py")
     for kept_out in (".venv/bin/python", ".git/config", "tests/test_smoke.py", "k8s/wrapper.yaml"):
         assert not dockerignore_allows(kept_out), kept_out
     assert not dockerignore_allows("drainproxy/__pycache__/cli.cpython-311.pyc")
@@ -203,7 +203,7 @@ def test_image_stages_build_the_wheel_install_it_and_run_it(tmp_path: Path) -> N
     drainproxy = venv / "bin" / "drainproxy"
     assert run(drainproxy, "--version", cwd=tmp_path).strip() == f"drainproxy {__version__}"
     # The embedded defaults are package data: they must be in the wheel.
-    run(python, "-c", "from drainproxy.config import default_file_text; default_file_text()",
+    run(python, "-c", "from drainproxy.config.schema import default_file_text; default_file_text()",
         cwd=tmp_path)  # fmt: skip
     # The config the final stage ships, checked where the image puts it.
     ((sources, destination),) = copy_sources(final)

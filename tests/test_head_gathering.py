@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from drainproxy.http1 import GATHER_BYTES, gather_more, gather_start
+from drainproxy.dataplane.http1 import GATHER_BYTES, gather_more, gather_start
 
 HEADS = [
     b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",

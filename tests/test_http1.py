@@ -1,5 +1,5 @@
-"""The framing decisions in drainproxy/http1.py, in process: what a head becomes when forwarded,
-and what is refused (issue 11 items 3-8, with the RFC's expected values)."""
+"""The framing decisions in drainproxy/dataplane/http1.py, in process: what a head becomes when
+forwarded, and what is refused (issue 11 items 3-8, with the RFC's expected values)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drainproxy import http1
-from drainproxy.http1 import (
+from drainproxy.dataplane import http1
+from drainproxy.dataplane.http1 import (
     FORWARDED_FOR,
     FRAME_CHUNKED,
     FRAME_NONE,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from drainproxy import http1
-from drainproxy.http1 import (
+from drainproxy.dataplane import http1
+from drainproxy.dataplane.http1 import (
     FORWARDED_FOR,
     FORWARDED_HOST,
     FORWARDED_PROTO,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from drainproxy.config import config_from_mapping
+from drainproxy.config.schema import config_from_mapping
 from drainproxy.errors import ConfigError
 
 

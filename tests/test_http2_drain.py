@@ -17,7 +17,7 @@ import grpc
 import h2.errors
 import pytest
 
-from drainproxy.h2_client import MAX_STREAM_ID
+from drainproxy.dataplane.h2_client import MAX_STREAM_ID
 from drainproxy.sim.kubelet import Container, HttpGetHook, terminate_pod
 from tests.conftest import StartProxy
 from tests.grpc_app import method

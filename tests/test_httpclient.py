@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from drainproxy.httpclient import HttpCallError, request_status
+from drainproxy.control.httpclient import HttpCallError, request_status
 from tests.proxy_support import AppRequest, RawApp, response_bytes
 from tests.support import free_port
 

@@ -16,7 +16,13 @@ from tests.proxy_support import AppRequest, RawApp, RawClient, response_bytes
 from tests.support import REPO
 
 IMPORTTIME = (sys.executable, "-X", "importtime", "-m", "drainproxy")
-DATA_PATH = ("drainproxy.proxy", "drainproxy.upstream", "drainproxy.server", "httptools", "uvloop")
+DATA_PATH = (
+    "drainproxy.dataplane.proxy",
+    "drainproxy.dataplane.upstream",
+    "drainproxy.control.server",
+    "httptools",
+    "uvloop",
+)
 
 
 def imported(output: str) -> set[str]:
@@ -88,13 +94,16 @@ async def test_serve_and_drain_load_only_what_they_need(
 
     serve_modules = imported(proxy.log.text())
     # The run took the lazy paths this test is about (else the check below proves nothing).
-    assert {"drainproxy.admin", "drainproxy.httpclient", "h11", "prometheus_client"} <= (
-        serve_modules
-    )
+    assert {
+        "drainproxy.control.admin",
+        "drainproxy.control.httpclient",
+        "h11",
+        "prometheus_client",
+    } <= (serve_modules)
     assert loaded(serve_modules, "aiohttp") == []
 
     drain_modules = imported(err)
-    assert "drainproxy.drainctl" in drain_modules
+    assert "drainproxy.control.drainctl" in drain_modules
     assert loaded(drain_modules, "aiohttp", *DATA_PATH, "asyncio", "ssl") == []
 
 
@@ -119,7 +128,7 @@ def test_check_loads_neither_aiohttp_nor_the_data_path() -> None:
     assert done.stdout.endswith(": 1 error(s), 0 warning(s)\n"), done.stdout
     assert " error DP002 admin-token-placeholder: " in done.stdout
     modules = imported(done.stderr)
-    assert "drainproxy.k8scheck" in modules
+    assert "drainproxy.kube.k8scheck" in modules
     assert loaded(modules, "aiohttp", *DATA_PATH, "asyncio") == []
 
 

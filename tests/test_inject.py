@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubernetes_validate.utils import latest_version
 
-from drainproxy.config import load_config
-from drainproxy.inject import (
+from drainproxy.config.schema import load_config
+from drainproxy.kube.inject import (
     InjectError,
     InjectOptions,
     Input,
@@ -33,7 +33,7 @@ from drainproxy.inject import (
     parse_text,
     render,
 )
-from drainproxy.k8scheck import ManifestDoc, check_manifests
+from drainproxy.kube.k8scheck import ManifestDoc, check_manifests
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -863,8 +863,15 @@ def test_inject_loads_neither_aiohttp_nor_asyncio_nor_the_data_path() -> None:
         for line in result.stderr.splitlines()
         if line.startswith("import time:")
     }
-    heavy = ("aiohttp", "asyncio", "httptools", "uvloop", "drainproxy.proxy", "drainproxy.server")
-    assert "drainproxy.inject" in modules
+    heavy = (
+        "aiohttp",
+        "asyncio",
+        "httptools",
+        "uvloop",
+        "drainproxy.dataplane.proxy",
+        "drainproxy.control.server",
+    )
+    assert "drainproxy.kube.inject" in modules
     assert not [m for m in modules if m.startswith(heavy)]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from drainproxy.inject import CONFIG_PATH, InjectOptions, inject_documents, parse_text
+from drainproxy.kube.inject import CONFIG_PATH, InjectOptions, inject_documents, parse_text
 from drainproxy.sim.kubelet import Container, ExecHook, Hook, HttpGetHook, terminate_pod
 from drainproxy.sim.replica import free_port
 from tests.support import ProxyProcess

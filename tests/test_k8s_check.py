@@ -24,10 +24,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drainproxy import k8scheck
 from drainproxy.cli import main
-from drainproxy.config import PLACEHOLDER_TOKEN, load_config, read_mapping
-from drainproxy.k8scheck import (
+from drainproxy.config.schema import PLACEHOLDER_TOKEN, load_config, read_mapping
+from drainproxy.kube import k8scheck
+from drainproxy.kube.k8scheck import (
     RULES,
     ManifestDoc,
     check_manifests,
@@ -1033,7 +1033,9 @@ def test_a_rule_that_cannot_read_a_field_is_a_finding(monkeypatch: pytest.Monkey
     def _check_something(ctx: object, pod: object) -> list[Any]:
         raise TypeError("'float' object is not iterable")
 
-    monkeypatch.setattr("drainproxy.k8scheck._POD_RULES", (_check_something, *k8scheck._POD_RULES))
+    monkeypatch.setattr(
+        "drainproxy.kube.k8scheck._POD_RULES", (_check_something, *k8scheck._POD_RULES)
+    )
     docs = shipped("classic")
     _app(docs).pop("lifecycle")
     findings = lint("classic", docs)
@@ -1049,9 +1051,9 @@ def test_check_imports_neither_aiohttp_nor_the_data_path(style: str) -> None:
         "import sys\n"
         "from drainproxy.cli import main\n"
         f"main(['check', '--config', {config!r}, '--manifest', {manifest!r}])\n"
-        "banned = ('aiohttp', 'drainproxy.proxy', 'drainproxy.upstream', 'drainproxy.http1',\n"
-        "          'drainproxy.server', 'drainproxy.wrapper')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp' or m in banned))\n"
+        "banned = ('aiohttp', 'drainproxy.dataplane', 'drainproxy.control.server',\n"
+        "          'drainproxy.control.wrapper')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(banned)))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60

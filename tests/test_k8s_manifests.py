@@ -15,7 +15,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from drainproxy.config import PLACEHOLDER_TOKEN
+from drainproxy.config.schema import PLACEHOLDER_TOKEN
 
 REPO = Path(__file__).resolve().parent.parent
 

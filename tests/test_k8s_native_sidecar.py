@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from drainproxy.admin import TOKEN_HEADER
+from drainproxy.control.admin import TOKEN_HEADER
 from drainproxy.sim.kubelet import Container, ExecHook, HttpGetHook, terminate_pod
 from drainproxy.sim.replica import free_port
 from tests.conftest import StartProxy

@@ -7,8 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from drainproxy.errors import LifecycleError
-from drainproxy.lifecycle import (
+from drainproxy.core.lifecycle import (
     TRANSITIONS,
     DrainLifecycle,
     DrainSource,
@@ -17,6 +16,7 @@ from drainproxy.lifecycle import (
     Evidence,
     Phase,
 )
+from drainproxy.errors import LifecycleError
 
 
 class FakeClock:

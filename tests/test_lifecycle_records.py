@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from drainproxy.errors import LifecycleError
-from drainproxy.lifecycle import (
+from drainproxy.core.lifecycle import (
     DrainLifecycle,
     DrainSource,
     DrainTimings,
@@ -21,6 +20,7 @@ from drainproxy.lifecycle import (
     Phase,
     Transition,
 )
+from drainproxy.errors import LifecycleError
 
 START = 1000.0
 

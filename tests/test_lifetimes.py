@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from drainproxy.http1 import keep_alive_timeout
+from drainproxy.dataplane.http1 import keep_alive_timeout
 from tests.conftest import StartProxy
 from tests.proxy_support import RawApp, RawClient, exchange, parse_responses, response_bytes
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from drainproxy.config import ProberRule
-from drainproxy.probers import (
+from drainproxy.config.schema import ProberRule
+from drainproxy.core.probers import (
     MAX_PEERS,
     MAX_PROBERS,
     PACE_FACTOR,

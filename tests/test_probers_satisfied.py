@@ -3,8 +3,8 @@ keeps seeing failures; rules are tried in order, each one's address and User-Age
 
 from __future__ import annotations
 
-from drainproxy.config import ProberRule
-from drainproxy.probers import (
+from drainproxy.config.schema import ProberRule
+from drainproxy.core.probers import (
     MAX_PEERS,
     MAX_PROBERS,
     PACE_FACTOR,

@@ -27,9 +27,9 @@ import pytest
 import trustme
 import yaml
 
-from drainproxy.config import config_from_mapping
-from drainproxy.inject import CONFIG_ANNOTATION, Document, InjectOptions, inject_documents
-from drainproxy.webhook import json_patch, start_webhook
+from drainproxy.config.schema import config_from_mapping
+from drainproxy.kube.inject import CONFIG_ANNOTATION, Document, InjectOptions, inject_documents
+from drainproxy.kube.webhook import json_patch, start_webhook
 from tests.test_inject import (
     MANIFESTS,
     NEWEST,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from drainproxy.appstop import until_exited
+from drainproxy.system.processes import until_exited
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,12 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 from drainproxy import __version__
-from drainproxy.appcheck import AppProbe
-from drainproxy.appstop import AppStopError, StopMethod, stop_method_for, stop_then_release
-from drainproxy.backlog import (
-    accept_queued,
-    listening_sockets,
-    refuse_new_handshakes,
-    wait_for_handshakes,
-)
-from drainproxy.config import Address, Config
-from drainproxy.errors import ConfigError
-from drainproxy.lifecycle import (
+from drainproxy.config.schema import Address, Config
+from drainproxy.control.appcheck import AppProbe
+from drainproxy.control.appstop import AppStopError, StopMethod, stop_method_for, stop_then_release
+from drainproxy.control.logs import bind_log_context
+from drainproxy.control.memory import release_freed_memory
+from drainproxy.core.lifecycle import (
     DrainLifecycle,
     DrainSource,
     DrainTimings,
@@ -33,12 +28,17 @@ from drainproxy.lifecycle import (
     Phase,
     Transition,
 )
-from drainproxy.logs import bind_log_context
-from drainproxy.memory import release_freed_memory
-from drainproxy.probers import ArrivalPace, ProberTracker
-from drainproxy.proxy import ClientConnection, ProxyContext
-from drainproxy.stats import Stats
-from drainproxy.upstream import UpstreamPool
+from drainproxy.core.probers import ArrivalPace, ProberTracker
+from drainproxy.core.stats import Stats
+from drainproxy.dataplane.backlog import (
+    accept_queued,
+    listening_sockets,
+    refuse_new_handshakes,
+    wait_for_handshakes,
+)
+from drainproxy.dataplane.proxy import ClientConnection, ProxyContext
+from drainproxy.dataplane.upstream import UpstreamPool
+from drainproxy.errors import ConfigError
 
 log = logging.getLogger("drainproxy")
 
@@ -69,7 +69,7 @@ class Server:
         self.pool: UpstreamPool
         max_head = config.limits.max_response_header_bytes
         if config.upstream.protocol != "http1":
-            from drainproxy.h2_upstream import H2BridgePool
+            from drainproxy.dataplane.h2_upstream import H2BridgePool
 
             self.pool = H2BridgePool(config.upstream, self.loop, self.stats, max_head)
         else:
@@ -170,7 +170,7 @@ class Server:
     # --- run --------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        from drainproxy.admin import start_admin
+        from drainproxy.control.admin import start_admin
 
         await self._open_listener()
         try:

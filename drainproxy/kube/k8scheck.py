@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from drainproxy.config import (
+from drainproxy.config.schema import (
     Config,
     ConfigReport,
     describe_yaml_error,
@@ -872,7 +872,7 @@ def _check_evidence_threshold(ctx: _Context, where: str, failures: int) -> Itera
     drain = ctx.config.drain
     if drain.propagation_mode != "evidence":
         return
-    from drainproxy.probers import ProberTracker
+    from drainproxy.core.probers import ProberTracker
 
     assumed = ProberTracker(drain.probers, drain.default_failure_threshold).threshold_for(
         "", _KUBELET_USER_AGENT
@@ -1114,7 +1114,7 @@ def _check_launch(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             "containers",
         )
     if pod.style is Style.WRAP:
-        from drainproxy.config import check_wrapper_config
+        from drainproxy.config.schema import check_wrapper_config
 
         try:
             check_wrapper_config(ctx.config)

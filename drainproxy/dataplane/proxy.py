@@ -28,8 +28,12 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from drainproxy.config import Config, LimitsConfig
-from drainproxy.http1 import (
+from drainproxy.config.schema import Config, LimitsConfig
+from drainproxy.core.lifecycle import DrainLifecycle, Phase
+from drainproxy.core.probers import ArrivalPace
+from drainproxy.core.stats import Stats
+from drainproxy.dataplane.access import AccessRecord
+from drainproxy.dataplane.http1 import (
     BODYLESS_STATUSES,
     CHUNK_OVERHEAD_ALLOWANCE,
     CRLF,
@@ -58,15 +62,11 @@ from drainproxy.http1 import (
     status_line,
     target_authority,
 )
-from drainproxy.lifecycle import DrainLifecycle, Phase
-from drainproxy.logs import AccessRecord
-from drainproxy.probers import ArrivalPace
-from drainproxy.stats import Stats
-from drainproxy.tls import ListenerTLS
-from drainproxy.upstream import UpstreamConnection, UpstreamPool
+from drainproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+from drainproxy.system.tls import ListenerTLS
 
 if TYPE_CHECKING:
-    from drainproxy.h2_client import Backend, H2Stream
+    from drainproxy.dataplane.h2_client import Backend, H2Stream
 
 log = logging.getLogger("drainproxy.proxy")
 
@@ -250,10 +250,10 @@ class ProxyContext:
     def open_backend(self, stream: H2Stream) -> Backend:
         """Where an HTTP/2 client stream goes: the app over HTTP/2, or over the HTTP/1.1 pool."""
         if self.config.upstream.protocol != "http1":
-            from drainproxy.h2_upstream import open_h2_backend
+            from drainproxy.dataplane.h2_upstream import open_h2_backend
 
             return open_h2_backend(self, stream)
-        from drainproxy.h2_client import open_http1_backend
+        from drainproxy.dataplane.h2_client import open_http1_backend
 
         return open_http1_backend(stream)
 
@@ -484,7 +484,7 @@ class ClientConnection(asyncio.Protocol):
             self.close_when_idle(ctx.config.drain.idle_grace)
 
     def _become_http2(self, data: bytes) -> None:
-        from drainproxy.h2_client import take_over
+        from drainproxy.dataplane.h2_client import take_over
 
         take_over(self, data)
 

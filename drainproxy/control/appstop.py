@@ -29,9 +29,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from drainproxy.config import AppConfig
+from drainproxy.config.schema import AppConfig
+from drainproxy.control.httpclient import HttpCallError, request_url_status
 from drainproxy.errors import DrainproxyError
-from drainproxy.httpclient import HttpCallError, request_url_status
+from drainproxy.system.processes import until_exited
 
 log = logging.getLogger("drainproxy.appstop")
 
@@ -226,17 +227,6 @@ def own_lineage() -> set[int]:
 
 def _shorten(line: str) -> str:
     return line if len(line) <= _SHOWN_COMMAND_LINE else line[: _SHOWN_COMMAND_LINE - 3] + "..."
-
-
-async def until_exited(pidfd: int) -> None:
-    """Until the process behind ``pidfd`` exits: a pidfd becomes readable then (no polling)."""
-    loop = asyncio.get_running_loop()
-    exited = asyncio.Event()
-    loop.add_reader(pidfd, exited.set)
-    try:
-        await exited.wait()
-    finally:
-        loop.remove_reader(pidfd)
 
 
 class SiblingProcess:

@@ -27,11 +27,11 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 
-from drainproxy.appstop import KILL_CONFIRM_SECONDS, signal_and_wait
-from drainproxy.config import Config
+from drainproxy.config.schema import Config
+from drainproxy.control.appstop import KILL_CONFIRM_SECONDS, signal_and_wait
+from drainproxy.control.server import Server
+from drainproxy.core.lifecycle import DrainSource, Phase
 from drainproxy.errors import DrainproxyError
-from drainproxy.lifecycle import DrainSource, Phase
-from drainproxy.server import Server
 
 log = logging.getLogger("drainproxy.wrapper")
 

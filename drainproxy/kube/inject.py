@@ -34,9 +34,9 @@ from typing import Any, Literal
 import yaml
 
 from drainproxy import __version__
-from drainproxy.config import GRACE_MARGIN, config_from_mapping, parse_duration
+from drainproxy.config.schema import GRACE_MARGIN, config_from_mapping, parse_duration
 from drainproxy.errors import ConfigError, DrainproxyError
-from drainproxy.k8scheck import (
+from drainproxy.kube.k8scheck import (
     DEFAULT_GRACE_SECONDS,
     IMAGE_USER,
     TOKEN_HEADER,

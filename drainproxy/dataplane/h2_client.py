@@ -39,7 +39,8 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
-from drainproxy.http1 import (
+from drainproxy.dataplane.access import AccessRecord
+from drainproxy.dataplane.http1 import (
     CRLF,
     HOP_BY_HOP,
     LAST_CHUNK,
@@ -48,11 +49,10 @@ from drainproxy.http1 import (
     chunk_size_line,
     forward_head,
 )
-from drainproxy.logs import AccessRecord
 
 if TYPE_CHECKING:
-    from drainproxy.proxy import ClientConnection, ProxyContext
-    from drainproxy.upstream import UpstreamConnection
+    from drainproxy.dataplane.proxy import ClientConnection, ProxyContext
+    from drainproxy.dataplane.upstream import UpstreamConnection
 
 log = logging.getLogger("drainproxy.h2")
 

@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable
 from typing import Literal
 
-from drainproxy.config import UpstreamConfig, format_duration
-from drainproxy.httpclient import HttpCallError, request_status
-from drainproxy.tls import upstream_context
+from drainproxy.config.schema import UpstreamConfig, format_duration
+from drainproxy.control.httpclient import HttpCallError, request_status
+from drainproxy.system.tls import upstream_context
 
 log = logging.getLogger("drainproxy.appcheck")
 

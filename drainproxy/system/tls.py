@@ -13,7 +13,7 @@ import logging
 import os
 import ssl
 
-from drainproxy.config import ListenerTLSConfig, UpstreamTLSConfig
+from drainproxy.config.schema import ListenerTLSConfig, UpstreamTLSConfig
 from drainproxy.errors import ConfigError
 
 log = logging.getLogger("drainproxy.tls")

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from drainproxy.config import ProberRule
+from drainproxy.config.schema import ProberRule
 
 #: A prober not heard from for this long is forgotten.
 RECENT = 60.0

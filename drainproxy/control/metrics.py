@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from drainproxy.lifecycle import DrainRecord, Phase
+from drainproxy.core.lifecycle import DrainRecord, Phase
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-    from drainproxy.server import Server
+    from drainproxy.control.server import Server
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "retried", "invalid")

@@ -12,10 +12,10 @@ import socket
 
 import h11
 
-from drainproxy.config import Config
+from drainproxy.config.schema import Config
 from drainproxy.errors import DrainproxyError
 
-#: The admin API's token header (``drainproxy.admin.TOKEN_HEADER``; not imported from there, so
+#: The admin API's token header (``admin.TOKEN_HEADER``; not imported from there, so
 #: ``drainproxy drain`` loads neither asyncio nor the server).
 TOKEN_HEADER = "X-Drainproxy-Token"
 #: Seconds to wait for drainproxy to accept the drain request.

@@ -30,12 +30,12 @@ from urllib.parse import urlsplit
 
 import h11
 
-from drainproxy.lifecycle import DrainSource
-from drainproxy.memory import release_freed_memory
-from drainproxy.metrics import render_metrics
+from drainproxy.control.memory import release_freed_memory
+from drainproxy.control.metrics import render_metrics
+from drainproxy.core.lifecycle import DrainSource
 
 if TYPE_CHECKING:
-    from drainproxy.server import Server
+    from drainproxy.control.server import Server
 
 log = logging.getLogger("drainproxy.admin")
 

@@ -2,7 +2,7 @@
 
 Each key is one dataclass field below: its type, its default, and in its metadata the reader that
 turns the YAML value into that type (the rule). One generic reader walks the schema, so a key, its
-default and its rule cannot drift apart; ``drainproxy/default.yaml`` documents the same defaults
+default and its rule cannot drift apart; ``default.yaml`` beside it documents the same defaults
 (a test holds it to the schema). Cross-field rules sit beside the section they concern
 (``_rules``).
 
@@ -940,7 +940,7 @@ def default_file_text() -> str:
     """The commented default config shipped in the package (it documents every key)."""
     from importlib import resources  # 1 MiB (tempfile, shutil, random) only when used
 
-    return resources.files("drainproxy").joinpath("default.yaml").read_text()
+    return resources.files("drainproxy.config").joinpath("default.yaml").read_text()
 
 
 def shown_value(value: object) -> str:

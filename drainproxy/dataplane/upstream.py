@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from drainproxy.config import LimitsConfig, UpstreamConfig
-from drainproxy.http1 import (
+from drainproxy.config.schema import LimitsConfig, UpstreamConfig
+from drainproxy.dataplane.http1 import (
     CHUNK_OVERHEAD_ALLOWANCE,
     GATHER_BYTES,
     Headers,
@@ -21,10 +21,10 @@ from drainproxy.http1 import (
     gather_start,
     keep_alive_timeout,
 )
-from drainproxy.tls import upstream_context
+from drainproxy.system.tls import upstream_context
 
 if TYPE_CHECKING:
-    from drainproxy.proxy import ClientConnection
+    from drainproxy.dataplane.proxy import ClientConnection
 
 log = logging.getLogger("drainproxy.upstream")
 

@@ -3,8 +3,8 @@
 Records may carry ``event`` and other fields through ``extra=``; the JSON formatter keeps them as
 keys. A filter adds the drain phase to every record, and the live counts to the driver's own
 lines, so one JSON line can be read alone: "phase draining, 3 in flight" needs no context.
-The access log (``log.access_log``) is a separate logger, ``drainproxy.access``, fed only when
-enabled, so a disabled access log costs the data path one branch per exchange.
+The access log is a child logger, ``drainproxy.access``, fed by the data plane
+(``dataplane/access.py``) only when ``log.access_log`` is on.
 """
 
 from __future__ import annotations
@@ -16,15 +16,12 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from drainproxy.server import Server
+    from drainproxy.control.server import Server
 
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 #: The driver's logger: its lines are about the lifecycle, so they carry the counts.
 _DRIVER_LOGGER = "drainproxy"
-ACCESS_LOGGER = "drainproxy.access"
-
-access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class JsonFormatter(logging.Formatter):
@@ -101,51 +98,3 @@ def setup_logging(fmt: str, level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-
-
-class AccessRecord:
-    """One exchange as the access log reports it; created only when the access log is on."""
-
-    __slots__ = ("body_bytes", "phase", "started", "status", "upstream_seconds", "upstream_sent")
-
-    def __init__(self, started: float, phase: str) -> None:
-        self.started = started
-        self.phase = phase
-        self.status = 0
-        self.body_bytes = 0
-        #: When the request head went to the app, and how long the app took to answer its head.
-        self.upstream_sent: float | None = None
-        self.upstream_seconds: float | None = None
-
-    def response_head(self, status: int, now: float) -> None:
-        self.status = status
-        if self.upstream_sent is not None:
-            self.upstream_seconds = now - self.upstream_sent
-
-    def emit(self, method: bytes, target: bytes, now: float, outcome: str = "complete") -> None:
-        duration = now - self.started
-        upstream = self.upstream_seconds
-        method_text = method.decode("latin-1")
-        target_text = target.decode("latin-1")
-        access_log.info(
-            "%s %s %d %.3fs %dB upstream %s phase %s%s",
-            method_text,
-            target_text,
-            self.status,
-            duration,
-            self.body_bytes,
-            "-" if upstream is None else f"{upstream:.3f}s",
-            self.phase,
-            "" if outcome == "complete" else f" ({outcome})",
-            extra={
-                "event": "access",
-                "method": method_text,
-                "target": target_text,
-                "status": self.status,
-                "duration_seconds": round(duration, 6),
-                "bytes": self.body_bytes,
-                "upstream_seconds": None if upstream is None else round(upstream, 6),
-                "phase": self.phase,
-                "outcome": outcome,
-            },
-        )

@@ -28,16 +28,16 @@ import h2.exceptions
 import h2.settings
 import httptools
 
-from drainproxy.config import UpstreamConfig
-from drainproxy.h2_client import H2Stream, h2_connection, response_fields
-from drainproxy.http1 import HOP_BY_HOP, Headers
-from drainproxy.logs import AccessRecord
-from drainproxy.stats import Stats
-from drainproxy.tls import upstream_context
-from drainproxy.upstream import UpstreamConnection, UpstreamPool
+from drainproxy.config.schema import UpstreamConfig
+from drainproxy.core.stats import Stats
+from drainproxy.dataplane.access import AccessRecord
+from drainproxy.dataplane.h2_client import H2Stream, h2_connection, response_fields
+from drainproxy.dataplane.http1 import HOP_BY_HOP, Headers
+from drainproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+from drainproxy.system.tls import upstream_context
 
 if TYPE_CHECKING:
-    from drainproxy.proxy import ClientConnection, ProxyContext
+    from drainproxy.dataplane.proxy import ClientConnection, ProxyContext
 
 log = logging.getLogger("drainproxy.h2_upstream")
 

@@ -29,10 +29,10 @@ from typing import Any
 
 from aiohttp import web
 
-from drainproxy.config import ListenerTLSConfig
+from drainproxy.config.schema import ListenerTLSConfig
 from drainproxy.errors import ConfigError
-from drainproxy.inject import InjectError, InjectOptions, inject_pod
-from drainproxy.tls import ListenerTLS
+from drainproxy.kube.inject import InjectError, InjectOptions, inject_pod
+from drainproxy.system.tls import ListenerTLS
 
 log = logging.getLogger("drainproxy.webhook")
 
