@@ -101,15 +101,13 @@ def check(config_path: str | None, manifests: list[str], output: str) -> int:
     from drainproxy.kube.k8scheck import (
         RULES,
         Finding,
-        ManifestDoc,
-        ManifestError,
         PodConfig,
         check_manifests,
         config_findings,
-        load_manifests,
         pod_configs,
         workload_docs,
     )
+    from drainproxy.kube.manifests import ManifestDoc, ManifestError, load_manifests
 
     shown_config = config_path or "the pods' config"
     try:

@@ -18,7 +18,7 @@ import yaml
 
 from drainproxy import __version__
 from drainproxy.config.schema import load_config
-from drainproxy.kube.k8scheck import IMAGE_DEFAULT_ARGS, IMAGE_USER
+from drainproxy.kube.manifests import IMAGE_DEFAULT_ARGS, IMAGE_USER
 from drainproxy.sim.podman import BUILD_CONTEXT, IMAGE, context_digest
 
 REPO = Path(__file__).resolve().parent.parent

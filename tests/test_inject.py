@@ -33,7 +33,8 @@ from drainproxy.kube.inject import (
     parse_text,
     render,
 )
-from drainproxy.kube.k8scheck import ManifestDoc, check_manifests
+from drainproxy.kube.k8scheck import check_manifests
+from drainproxy.kube.manifests import ManifestDoc
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,13 +27,8 @@ from hypothesis import strategies as st
 from drainproxy.cli import main
 from drainproxy.config.schema import PLACEHOLDER_TOKEN, load_config, read_mapping
 from drainproxy.kube import k8scheck
-from drainproxy.kube.k8scheck import (
-    RULES,
-    ManifestDoc,
-    check_manifests,
-    config_findings,
-    parse_manifests,
-)
+from drainproxy.kube.k8scheck import RULES, check_manifests, config_findings
+from drainproxy.kube.manifests import ManifestDoc, parse_manifests
 
 REPO = Path(__file__).resolve().parent.parent
 STYLES = {

@@ -36,13 +36,13 @@ import yaml
 from drainproxy import __version__
 from drainproxy.config.schema import GRACE_MARGIN, config_from_mapping, parse_duration
 from drainproxy.errors import ConfigError, DrainproxyError
-from drainproxy.kube.k8scheck import (
+from drainproxy.kube.manifests import (
     DEFAULT_GRACE_SECONDS,
     IMAGE_USER,
     TOKEN_HEADER,
     UNPROXIED_PORTS_ANNOTATION,
-    _get,
-    _list,
+    dict_items,
+    dig,
     drainproxy_launch,
 )
 
@@ -162,11 +162,11 @@ class InjectedPod:
 
 
 def _containers(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return _list(spec.get("containers")) + _list(spec.get("initContainers"))
+    return dict_items(spec.get("containers")) + dict_items(spec.get("initContainers"))
 
 
 def _declared(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [port for c in _containers(spec) for port in _list(c.get("ports"))]
+    return [port for c in _containers(spec) for port in dict_items(c.get("ports"))]
 
 
 def _int_port(value: object) -> int | None:
@@ -186,9 +186,11 @@ def find_service_port(spec: Mapping[str, Any], service_port: Mapping[str, Any]) 
     if number is not None:
         return number
     protocol = service_port.get("protocol", "TCP")
-    sidecars = [c for c in _list(spec.get("initContainers")) if c.get("restartPolicy") == "Always"]
-    for container in _list(spec.get("containers")) + sidecars:
-        for port in _list(container.get("ports")):
+    sidecars = [
+        c for c in dict_items(spec.get("initContainers")) if c.get("restartPolicy") == "Always"
+    ]
+    for container in dict_items(spec.get("containers")) + sidecars:
+        for port in dict_items(container.get("ports")):
             if port.get("name") == target and port.get("protocol", "TCP") == protocol:
                 return _int_port(port.get("containerPort"))
     return None
@@ -237,7 +239,7 @@ def _choose_app_port(
     requested: str | None,
     service_targets: Iterable[int],
 ) -> int:
-    ports = _list(app.get("ports"))
+    ports = dict_items(app.get("ports"))
     if requested is not None:
         number = _int_port(requested)
         if number is None:
@@ -338,15 +340,15 @@ def _original_hook_argv(where: str, hook: Mapping[str, Any], app: Mapping[str, A
     may name a port of the ``app`` container (the kubelet resolves it there): a URL needs
     its number."""
     if "exec" in hook:
-        return [str(word) for word in _get(hook, "exec", "command") or []]
+        return [str(word) for word in dig(hook, "exec", "command") or []]
     if "sleep" in hook:
-        return ["sleep", str(_get(hook, "sleep", "seconds") or 0)]
+        return ["sleep", str(dig(hook, "sleep", "seconds") or 0)]
     if "httpGet" in hook:
         http = hook["httpGet"] if isinstance(hook["httpGet"], dict) else {}
         scheme = str(http.get("scheme", "HTTP")).lower()
         port = http.get("port")
         if _int_port(port) is None:
-            named = {p.get("name"): p.get("containerPort") for p in _list(app.get("ports"))}
+            named = {p.get("name"): p.get("containerPort") for p in dict_items(app.get("ports"))}
             if _int_port(named.get(port)) is None:
                 raise InjectError(
                     f"{where}: the app's preStop httpGet names port {port!r}, which the app "
@@ -387,10 +389,10 @@ def _rename_port_refs(container: dict[str, Any], old: str, new: str) -> None:
     """Probes and hooks resolve port names in their own container's ports, so references to a
     renamed port follow it."""
     handlers = [container.get(p) for p in ("readinessProbe", "livenessProbe", "startupProbe")]
-    handlers += [_get(container, "lifecycle", h) for h in ("postStart", "preStop")]
+    handlers += [dig(container, "lifecycle", h) for h in ("postStart", "preStop")]
     for handler in handlers:
         for kind in ("httpGet", "tcpSocket", "grpc"):
-            action = _get(handler, kind)
+            action = dig(handler, kind)
             if isinstance(action, dict) and action.get("port") == old:
                 action["port"] = new
 
@@ -399,7 +401,7 @@ def _folded_app_check(app: Mapping[str, Any], app_port: int) -> dict[str, Any] |
     """The app's own httpGet readinessProbe on the fronted port, as drainproxy's app check, so
     /ready fails whenever the app's check does."""
     probe = app.get("readinessProbe")
-    http = _get(probe, "httpGet")
+    http = dig(probe, "httpGet")
     if not isinstance(http, dict) or str(http.get("scheme", "HTTP")).upper() != "HTTP":
         return None
     port = _int_port(http.get("port"))
@@ -407,7 +409,7 @@ def _folded_app_check(app: Mapping[str, Any], app_port: int) -> dict[str, Any] |
         port = next(
             (
                 _int_port(p.get("containerPort"))
-                for p in _list(app.get("ports"))
+                for p in dict_items(app.get("ports"))
                 if p.get("name") == http.get("port")
             ),
             None,
@@ -562,7 +564,7 @@ def _style(
 
 
 def _app_container(where: str, spec: Mapping[str, Any], name: str | None) -> dict[str, Any]:
-    containers = _list(spec.get("containers"))
+    containers = dict_items(spec.get("containers"))
     if name is not None:
         found = next((c for c in containers if c.get("name") == name), None)
         if found is None:
@@ -601,14 +603,14 @@ def inject_pod(
 
     Raises InjectError naming ``where`` and the fix when the pod cannot be injected.
     """
-    own = _get(metadata, "annotations")
+    own = dig(metadata, "annotations")
     merged = {**(annotations or {}), **(own if isinstance(own, dict) else {})}
     merged = {str(k): str(v) for k, v in merged.items()}
     if merged.get(INJECT_ANNOTATION, "true").lower() == "false":
         return None
     if runs_drainproxy(spec) or runs_to_completion(spec):
         return None
-    if _get(spec, "os", "name") == "windows":
+    if dig(spec, "os", "name") == "windows":
         raise InjectError(
             f"{where}: a Windows pod cannot run drainproxy's Linux image; annotate it "
             f'{INJECT_ANNOTATION}: "false"'
@@ -624,7 +626,7 @@ def inject_pod(
         original_grace = DEFAULT_GRACE_SECONDS
     # The app's own preStop runs after the drain, in the shell hook; only a workload annotated
     # prestop: http (an image without a shell) has it replaced by the httpGet hook.
-    own_hook = _get(app, "lifecycle", "preStop")
+    own_hook = dig(app, "lifecycle", "preStop")
     explicit_http = merged.get(ANNOTATION_PREFIX + "prestop") == "http"
     kept = own_hook if isinstance(own_hook, dict) and not explicit_http else None
     # An app with a preStop of its own had the whole grace period for that hook and its exit;
@@ -707,7 +709,7 @@ def _hand_over_port_name(
     A name another container declares too is not taken: once the app gives it up, names
     resolve in the regular containers first, so Services would reach that other container."""
     app_entry = next(
-        (p for p in _list(app.get("ports")) if p.get("containerPort") == app_port), None
+        (p for p in dict_items(app.get("ports")) if p.get("containerPort") == app_port), None
     )
     if app_entry is None:
         # Declared, so the pod says which container owns the port drainproxy forwards to.
@@ -768,11 +770,11 @@ class Document:
 
     @property
     def where(self) -> str:
-        return f"{self.source}: {self.kind}/{_get(self.body, 'metadata', 'name') or '?'}"
+        return f"{self.source}: {self.kind}/{dig(self.body, 'metadata', 'name') or '?'}"
 
 
 def _namespace(body: Mapping[str, Any]) -> str | None:
-    namespace = _get(body, "metadata", "namespace")
+    namespace = dig(body, "metadata", "namespace")
     return str(namespace) if namespace else None
 
 
@@ -783,7 +785,7 @@ def _same_namespace(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def _selects(service: Mapping[str, Any], workload: Mapping[str, Any], labels: object) -> bool:
-    selector = _get(service, "spec", "selector")
+    selector = dig(service, "spec", "selector")
     if not isinstance(selector, dict) or not selector or not isinstance(labels, dict):
         return False
     return _same_namespace(service, workload) and all(
@@ -822,7 +824,7 @@ def inject_documents(docs: list[Document], options: InjectOptions) -> list[str]:
     fronted: list[_Fronted] = []
     config_maps: dict[int, dict[str, Any]] = {}
     config_map_names = {
-        (_namespace(d.body), str(_get(d.body, "metadata", "name")))
+        (_namespace(d.body), str(dig(d.body, "metadata", "name")))
         for d in objects
         if d.kind == "ConfigMap"
     }
@@ -831,7 +833,7 @@ def inject_documents(docs: list[Document], options: InjectOptions) -> list[str]:
         path = WORKLOAD_TEMPLATES.get(doc.kind)
         if path is None:
             continue
-        template = _get(doc.body, *path) if path else doc.body
+        template = dig(doc.body, *path) if path else doc.body
         if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
             raise InjectError(f"{doc.where}: has no pod template spec")
         if not isinstance(template.setdefault("metadata", {}), dict):
@@ -860,29 +862,29 @@ def _inject_workload(
     """The workload's pod injected in place, with its new ConfigMap and warnings; for a pod that
     runs drainproxy already, what its Services need to know (and no ConfigMap)."""
     spec: dict[str, Any] = template["spec"]
-    found = _get(template, "metadata", "labels")
+    found = dig(template, "metadata", "labels")
     labels: dict[str, Any] = found if isinstance(found, dict) else {}
     if runs_drainproxy(spec):
-        port = _int_port(_get(template, "metadata", "annotations", PORT_ANNOTATION))
+        port = _int_port(dig(template, "metadata", "annotations", PORT_ANNOTATION))
         name = _listen_name(spec)
         if port is None or name is None:
             return None
         return _Fronted(doc.body, labels, spec, spec, port, name), None, []
-    own = _get(doc.body, "metadata", "annotations") if doc.kind != "Pod" else None
+    own = dig(doc.body, "metadata", "annotations") if doc.kind != "Pod" else None
     annotations = {str(k): str(v) for k, v in own.items()} if isinstance(own, dict) else {}
     targets = [
         n
         for s in services
         if _selects(s.body, doc.body, labels)
-        for p in _list(_get(s.body, "spec", "ports"))
+        for p in dict_items(dig(s.body, "spec", "ports"))
         if (n := _int_port(p.get("targetPort", p.get("port")))) is not None
     ]
-    name = _get(doc.body, "metadata", "name") or "pod"
+    name = dig(doc.body, "metadata", "name") or "pod"
     config_name = f"{name}-drainproxy"
     if (_namespace(doc.body), config_name) in taken_names:  # e.g. a Deployment and a
         config_name = f"{name}-{doc.kind.lower()}-drainproxy"  # StatefulSet both named web
     taken_names.add((_namespace(doc.body), config_name))
-    what = f"{doc.kind}/{_get(doc.body, 'metadata', 'name') or '?'}"
+    what = f"{doc.kind}/{dig(doc.body, 'metadata', 'name') or '?'}"
     injected = inject_pod(
         doc.where,
         what,
@@ -919,7 +921,7 @@ def _proxy(spec: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _listen_name(spec: Mapping[str, Any]) -> str | None:
-    ports = _list(_get(_proxy(spec), "ports"))
+    ports = dict_items(dig(_proxy(spec), "ports"))
     return str(ports[0]["name"]) if ports and ports[0].get("name") else None
 
 
@@ -928,9 +930,9 @@ def _point_service(service: dict[str, Any], fronted: list[_Fronted]) -> None:
     for pod in fronted:
         if not _selects(service, pod.workload, pod.labels):
             continue
-        proxy_ports = _list(_get(_proxy(pod.after), "ports"))
+        proxy_ports = dict_items(dig(_proxy(pod.after), "ports"))
         listen = _int_port(proxy_ports[0].get("containerPort")) if proxy_ports else None
-        for port in _list(_get(service, "spec", "ports")):
+        for port in dict_items(dig(service, "spec", "ports")):
             reached_app = find_service_port(pod.before, port) == pod.app_port
             if reached_app and find_service_port(pod.after, port) != listen:
                 port["targetPort"] = pod.listen_name

@@ -13,40 +13,37 @@ import enum
 import math
 import posixpath
 import shlex
-import sys
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import urlsplit
-
-import yaml
 
 from drainproxy.config.schema import (
     Config,
     ConfigReport,
-    describe_yaml_error,
     format_duration,
-    parse_yaml_stream,
     read_config_text,
     shown_value,
 )
-from drainproxy.errors import ConfigError, DrainproxyError
+from drainproxy.errors import ConfigError
+from drainproxy.kube.manifests import (
+    DEFAULT_GRACE_SECONDS,
+    IMAGE_DEFAULT_ARGS,
+    IMAGE_USER,
+    SHELLS,
+    TOKEN_HEADER,
+    UNPROXIED_PORTS_ANNOTATION,
+    Launch,
+    ManifestDoc,
+    dict_items,
+    dig,
+    drainproxy_launch,
+    is_drainproxy_image,
+    string_items,
+)
 
-TOKEN_HEADER = "X-Drainproxy-Token"
-#: The image's ``CMD`` (see the Dockerfile): what a container that sets no ``args`` runs.
-IMAGE_DEFAULT_ARGS = ("serve", "--config", "/etc/drainproxy/drainproxy.yaml")
-#: The image's ``USER`` (see the Dockerfile), when a pod spec sets no ``runAsUser``.
-IMAGE_USER = 10001
-#: Pod annotation listing the ports (numbers or names, comma-separated) that deliberately bypass
-#: drainproxy: TLS it holds no certificate for, protocols other than HTTP (``drainproxy inject``
-#: writes it). Services may target them.
-UNPROXIED_PORTS_ANNOTATION = "drainproxy.io/unproxied-ports"
-#: Kubernetes' default when ``terminationGracePeriodSeconds`` is not set.
-DEFAULT_GRACE_SECONDS = 30
 _PROBE_DEFAULT_PERIOD = 10
 _PROBE_DEFAULT_FAILURES = 3
-_SHELLS = frozenset({"sh", "bash", "dash", "ash", "busybox"})
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 #: The User-Agent of the kubelet's probes (``kube-probe/<major>.<minor>``).
 _KUBELET_USER_AGENT = "kube-probe/1.29"
@@ -61,10 +58,6 @@ _TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "Job": ("spec", "template"),
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
-
-
-class ManifestError(DrainproxyError):
-    """A manifest file cannot be read or is not Kubernetes YAML."""
 
 
 class Severity(enum.Enum):
@@ -283,172 +276,6 @@ def _finding(code: str, where: str, message: str, fix: str) -> Finding:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading manifests
-
-
-@dataclass(frozen=True)
-class ManifestDoc:
-    source: str
-    body: dict[str, Any]
-
-    @property
-    def kind(self) -> str:
-        return str(self.body.get("kind", ""))
-
-    @property
-    def name(self) -> str:
-        return str(_get(self.body, "metadata", "name") or "?")
-
-    @property
-    def namespace(self) -> str | None:
-        namespace = _get(self.body, "metadata", "namespace")
-        return str(namespace) if namespace else None
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}: {self.kind}/{self.name}"
-
-    def shares_namespace_with(self, other: ManifestDoc) -> bool:
-        """Could both objects live in one namespace? A manifest without ``metadata.namespace``
-        is applied to the namespace of the command (``kubectl apply -n``), which is where the
-        other goes too when it says nothing, and may be the one it names when it does."""
-        return (
-            self.namespace is None or other.namespace is None or self.namespace == other.namespace
-        )
-
-
-def parse_manifests(text: str, source: str) -> list[ManifestDoc]:
-    """Every non-empty document of a multi-document YAML (or JSON) stream, each a Kubernetes
-    object; ``kind: List`` (``kubectl get -o yaml``) is read item by item. Duplicate keys are
-    refused, as the API server's strict decoding does."""
-    try:
-        bodies = parse_yaml_stream(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{source}: not valid YAML: {describe_yaml_error(exc)}") from None
-    docs: list[ManifestDoc] = []
-    for index, body in enumerate(bodies):
-        if body is None:
-            continue
-        if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
-            raise ManifestError(f"{source}: document {index + 1} is not a Kubernetes object")
-        if body["kind"].endswith("List") and isinstance(body.get("items"), list):
-            docs.extend(ManifestDoc(source, item) for item in _list(body["items"]))
-        else:
-            docs.append(ManifestDoc(source, body))
-    return docs
-
-
-#: The files ``kubectl apply -f DIRECTORY`` reads (not recursive, as without ``-R``).
-MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def manifest_files(path: str | Path) -> list[Path]:
-    """``path`` itself, or the manifest files directly in it when it is a directory."""
-    path = Path(path)
-    if not path.is_dir():
-        return [path]
-    return sorted(p for p in path.iterdir() if p.suffix in MANIFEST_SUFFIXES and p.is_file())
-
-
-def load_manifests(paths: Iterable[str | Path], stdin: TextIO | None = None) -> list[ManifestDoc]:
-    """The documents of every path: a file, a directory of files, or ``-`` for ``stdin``."""
-    docs: list[ManifestDoc] = []
-    for given in paths:
-        if str(given) == "-":
-            docs.extend(parse_manifests((stdin or sys.stdin).read(), "<stdin>"))
-            continue
-        for path in manifest_files(given):
-            try:
-                text = path.read_text()
-            except OSError as exc:
-                raise ManifestError(f"{path}: cannot be read: {exc.strerror}") from None
-            except UnicodeDecodeError as exc:
-                raise ManifestError(f"{path}: is not UTF-8 text: {exc.reason}") from None
-            docs.extend(parse_manifests(text, str(path)))
-    return docs
-
-
-def _get(node: object, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
-
-
-def _list(node: object) -> list[dict[str, Any]]:
-    return [item for item in node if isinstance(item, dict)] if isinstance(node, list) else []
-
-
-def _strings(node: object) -> list[str]:
-    """An argv-like list (``command``, ``args``) as strings; anything else as empty."""
-    return [str(item) for item in node] if isinstance(node, list) else []
-
-
-# ---------------------------------------------------------------------------------------------
-# How drainproxy is started in a container
-
-
-@dataclass(frozen=True)
-class Launch:
-    subcommand: str
-    config_path: str | None
-    #: Started as ``sh -c "drainproxy ..."`` without ``exec``: the shell gets the SIGTERM.
-    under_shell: bool
-
-
-def _is_drainproxy_image(image: object) -> bool:
-    if not isinstance(image, str):
-        return False
-    name = image.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
-    return "drainproxy" in name
-
-
-def _launch_from_argv(argv: Sequence[str], start: int, under_shell: bool) -> Launch | None:
-    rest = list(argv[start + 1 :])
-    if "--" in rest:
-        rest = rest[: rest.index("--")]
-    subcommand = next((token for token in rest if not token.startswith("-")), None)
-    if subcommand not in ("serve", "wrap"):
-        return None
-    config_path = None
-    for index, token in enumerate(rest):
-        if token == "--config" and index + 1 < len(rest):
-            config_path = rest[index + 1]
-        elif token.startswith("--config="):
-            config_path = token.partition("=")[2]
-    return Launch(subcommand, config_path, under_shell)
-
-
-def drainproxy_launch(container: Mapping[str, Any]) -> Launch | None:
-    """How this container runs drainproxy as a proxy (serve or wrap), or None if it does not."""
-    command = _strings(container.get("command"))
-    args = _strings(container.get("args"))
-    if not command:
-        if not _is_drainproxy_image(container.get("image")):
-            return None
-        return _launch_from_argv(["drainproxy", *(args or IMAGE_DEFAULT_ARGS)], 0, False)
-    argv = command + args
-    if posixpath.basename(argv[0]) in _SHELLS and "-c" in argv[:3]:
-        script_at = argv.index("-c") + 1
-        if script_at >= len(argv):
-            return None
-        try:
-            tokens = shlex.split(argv[script_at])
-        except ValueError:
-            tokens = argv[script_at].split()
-        for index, token in enumerate(tokens):
-            if posixpath.basename(token) == "drainproxy":
-                exec_ed = index > 0 and tokens[index - 1] == "exec"
-                return _launch_from_argv(tokens, index, under_shell=not exec_ed)
-        return None
-    for index, token in enumerate(argv[:3]):
-        if posixpath.basename(token) == "drainproxy":
-            return _launch_from_argv(argv, index, False)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
 # The pods to check
 
 
@@ -493,16 +320,16 @@ def pod_templates(docs: Iterable[ManifestDoc]) -> Iterator[PodTemplate]:
         path = _TEMPLATE_PATHS.get(doc.kind)
         if path is None:
             continue
-        template = _get(doc.body, *path) if path else doc.body
-        spec = _get(template, "spec")
+        template = dig(doc.body, *path) if path else doc.body
+        spec = dig(template, "spec")
         if isinstance(spec, dict):
-            labels = _get(template, "metadata", "labels")
+            labels = dig(template, "metadata", "labels")
             yield PodTemplate(doc, spec, labels if isinstance(labels, dict) else {})
 
 
 def find_pod(template: PodTemplate, config: Config) -> Pod | None:
-    regular = _list(template.spec.get("containers"))
-    inits = _list(template.spec.get("initContainers"))
+    regular = dict_items(template.spec.get("containers"))
+    inits = dict_items(template.spec.get("initContainers"))
     sidecars = [c for c in inits if c.get("restartPolicy") == "Always"]
     for container in regular + inits:
         launch = drainproxy_launch(container)
@@ -528,7 +355,7 @@ def find_pod(template: PodTemplate, config: Config) -> Pod | None:
 
 
 def _declared_ports(container: Mapping[str, Any]) -> list[int]:
-    return [p["containerPort"] for p in _list(container.get("ports")) if "containerPort" in p]
+    return [p["containerPort"] for p in dict_items(container.get("ports")) if "containerPort" in p]
 
 
 def _resolve_port(port: object, containers: Iterable[Mapping[str, Any]]) -> int | None:
@@ -540,7 +367,7 @@ def _resolve_port(port: object, containers: Iterable[Mapping[str, Any]]) -> int 
         if port.isdigit():
             return int(port)
         for container in containers:
-            for declared in _list(container.get("ports")):
+            for declared in dict_items(container.get("ports")):
                 if declared.get("name") == port and isinstance(declared.get("containerPort"), int):
                     port_number: int = declared["containerPort"]
                     return port_number
@@ -548,13 +375,13 @@ def _resolve_port(port: object, containers: Iterable[Mapping[str, Any]]) -> int 
 
 
 def _http_path(handler: Mapping[str, Any]) -> str:
-    return str(_get(handler, "httpGet", "path") or "/").split("?")[0]
+    return str(dig(handler, "httpGet", "path") or "/").split("?")[0]
 
 
 def _exec_words(handler: Mapping[str, Any]) -> list[str]:
     """An exec handler's argv, with shell scripts (``sh -c "..."``) split into words."""
     words: list[str] = []
-    for token in _strings(_get(handler, "exec", "command")):
+    for token in string_items(dig(handler, "exec", "command")):
         if any(space in token for space in " \t\n;&|"):
             try:
                 words += shlex.split(token.replace(";", " ; "))
@@ -686,10 +513,10 @@ def _unchained_sleep(ctx: _Context, where: str, seconds: object) -> Finding:
 
 
 def _unchained_exec(ctx: _Context, where: str, hook: Mapping[str, Any]) -> Finding:
-    command = _strings(_get(hook, "exec", "command"))
+    command = string_items(dig(hook, "exec", "command"))
     script = command[2] if len(command) >= 3 and command[1] == "-c" else shlex.join(command)
     words = _exec_words(hook)
-    if len(words) > 2 and posixpath.basename(words[0]) in _SHELLS and words[1] == "-c":
+    if len(words) > 2 and posixpath.basename(words[0]) in SHELLS and words[1] == "-c":
         words = words[2:]
     if words and posixpath.basename(words[0]) == "sleep" and len(words) <= 2:
         return _unchained_sleep(ctx, where, words[1] if len(words) == 2 else None)
@@ -710,7 +537,7 @@ def _check_app_hooks(ctx: _Context, pod: Pod) -> Iterator[Finding]:
     admin_port = ctx.config.admin.listen.port
     for app in pod.apps:
         where = pod.where(app)
-        hook = _get(app, "lifecycle", "preStop")
+        hook = dig(app, "lifecycle", "preStop")
         if not isinstance(hook, dict):
             yield _finding(
                 "DP201",
@@ -724,7 +551,7 @@ def _check_app_hooks(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             yield from _check_http_prestop(ctx, pod, app, hook)
             continue
         if "sleep" in hook:
-            yield _unchained_sleep(ctx, where, _get(hook, "sleep", "seconds"))
+            yield _unchained_sleep(ctx, where, dig(hook, "sleep", "seconds"))
             continue
         call = _exec_url(_exec_words(hook), "/prestop")
         if call is None:
@@ -783,7 +610,7 @@ def _check_http_prestop(
             f"use httpGet {{path: /prestop, port: {admin_port}}} with no host and scheme HTTP",
         )
     headers = {
-        str(h.get("name", "")).lower(): h.get("value") for h in _list(http.get("httpHeaders"))
+        str(h.get("name", "")).lower(): h.get("value") for h in dict_items(http.get("httpHeaders"))
     }
     token = ctx.config.admin.token
     given = headers.get(TOKEN_HEADER.lower())
@@ -822,7 +649,7 @@ def _check_probes(ctx: _Context, pod: Pod) -> Iterator[Finding]:
         isinstance(probe, dict)
         and "httpGet" in probe
         and _http_path(probe) == "/ready"
-        and _resolve_port(_get(probe, "httpGet", "port"), [pod.proxy]) == admin_port
+        and _resolve_port(dig(probe, "httpGet", "port"), [pod.proxy]) == admin_port
     )
     if not aimed:
         what = (
@@ -890,7 +717,7 @@ def _check_evidence_threshold(ctx: _Context, where: str, failures: int) -> Itera
 
 
 def _selects(service: ManifestDoc, pod: Pod) -> bool:
-    selector = _get(service.body, "spec", "selector")
+    selector = dig(service.body, "spec", "selector")
     if not isinstance(selector, dict) or not selector:
         return False
     if not service.shares_namespace_with(pod.template.doc):
@@ -904,7 +731,7 @@ def _port_owners(name: str, containers: Iterable[Mapping[str, Any]]) -> list[tup
     return [
         (str(c.get("name", "?")), declared.get("containerPort"))
         for c in containers
-        for declared in _list(c.get("ports"))
+        for declared in dict_items(c.get("ports"))
         if declared.get("name") == name
     ]
 
@@ -913,7 +740,7 @@ def _listen_port_reference(ctx: _Context, pod: Pod) -> str:
     """What a Service's targetPort should say: drainproxy's port name when that name resolves
     to its listen port, else the number."""
     listen_port = ctx.config.listen.port
-    for declared in _list(pod.proxy.get("ports")):
+    for declared in dict_items(pod.proxy.get("ports")):
         name = declared.get("name")
         aimed = declared.get("containerPort") == listen_port and isinstance(name, str)
         if aimed and _resolve_port(name, pod.running) == listen_port:
@@ -924,7 +751,7 @@ def _listen_port_reference(ctx: _Context, pod: Pod) -> str:
 def _unproxied_ports(pod: Pod) -> set[int]:
     """The ports the pod template's annotation marks as deliberately not proxied."""
     path = _TEMPLATE_PATHS.get(pod.template.doc.kind, ())
-    listed = _get(
+    listed = dig(
         pod.template.doc.body, *path, "metadata", "annotations", UNPROXIED_PORTS_ANNOTATION
     )
     words = (word.strip() for word in str(listed or "").split(","))
@@ -936,7 +763,7 @@ def _check_services(ctx: _Context, pod: Pod) -> Iterator[Finding]:
     listen_port = ctx.config.listen.port
     allowed = {listen_port, ctx.config.admin.listen.port} | _unproxied_ports(pod)
     for service in (d for d in ctx.docs if d.kind == "Service" and _selects(d, pod)):
-        for port in _list(_get(service.body, "spec", "ports")):
+        for port in dict_items(dig(service.body, "spec", "ports")):
             target = port.get("targetPort", port.get("port"))
             resolved = _resolve_port(target, pod.running)
             if resolved in allowed:
@@ -977,7 +804,7 @@ def _check_ports(ctx: _Context, pod: Pod) -> Iterator[Finding]:
         owners.setdefault((port, "TCP"), []).append(f"drainproxy's {role}")
     for container in pod.running:
         name = str(container.get("name", "?"))
-        for declared in _list(container.get("ports")):
+        for declared in dict_items(container.get("ports")):
             number = declared.get("containerPort")
             if not isinstance(number, int):
                 continue
@@ -1034,8 +861,8 @@ def _check_upstream_port(ctx: _Context, pod: Pod) -> Iterator[Finding]:
 
 def _security(pod: Pod, container: Mapping[str, Any], key: str) -> object:
     """A securityContext setting: the container's own, else the pod's."""
-    own = _get(container, "securityContext", key)
-    return own if own is not None else _get(pod.spec, "securityContext", key)
+    own = dig(container, "securityContext", key)
+    return own if own is not None else dig(pod.spec, "securityContext", key)
 
 
 def _check_non_root(ctx: _Context, pod: Pod) -> Iterator[Finding]:
@@ -1049,7 +876,7 @@ def _check_non_root(ctx: _Context, pod: Pod) -> Iterator[Finding]:
     where = pod.where(pod.proxy)
     source = (
         "its own securityContext"
-        if _get(pod.proxy, "securityContext", "runAsUser") is not None
+        if dig(pod.proxy, "securityContext", "runAsUser") is not None
         else "the pod's securityContext.runAsUser: 0"
     )
     yield _finding(
@@ -1075,9 +902,9 @@ def _check_signal_mode(ctx: _Context, pod: Pod) -> Iterator[Finding]:
         )
         return
     proxy_user = _user(pod, pod.proxy)
-    if proxy_user is None and _is_drainproxy_image(pod.proxy.get("image")):
+    if proxy_user is None and is_drainproxy_image(pod.proxy.get("image")):
         proxy_user = IMAGE_USER
-    capabilities = _get(pod.proxy, "securityContext", "capabilities", "add") or []
+    capabilities = dig(pod.proxy, "securityContext", "capabilities", "add") or []
     # Kubernetes grants added capabilities to root only (no ambient capabilities for others).
     if proxy_user == 0 and ("KILL" in capabilities or "CAP_KILL" in capabilities):
         return
@@ -1127,7 +954,7 @@ def _check_launch(ctx: _Context, pod: Pod) -> Iterator[Finding]:
             )
     if pod.style is not Style.NATIVE:
         return
-    hook = _get(pod.proxy, "lifecycle", "preStop")
+    hook = dig(pod.proxy, "lifecycle", "preStop")
     words = _exec_words(hook) if isinstance(hook, dict) else []
     if _runs_drainproxy_drain(words) or _exec_url(words, "/drain"):
         return
@@ -1155,7 +982,7 @@ def _mounted_file(
 ) -> tuple[dict[str, Any] | None, str] | None:
     """The volume a file path of the proxy container lives on, and the path inside it."""
     best: tuple[int, str, str] | None = None
-    for mount in _list(proxy.get("volumeMounts")):
+    for mount in dict_items(proxy.get("volumeMounts")):
         mount_path = str(mount.get("mountPath", "")).rstrip("/")
         sub_path = mount.get("subPath")
         if sub_path:
@@ -1168,7 +995,7 @@ def _mounted_file(
             best = (len(mount_path), str(mount.get("name")), inner)
     if best is None:
         return None
-    volume = next((v for v in _list(spec.get("volumes")) if v.get("name") == best[1]), None)
+    volume = next((v for v in dict_items(spec.get("volumes")) if v.get("name") == best[1]), None)
     return volume, best[2]
 
 
@@ -1205,11 +1032,11 @@ def locate_config(
     """Follow ``path`` through the proxy container's mounts to a ConfigMap key in ``docs``."""
     mounted = _mounted_file(proxy, spec, path)
     volume, inner = mounted if mounted else (None, path)
-    config_map = _get(volume, "configMap")
+    config_map = dig(volume, "configMap")
     if not isinstance(config_map, dict):
         return ConfigLocation(path, volume, inner)
     name = str(config_map.get("name"))
-    items = _list(config_map.get("items"))
+    items = dict_items(config_map.get("items"))
     key = next((i.get("key") for i in items if i.get("path") == inner), None) if items else inner
     doc = next(
         (
@@ -1219,7 +1046,7 @@ def locate_config(
         ),
         None,
     )
-    data = _get(doc.body, "data") if doc is not None else None
+    data = dig(doc.body, "data") if doc is not None else None
     text = data.get(key) if isinstance(data, dict) and key is not None else None
     shown_key = str(key) if key is not None else None
     return ConfigLocation(
@@ -1264,7 +1091,7 @@ def _check_config_source(ctx: _Context, pod: Pod) -> Iterator[Finding]:
         return
     found = locate_config(ctx.docs, pod.template.doc, pod.spec, pod.proxy, path)
     if found.config_map is None:
-        source = "the image" if found.volume is None else f"volume {_get(found.volume, 'name')}"
+        source = "the image" if found.volume is None else f"volume {dig(found.volume, 'name')}"
         yield _finding(
             "DP602",
             where,
@@ -1410,7 +1237,7 @@ def pod_configs(docs: Sequence[ManifestDoc]) -> list[PodConfig]:
     config its ConfigMap holds (the embedded defaults when it runs without ``--config``)."""
     found: list[PodConfig] = []
     for template in pod_templates(docs):
-        containers = _list(template.spec.get("containers")) + _list(
+        containers = dict_items(template.spec.get("containers")) + dict_items(
             template.spec.get("initContainers")
         )
         launched = ((c, drainproxy_launch(c)) for c in containers)
