@@ -34,7 +34,7 @@ from drainproxy.kube.inject import (
     render,
 )
 from drainproxy.kube.k8scheck import check_manifests
-from drainproxy.kube.manifests import ManifestDoc
+from drainproxy.kube.manifests import POD_SPEC, ManifestDoc, type_errors
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -504,6 +504,45 @@ BAD_INPUTS = [
         GOOD.replace("      terminationGracePeriodSeconds: 45\n", "      os: {name: windows}\n"),
         "a Windows pod cannot run drainproxy's Linux image",
     ),
+    # Wrong JSON types, which the API server refuses too: named by their path, never read as
+    # something else (a string grace period as the default, a string port as a second port).
+    (
+        "a grace period that is a string",
+        GOOD.replace("terminationGracePeriodSeconds: 45", 'terminationGracePeriodSeconds: "45"'),
+        "spec.terminationGracePeriodSeconds: '45' is not an integer",
+    ),
+    (
+        "a containerPort that is a string",
+        GOOD.replace("- containerPort: 3000", '- containerPort: "3000"'),
+        "spec.containers[0].ports[0].containerPort: '3000' is not a port number (1-65535)",
+    ),
+    (
+        "a containerPort out of range",
+        GOOD.replace("- containerPort: 3000", "- containerPort: 70000"),
+        "spec.containers[0].ports[0].containerPort: 70000 is not a port number (1-65535)",
+    ),
+    (
+        "containers that are a mapping",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: {name: app}\n",
+        "spec.containers: {'name': 'app'} is not a list",
+    ),
+    (
+        "an annotation value that is a number",
+        GOOD.replace(
+            "        tier: web\n",
+            "        tier: web\n      annotations:\n        drainproxy.io/port: 3000\n",
+        ),
+        "metadata.annotations: {'drainproxy.io/port': 3000} is not a mapping of strings",
+    ),
+    (
+        "a preStop hook that is a string",
+        GOOD.replace(
+            "          ports:\n            - containerPort: 3000\n",
+            "          ports:\n            - containerPort: 3000\n"
+            "          lifecycle: {preStop: sleep 5}\n",
+        ),
+        "spec.containers[0].lifecycle.preStop: 'sleep 5' is not a mapping",
+    ),
     (
         "a port annotation naming no port",
         GOOD.replace(
@@ -910,3 +949,22 @@ def test_prestop_http_on_a_workload_replaces_its_own_hook_for_an_image_without_a
         }
     }
     assert spec["terminationGracePeriodSeconds"] == 5 + 60 + 5 + 2  # the default 5s stop
+
+
+def test_type_errors_name_every_wrong_field_and_pass_absent_ones() -> None:
+    """Absent and null fields take their defaults; a bool is not an integer (JSON has no
+    such overlap); every problem is named at once, by its path."""
+    spec = {
+        "terminationGracePeriodSeconds": None,
+        "containers": [
+            {"name": "app", "readinessProbe": {"periodSeconds": True}},
+            {"name": 7, "ports": [{"containerPort": 0}, "80"]},
+        ],
+    }
+    assert list(type_errors(spec, POD_SPEC, "spec")) == [
+        "spec.containers[0].readinessProbe.periodSeconds: True is not an integer",
+        "spec.containers[1].name: 7 is not a string",
+        "spec.containers[1].ports[0].containerPort: 0 is not a port number (1-65535)",
+        "spec.containers[1].ports[1]: '80' is not a mapping",
+    ]
+    assert list(type_errors({}, POD_SPEC, "spec")) == []

@@ -39,11 +39,14 @@ from drainproxy.errors import ConfigError, DrainproxyError
 from drainproxy.kube.manifests import (
     DEFAULT_GRACE_SECONDS,
     IMAGE_USER,
+    POD_METADATA,
+    POD_SPEC,
     TOKEN_HEADER,
     UNPROXIED_PORTS_ANNOTATION,
     dict_items,
     dig,
     drainproxy_launch,
+    type_errors,
 )
 
 ANNOTATION_PREFIX = "drainproxy.io/"
@@ -603,6 +606,12 @@ def inject_pod(
 
     Raises InjectError naming ``where`` and the fix when the pod cannot be injected.
     """
+    problems = [
+        *type_errors(metadata, POD_METADATA, "metadata"),
+        *type_errors(spec, POD_SPEC, "spec"),
+    ]
+    if problems:
+        raise InjectError(f"{where}: " + "; ".join(problems))
     own = dig(metadata, "annotations")
     merged = {**(annotations or {}), **(own if isinstance(own, dict) else {})}
     merged = {str(k): str(v) for k, v in merged.items()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import posixpath
 import shlex
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -198,3 +198,92 @@ def drainproxy_launch(container: Mapping[str, Any]) -> Launch | None:
         if posixpath.basename(token) == "drainproxy":
             return _launch_from_argv(argv, index, False)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The types of the pod fields check and inject read (Kubernetes core/v1)
+
+#: A field's expected JSON type: a name from ``_TYPE_TESTS``, a nested object (its fields), or a
+#: one-element list (an array of that). Only the fields drainproxy reads or rewrites; the API
+#: server checks the rest.
+FieldType = str | dict[str, "FieldType"] | list["FieldType"]
+
+_HANDLER: dict[str, FieldType] = {
+    "exec": {"command": ["string"]},
+    "httpGet": {"path": "string", "port": "int-or-string", "host": "string", "scheme": "string"},
+    "tcpSocket": {"port": "int-or-string"},
+    "sleep": {"seconds": "integer"},
+}
+_PROBE: dict[str, FieldType] = {
+    **_HANDLER,
+    "periodSeconds": "integer",
+    "timeoutSeconds": "integer",
+    "failureThreshold": "integer",
+    "successThreshold": "integer",
+    "initialDelaySeconds": "integer",
+}
+_CONTAINER: dict[str, FieldType] = {
+    "name": "string",
+    "image": "string",
+    "command": ["string"],
+    "args": ["string"],
+    "restartPolicy": "string",
+    "ports": [{"containerPort": "port", "name": "string", "protocol": "string"}],
+    "lifecycle": {"preStop": _HANDLER, "postStart": _HANDLER},
+    "readinessProbe": _PROBE,
+    "livenessProbe": _PROBE,
+    "startupProbe": _PROBE,
+}
+POD_SPEC: dict[str, FieldType] = {
+    "containers": [_CONTAINER],
+    "initContainers": [_CONTAINER],
+    "terminationGracePeriodSeconds": "integer",
+    "shareProcessNamespace": "boolean",
+    "os": {"name": "string"},
+}
+POD_METADATA: dict[str, FieldType] = {"annotations": "string-map", "labels": "string-map"}
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+_TYPE_TESTS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "string": ("a string", lambda v: isinstance(v, str)),
+    "integer": ("an integer", _is_integer),
+    "boolean": ("true or false", lambda v: isinstance(v, bool)),
+    "port": ("a port number (1-65535)", _is_port),
+    "int-or-string": ("a port number or name", lambda v: _is_integer(v) or isinstance(v, str)),
+    "string-map": (
+        "a mapping of strings to strings",
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+    ),
+}
+
+
+def type_errors(node: object, expected: FieldType, path: str) -> Iterator[str]:
+    """Each field of ``node`` (a manifest's object, at dotted ``path``) whose value is not of
+    its type in ``expected``, as ``path: value is not <type>``. Absent and null fields pass
+    (their defaults apply); a ``"30"`` where the API takes an integer does not: the API server
+    would refuse the object, and inject must not read it as something else."""
+    if node is None:
+        return
+    if isinstance(expected, str):
+        description, test = _TYPE_TESTS[expected]
+        if not test(node):
+            yield f"{path}: {node!r} is not {description}"
+    elif isinstance(expected, list):
+        if not isinstance(node, list):
+            yield f"{path}: {node!r} is not a list"
+            return
+        for index, item in enumerate(node):
+            yield from type_errors(item, expected[0], f"{path}[{index}]")
+    elif not isinstance(node, dict):
+        yield f"{path}: {node!r} is not a mapping"
+    else:
+        for key, field_type in expected.items():
+            yield from type_errors(node.get(key), field_type, f"{path}.{key}" if path else key)
