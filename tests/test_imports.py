@@ -10,6 +10,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import tomllib
 
 from tests.conftest import StartProxy
 from tests.proxy_support import AppRequest, RawApp, RawClient, response_bytes
@@ -143,3 +144,19 @@ def test_demo_without_aiohttp_says_which_extra_to_install() -> None:
     )
     assert done.returncode == 2
     assert "pip install 'drainproxy[demo]'" in done.stderr
+
+
+def test_every_module_of_the_package_sits_in_a_layer() -> None:
+    """`make lint`'s layers contract (pyproject [tool.importlinter]) only constrains the modules
+    it names: a module added beside the layers would escape it."""
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in contracts["contracts"] if c["type"] == "layers"]
+    named = {part.strip() for layer in layers for part in layer.split("|")}
+    package = REPO / "drainproxy"
+    children = {
+        f"drainproxy.{path.stem}"
+        for path in package.iterdir()
+        if (path.suffix == ".py" and path.stem not in ("__init__", "__main__"))
+        or (path / "__init__.py").is_file()
+    }
+    assert children == named
