@@ -11,6 +11,13 @@ small API exposed to the pod network needs: bounds on a request's size and on th
 to arrive, a bound on open connections, 404 and 405 with ``Allow``, error answers that survive
 the close, and a shutdown that lets answers already decided (the released ``/prestop`` calls)
 reach their clients. Bounds and answers: docs/hardening.md, "The admin listener".
+
+h11 is lenient where a request's framing is ambiguous, which invites request smuggling through
+anything in front of this listener: ``request_framing_fault`` refuses those requests (400, and
+the connection closes, as for any error after which the framing is unknown).
+
+The driver is reached only through ``AdminControls`` (what the endpoints may ask and do) and
+its ``Snapshot`` (what ``/status`` and ``/metrics`` report).
 """
 
 from __future__ import annotations
@@ -21,21 +28,21 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import h11
 
+from drainproxy.config.schema import AdminConfig
 from drainproxy.control.memory import release_freed_memory
 from drainproxy.control.metrics import render_metrics
 from drainproxy.core.lifecycle import DrainSource
-
-if TYPE_CHECKING:
-    from drainproxy.control.server import Server
+from drainproxy.core.snapshot import Snapshot
 
 log = logging.getLogger("drainproxy.admin")
 
@@ -80,7 +87,31 @@ class Response:
         return cls(status, text.encode())
 
 
-Handler = Callable[["Server", Request], Awaitable[Response]]
+class AdminControls(Protocol):
+    """What the endpoints need from the driver (``control/server.py``'s ``Server``)."""
+
+    def snapshot(self) -> Snapshot:
+        """The proxy now, for ``/status`` and ``/metrics``."""
+        ...
+
+    def readiness(self) -> str | None:
+        """None when ``/ready`` answers 200; else why not (the drain phase, "app unreachable")."""
+        ...
+
+    def note_readiness_probe(self, address: str, user_agent: str, ready: bool) -> None:
+        """A prober asked ``/ready`` and was told ``ready``: evidence of propagation."""
+        ...
+
+    def request_drain(self, source: DrainSource) -> bool:
+        """Start a drain (True) or join the one under way (False)."""
+        ...
+
+    async def prestop_hook(self) -> None:
+        """Start or join a drain; return once that drain's app stop is due (the long poll)."""
+        ...
+
+
+Handler = Callable[[AdminControls, Request], Awaitable[Response]]
 
 
 class _Closed(Exception):
@@ -107,13 +138,13 @@ def is_authorized(token: str | None, remote: str, given: str | None) -> bool:
     )
 
 
-def _request_authorized(server: Server, request: Request) -> bool:
+def _request_authorized(token: str | None, request: Request) -> bool:
     given = request.headers.get(TOKEN_HEADER.lower())
-    return is_authorized(server.config.admin.token, request.remote, given)
+    return is_authorized(token, request.remote, given)
 
 
-def _forbidden(server: Server, request: Request) -> Response:
-    token_set = server.config.admin.token is not None
+def _forbidden(token: str | None, request: Request) -> Response:
+    token_set = token is not None
     why = "missing or wrong " + TOKEN_HEADER if token_set else "admin.token is not set"
     log.warning(
         "403 for %s %s from %s: %s; nothing changed",
@@ -129,72 +160,73 @@ def _forbidden(server: Server, request: Request) -> Response:
 # --- endpoints -------------------------------------------------------------------------------
 
 
-async def live(server: Server, request: Request) -> Response:
+async def live(controls: AdminControls, request: Request) -> Response:
     return Response.text("live\n")
 
 
-async def ready(server: Server, request: Request) -> Response:
-    is_ready = server.is_ready()
-    server.note_readiness_probe(request.remote, request.headers.get("user-agent", ""), is_ready)
-    if is_ready:
+async def ready(controls: AdminControls, request: Request) -> Response:
+    reason = controls.readiness()
+    user_agent = request.headers.get("user-agent", "")
+    controls.note_readiness_probe(request.remote, user_agent, reason is None)
+    if reason is None:
         return Response.text("ready\n")
-    reason = server.lifecycle.phase.value if not server.lifecycle.is_ready() else "app unreachable"
     return Response.text(f"not ready: {reason}\n", 503)
 
 
-async def status(server: Server, request: Request) -> Response:
-    lifecycle = server.lifecycle
-    now = server.loop.time()
-
-    def until(deadline: float | None) -> float | None:
-        return None if deadline is None else round(max(0.0, deadline - now), 3)
-
-    drain = lifecycle.drain
+def render_status(snapshot: Snapshot) -> bytes:
+    """``/status``'s JSON: times in seconds, to the millisecond; a deadline is null when none
+    is to come (``Deadlines``), ``drain`` null while serving."""
+    drain = snapshot.drain
+    deadlines = snapshot.deadlines
     body = {
-        "phase": lifecycle.phase.value,
-        "seconds_in_phase": round(lifecycle.seconds_in_phase(), 3),
-        "ready": server.is_ready(),
-        "app_reachable": server.probe.reachable,
-        "app_check_error": server.probe.last_error or None,
-        "in_flight": server.in_flight(),
-        "open_connections": len(server.proxy.connections),
+        "phase": snapshot.phase.value,
+        "seconds_in_phase": round(snapshot.seconds_in_phase, 3),
+        "ready": snapshot.ready,
+        "app_reachable": snapshot.app_reachable,
+        "app_check_error": snapshot.app_check_error,
+        "in_flight": snapshot.in_flight,
+        "open_connections": snapshot.open_connections,
         "deadlines": {
-            "phase_ends_in": until(lifecycle.deadline),
-            "drain_min_in": until(lifecycle.min_deadline) if drain else None,
-            "drain_timeout_in": until(lifecycle.timeout_deadline) if drain else None,
+            "phase_ends_in": _seconds(deadlines.phase_ends_in),
+            "drain_min_in": _seconds(deadlines.drain_min_in),
+            "drain_timeout_in": _seconds(deadlines.drain_timeout_in),
         },
         "drain": None
         if drain is None
         else {
-            "sources": sorted(source.value for source in drain.sources),
-            "seconds_since_start": round(now - drain.started_at, 3),
+            "sources": [source.value for source in drain.sources],
+            "seconds_since_start": round(drain.seconds_since_start, 3),
             "forced": drain.forced,
         },
-        "requests_total": server.stats.requests_total,
+        "requests_total": snapshot.counters.requests_total,
     }
-    return Response(200, json.dumps(body).encode(), JSON)
+    return json.dumps(body).encode()
 
 
-async def metrics(server: Server, request: Request) -> Response:
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+async def status(controls: AdminControls, request: Request) -> Response:
+    return Response(200, render_status(controls.snapshot()), JSON)
+
+
+async def metrics(controls: AdminControls, request: Request) -> Response:
     first_scrape = "prometheus_client" not in sys.modules
-    body, content_type = render_metrics(server)
+    body, content_type = render_metrics(controls.snapshot())
     if first_scrape:
         release_freed_memory()  # what importing prometheus_client freed
     return Response(200, body, content_type)
 
 
-async def drain(server: Server, request: Request) -> Response:
-    if not _request_authorized(server, request):
-        return _forbidden(server, request)
-    started = server.request_drain(DrainSource.ADMIN)
+async def drain(controls: AdminControls, request: Request) -> Response:
+    started = controls.request_drain(DrainSource.ADMIN)
     return Response.text("drain started\n" if started else "drain already under way\n", 202)
 
 
-async def prestop(server: Server, request: Request) -> Response:
+async def prestop(controls: AdminControls, request: Request) -> Response:
     """The app container's preStop hook: start the drain, answer when the app may stop."""
-    if not _request_authorized(server, request):
-        return _forbidden(server, request)
-    await server.prestop_hook()
+    await controls.prestop_hook()
     return Response.text("app released\n")
 
 
@@ -207,6 +239,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/drain": {"POST": drain},
     "/prestop": {"GET": prestop},
 }
+#: Paths that change state: from loopback, or with ``admin.token`` (``is_authorized``).
+GUARDED_PATHS = frozenset({"/drain", "/prestop"})
 
 
 def route(method: str, path: str) -> Handler | Response:
@@ -227,8 +261,9 @@ def route(method: str, path: str) -> Handler | Response:
 class AdminServer:
     """The listener and its connections; ``close`` stops both (see ``SHUTDOWN_GRACE``)."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, controls: AdminControls, settings: AdminConfig) -> None:
+        self.controls = controls
+        self.settings = settings
         self._listener: asyncio.Server | None = None
         #: Each connection's task, and whether it is answering a request now.
         self._connections: dict[asyncio.Task[None], bool] = {}
@@ -237,7 +272,7 @@ class AdminServer:
         self._closing = False
 
     async def start(self) -> None:
-        listen = self.server.config.admin.listen
+        listen = self.settings.listen
         self._listener = await asyncio.start_server(
             self._accept, listen.host, listen.port, reuse_address=True
         )
@@ -342,8 +377,11 @@ class AdminServer:
         found = route(request.method, request.path)
         if isinstance(found, Response):
             return found
+        token = self.settings.token
+        if request.path in GUARDED_PATHS and not _request_authorized(token, request):
+            return _forbidden(token, request)
         try:
-            return await found(self.server, request)
+            return await found(self.controls, request)
         except Exception:
             log.exception("admin: %s %s failed", request.method, request.path)
             return Response.text("500: Internal Server Error\n", 500)
@@ -363,6 +401,9 @@ class AdminServer:
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         head: h11.Request | None = None
+        #: The request's bytes as received, until h11 has parsed its head (a pipelined request
+        #: may be in h11's buffer already): h11 hides how the framing fields were written.
+        raw = bytearray(conn.trailing_data[0])
         body_bytes = 0
         while True:
             event = conn.next_event()
@@ -376,10 +417,15 @@ class AdminServer:
                     data = await reader.read(65536)
                 if deadline is None and data:
                     deadline = loop.time() + REQUEST_TIMEOUT
+                if head is None:
+                    raw += data
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 if _head_size(event) > MAX_HEAD_BYTES:  # h11 bounds only a head still arriving
                     raise h11.RemoteProtocolError("request head too large", 431)
+                fault = request_framing_fault(bytes(raw), event.http_version)
+                if fault is not None:
+                    raise h11.RemoteProtocolError(fault, 400)
                 head = event
             elif isinstance(event, h11.Data):
                 body_bytes += len(event.data)
@@ -398,6 +444,54 @@ class AdminServer:
                 return Request(head.method.decode(), target.partition("?")[0], headers, remote)
             else:  # ConnectionClosed
                 raise _Closed
+
+
+#: Blank lines h11 skips before a request, and the empty line that ends a head (h11 also takes
+#: a bare LF for a line's end, RFC 9112 section 2.2).
+_LEADING_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def request_framing_fault(received: bytes, http_version: bytes) -> str | None:
+    """Why the framing of a request head that h11 accepted is ambiguous, or None if it is not.
+
+    ``received`` is the request as received, from where h11 started to read it (what follows
+    the head is ignored); ``http_version`` is the version h11 parsed (``b"1.1"``). h11 resolves
+    each of these faults its own way, and anything in front of this listener that resolved it
+    differently would read another request than this one (request smuggling):
+
+    * both Content-Length and Transfer-Encoding: "ought to be handled as an error" (RFC 9112
+      section 6.3; h11 takes Transfer-Encoding);
+    * Content-Length more than once, or as a list, even of one repeated value (RFC 9110
+      section 8.6 lets a recipient reject it; h11 takes the value);
+    * Transfer-Encoding in an HTTP/1.0 request: its framing is faulty (RFC 9112 section 6.1);
+    * obsolete line folding, a field line that starts with whitespace: a server rejects it
+      with 400 or unfolds it (RFC 9112 section 5.2; h11 unfolds).
+
+    The caller answers 400 and closes the connection, as RFC 9112 section 6.3 requires."""
+    start = _LEADING_BLANK_LINES.match(received)
+    begin = start.end() if start else 0
+    end = _HEAD_END.search(received, begin)
+    head = received[begin : end.end() if end else len(received)]
+    content_lengths = 0
+    transfer_encoding = False
+    for line in head.split(b"\n")[1:]:
+        line = line.removesuffix(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            return "obsolete line folding is not accepted"
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name == b"content-length":
+            content_lengths += 1 + value.count(b",")
+        elif name == b"transfer-encoding":
+            transfer_encoding = True
+    if content_lengths and transfer_encoding:
+        return "both Content-Length and Transfer-Encoding"
+    if content_lengths > 1:
+        return "several Content-Length values"
+    if transfer_encoding and http_version == b"1.0":
+        return "Transfer-Encoding in an HTTP/1.0 request"
+    return None
 
 
 def _head_size(head: h11.Request) -> int:
@@ -443,8 +537,10 @@ async def _send(
                     pass
 
 
-async def start_admin(server: Server) -> Callable[[], Awaitable[None]]:
-    """Listen on ``admin.listen``; returns the coroutine function that stops the admin API."""
-    admin = AdminServer(server)
+async def start_admin(
+    controls: AdminControls, settings: AdminConfig
+) -> Callable[[], Awaitable[None]]:
+    """Listen on ``settings.listen``; returns the coroutine function that stops the admin API."""
+    admin = AdminServer(controls, settings)
     await admin.start()
     return admin.close

@@ -13,10 +13,10 @@ import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-if TYPE_CHECKING:
-    from drainproxy.control.server import Server
+from drainproxy.core.lifecycle import Phase
+from drainproxy.core.snapshot import Snapshot
 
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -42,23 +42,25 @@ class JsonFormatter(logging.Formatter):
 
 
 class DrainContext(logging.Filter):
-    """Adds ``phase`` to every record and ``counts`` to the driver's records, once a server is
+    """Adds ``phase`` to every record and ``counts`` to the driver's records, once a source is
     bound; a field the caller passed in ``extra`` wins (a phase-change line names the phase it
-    entered, even if the lifecycle has already moved on)."""
+    entered, even if the lifecycle has already moved on). Every record reads the phase alone
+    (the access log may write one per request); only the driver's take a whole ``Snapshot``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.server: Server | None = None
+        self.phase: Callable[[], Phase] | None = None
+        self.snapshot: Callable[[], Snapshot] | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        server = self.server
-        if server is None:
+        if self.phase is None or self.snapshot is None:
             return True
         if not hasattr(record, "phase"):
-            record.phase = server.lifecycle.phase.value
+            record.phase = self.phase().value
         if record.name == _DRIVER_LOGGER and not hasattr(record, "counts"):
-            record.counts = _counts(server)
-            drain = server.lifecycle.drain
+            snapshot = self.snapshot()
+            record.counts = _counts(snapshot)
+            drain = snapshot.drain
             if drain is not None and not hasattr(record, "drain_phase_seconds"):
                 record.drain_phase_seconds = {
                     phase.value: round(seconds, 3) for phase, seconds in drain.phase_seconds.items()
@@ -66,25 +68,27 @@ class DrainContext(logging.Filter):
         return True
 
 
-def _counts(server: Server) -> dict[str, object]:
-    stats = server.stats
+def _counts(snapshot: Snapshot) -> dict[str, object]:
+    counters = snapshot.counters
     return {
-        "in_flight": server.in_flight(),
-        "open_connections": len(server.proxy.connections),
-        "requests_total": stats.requests_total,
-        "requests_by_phase": dict(stats.requests_by_phase),
-        "responses_by_class": dict(stats.responses_by_class),
-        "upstream_errors": dict(stats.upstream_errors),
-        "connections_closed": dict(stats.connections_closed),
+        "in_flight": snapshot.in_flight,
+        "open_connections": snapshot.open_connections,
+        "requests_total": counters.requests_total,
+        "requests_by_phase": dict(counters.requests_by_phase),
+        "responses_by_class": dict(counters.responses_by_class),
+        "upstream_errors": dict(counters.upstream_errors),
+        "connections_closed": dict(counters.connections_closed),
     }
 
 
 _context = DrainContext()
 
 
-def bind_log_context(server: Server) -> None:
-    """From now on, records carry this server's phase and counts."""
-    _context.server = server
+def bind_log_context(phase: Callable[[], Phase], snapshot: Callable[[], Snapshot]) -> None:
+    """From now on, records carry the phase ``phase()`` returns, and the driver's records the
+    counts of ``snapshot()`` (the driver's current phase and state)."""
+    _context.phase = phase
+    _context.snapshot = snapshot
 
 
 def setup_logging(fmt: str, level: str) -> None:

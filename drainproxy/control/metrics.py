@@ -1,8 +1,9 @@
 """Prometheus exposition, built at scrape time from the plain counters the data path keeps.
 
 Nothing here runs per request: the data path bumps ints in ``Stats`` and the driver keeps a few
-more on ``Server``; a scrape reads them all into a fresh registry. Known label values are always
-exported (as 0 until they happen) so that ``rate()`` and alerts see a series from the start.
+more; a scrape renders one ``Snapshot`` of them all through a fresh registry. Known label values
+are always exported (as 0 until they happen) so that ``rate()`` and alerts see a series from the
+start.
 
 prometheus_client is imported at the first scrape, not at start-up (about 1 MiB of RSS that a
 sidecar nobody scrapes does not pay); the imports inside functions are there for that.
@@ -13,12 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from drainproxy.core.lifecycle import DrainRecord, Phase
+from drainproxy.core.lifecycle import Phase
+from drainproxy.core.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
-    from drainproxy.control.server import Server
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "retried", "invalid")
@@ -50,11 +50,11 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-class _ServerCollector:
+class _SnapshotCollector:
     """A prometheus_client ``Collector`` (a Protocol: no base class, so no import needed)."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterable[Metric]:
         yield from self._lifecycle()
@@ -64,45 +64,41 @@ class _ServerCollector:
     def _lifecycle(self) -> Iterable[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
-        server = self.server
-        lifecycle = server.lifecycle
+        snapshot = self.snapshot
         phase = GaugeMetricFamily(
             "drainproxy_phase", "1 for the current drain phase, 0 for the others", labels=["phase"]
         )
         for each in Phase:
-            phase.add_metric([each.value], 1.0 if lifecycle.phase is each else 0.0)
+            phase.add_metric([each.value], 1.0 if snapshot.phase is each else 0.0)
         yield phase
         yield _counter(
             "drainproxy_phase_transitions",
             "Phase changes, by the phase entered",
             "phase",
             (phase.value for phase in Phase),
-            server.phases_entered,
+            snapshot.phases_entered,
         )
         yield _gauge(
             "drainproxy_phase_elapsed_seconds",
             "Seconds spent so far in the current phase",
-            lifecycle.seconds_in_phase(),
+            snapshot.seconds_in_phase,
         )
-        yield _gauge("drainproxy_ready", "1 when /ready answers 200", float(server.is_ready()))
+        yield _gauge("drainproxy_ready", "1 when /ready answers 200", float(snapshot.ready))
         yield _gauge(
             "drainproxy_app_reachable",
             "1 when the app answers its check",
-            float(server.probe.reachable),
+            float(snapshot.app_reachable),
         )
 
     def _drain(self) -> Iterable[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        server = self.server
-        lifecycle = server.lifecycle
-        record = lifecycle.drain or (
-            lifecycle.completed_drains[-1] if lifecycle.completed_drains else None
-        )
+        snapshot = self.snapshot
+        record = snapshot.last_drain
         yield _gauge(
             "drainproxy_drain_duration_seconds",
             "Length of the current drain so far, or of the last drain once it ended; 0 before any",
-            0.0 if record is None else self._drain_seconds(record),
+            0.0 if record is None else record.duration,
         )
         per_phase = GaugeMetricFamily(
             "drainproxy_drain_phase_duration_seconds",
@@ -120,37 +116,31 @@ class _ServerCollector:
         yield CounterMetricFamily(
             "drainproxy_drains_completed",
             "Drains that reached the app's stop and ended",
-            value=len(lifecycle.completed_drains),
+            value=snapshot.drains_completed,
         )
         outcome = GaugeMetricFamily(
             "drainproxy_app_stop_outcome",
             "1 for how the last stop of the app went (absent before the first stop)",
             labels=["outcome"],
         )
-        if server.app_stop_outcome is not None:
-            outcome.add_metric([server.app_stop_outcome], 1.0)
+        if snapshot.app_stop_outcome is not None:
+            outcome.add_metric([snapshot.app_stop_outcome], 1.0)
         yield outcome
-
-    def _drain_seconds(self, record: DrainRecord) -> float:
-        lifecycle = self.server.lifecycle
-        if record in lifecycle.completed_drains:
-            return sum(record.phase_seconds.values())
-        return self.server.loop.time() - record.started_at
 
     def _traffic(self) -> Iterable[Metric]:
         from prometheus_client.core import CounterMetricFamily
 
-        server = self.server
-        stats = server.stats
+        snapshot = self.snapshot
+        stats = snapshot.counters
         yield _gauge(
             "drainproxy_in_flight_requests",
             "Requests being exchanged with the app",
-            server.in_flight(),
+            snapshot.in_flight,
         )
         yield _gauge(
             "drainproxy_open_connections",
             "Client connections open now",
-            len(server.proxy.connections),
+            snapshot.open_connections,
         )
         yield CounterMetricFamily(
             "drainproxy_connections_accepted",
@@ -209,12 +199,12 @@ class _ServerCollector:
             "Connections answered 503 and closed at limits.max_connections",
             value=stats.connections_refused,
         )
-        if stats.last_connection_at:
+        if snapshot.last_connection_age is not None:
             yield _gauge(
                 "drainproxy_last_connection_age_seconds",
                 "Seconds since the last client connection was accepted: how long ago anyone "
                 "still routed here (absent before the first)",
-                server.loop.time() - stats.last_connection_at,
+                snapshot.last_connection_age,
             )
         yield CounterMetricFamily(
             "drainproxy_tunnels_opened", "Upgraded connections relayed", value=stats.tunnels_opened
@@ -241,9 +231,10 @@ class _ServerCollector:
         )
 
 
-def render_metrics(server: Server) -> tuple[bytes, str]:
+def render_metrics(snapshot: Snapshot) -> tuple[bytes, str]:
+    """The exposition of ``snapshot`` in Prometheus' text format, and its Content-Type."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ServerCollector(server))
+    registry.register(_SnapshotCollector(snapshot))
     return generate_latest(registry), CONTENT_TYPE_LATEST

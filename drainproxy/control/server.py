@@ -1,5 +1,8 @@
 """The I/O driver: owns the listeners, the app probe and the signals, feeds events into the drain
-lifecycle and carries out each phase's effects, in order, from one place (``_enter``)."""
+lifecycle and carries out each phase's effects, in order, from one place (``_enter``).
+
+The layers above it see it only as ``snapshot()`` (what /status, /metrics and the log lines
+report) and the admin API's ``AdminControls``, which ``Server`` provides."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from drainproxy import __version__
 from drainproxy.config.schema import Address, Config
+from drainproxy.control.admin import start_admin
 from drainproxy.control.appcheck import AppProbe
 from drainproxy.control.appstop import AppStopError, StopMethod, stop_method_for, stop_then_release
 from drainproxy.control.logs import bind_log_context
@@ -29,6 +33,7 @@ from drainproxy.core.lifecycle import (
     Transition,
 )
 from drainproxy.core.probers import ArrivalPace, ProberTracker
+from drainproxy.core.snapshot import Snapshot, take_snapshot
 from drainproxy.core.stats import Stats
 from drainproxy.dataplane.backlog import (
     accept_queued,
@@ -114,7 +119,7 @@ class Server:
         #: The counters the drain summary reports, as they were when the current drain began:
         #: it reports that drain's share, not the process's whole life.
         self._counts_at_drain: tuple[int, dict[str, int]] = (0, {})
-        bind_log_context(self)
+        bind_log_context(lambda: self.lifecycle.phase, self.snapshot)
 
     # --- the one entry point for every drain trigger --------------------------------------------
 
@@ -145,8 +150,13 @@ class Server:
             return
         await self._prestop_waiters.setdefault(number, asyncio.Event()).wait()
 
-    def is_ready(self) -> bool:
-        return self.lifecycle.is_ready() and self.probe.reachable
+    def readiness(self) -> str | None:
+        """None when /ready answers 200; else why not: the drain phase, or the app's check."""
+        if not self.lifecycle.is_ready():
+            return self.lifecycle.phase.value
+        if not self.probe.reachable:
+            return "app unreachable"
+        return None
 
     def note_readiness_probe(self, address: str, user_agent: str, ready: bool) -> None:
         """A prober asked /ready; its answers are the evidence of evidence-based propagation."""
@@ -167,14 +177,27 @@ class Server:
     def in_flight(self) -> int:
         return sum(conn.in_flight() for conn in self.proxy.connections)
 
+    def snapshot(self) -> Snapshot:
+        """What /status, /metrics and the log lines report, as of now."""
+        return take_snapshot(
+            self.lifecycle,
+            self.stats,
+            self.loop.time(),
+            ready=self.readiness() is None,
+            app_reachable=self.probe.reachable,
+            app_check_error=self.probe.last_error or None,
+            in_flight=self.in_flight(),
+            open_connections=len(self.proxy.connections),
+            phases_entered=self.phases_entered,
+            app_stop_outcome=self.app_stop_outcome,
+        )
+
     # --- run --------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        from drainproxy.control.admin import start_admin
-
         await self._open_listener()
         try:
-            self._stop_admin = await start_admin(self)
+            self._stop_admin = await start_admin(self, self.config.admin)
         except OSError as exc:
             if self._listener is not None:
                 self._listener.close()

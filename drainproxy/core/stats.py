@@ -3,7 +3,9 @@ request pays one integer increment per counter, not a prometheus-client call."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 
 @dataclass
@@ -37,3 +39,49 @@ class Stats:
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
+
+    def counters(self) -> Counters:
+        """The counters as they are now, in a copy nobody can change (for a ``Snapshot``)."""
+        return Counters(
+            connections_accepted=self.connections_accepted,
+            requests_total=self.requests_total,
+            requests_by_phase=_frozen(self.requests_by_phase),
+            responses_by_class=_frozen(self.responses_by_class),
+            upstream_errors=_frozen(self.upstream_errors),
+            connections_closed=_frozen(self.connections_closed),
+            bad_requests=self.bad_requests,
+            tunnels_opened=self.tunnels_opened,
+            requests_rejected=_frozen(self.requests_rejected),
+            timeouts=_frozen(self.timeouts),
+            connections_refused=self.connections_refused,
+            http2_connections=self.http2_connections,
+            streams_reset_by_client=self.streams_reset_by_client,
+            streams_cut=self.streams_cut,
+            http2_abusive_connections=self.http2_abusive_connections,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """``Stats``' counters at one instant, read-only: each field means what the same field of
+    ``Stats`` does (``last_connection_at``, a time, is in the ``Snapshot`` as an age)."""
+
+    connections_accepted: int = 0
+    requests_total: int = 0
+    requests_by_phase: Mapping[str, int] = field(default_factory=dict)
+    responses_by_class: Mapping[str, int] = field(default_factory=dict)
+    upstream_errors: Mapping[str, int] = field(default_factory=dict)
+    connections_closed: Mapping[str, int] = field(default_factory=dict)
+    bad_requests: int = 0
+    tunnels_opened: int = 0
+    requests_rejected: Mapping[str, int] = field(default_factory=dict)
+    timeouts: Mapping[str, int] = field(default_factory=dict)
+    connections_refused: int = 0
+    http2_connections: int = 0
+    streams_reset_by_client: int = 0
+    streams_cut: int = 0
+    http2_abusive_connections: int = 0
+
+
+def _frozen(table: dict[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(table))
