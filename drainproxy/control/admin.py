@@ -446,17 +446,16 @@ class AdminServer:
                 raise _Closed
 
 
-#: Blank lines h11 skips before a request, and the empty line that ends a head (h11 also takes
-#: a bare LF for a line's end, RFC 9112 section 2.2).
-_LEADING_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
+#: The empty line that ends a head (h11 also takes a bare LF for a line's end, RFC 9112
+#: section 2.2).
 _HEAD_END = re.compile(rb"\n\r?\n")
 
 
 def request_framing_fault(received: bytes, http_version: bytes) -> str | None:
     """Why the framing of a request head that h11 accepted is ambiguous, or None if it is not.
 
-    ``received`` is the request as received, from where h11 started to read it (what follows
-    the head is ignored); ``http_version`` is the version h11 parsed (``b"1.1"``). h11 resolves
+    ``received`` is the request as received, from its request line on (what follows the head
+    is ignored); ``http_version`` is the version h11 parsed (``b"1.1"``). h11 resolves
     each of these faults its own way, and anything in front of this listener that resolved it
     differently would read another request than this one (request smuggling):
 
@@ -469,10 +468,8 @@ def request_framing_fault(received: bytes, http_version: bytes) -> str | None:
       with 400 or unfolds it (RFC 9112 section 5.2; h11 unfolds).
 
     The caller answers 400 and closes the connection, as RFC 9112 section 6.3 requires."""
-    start = _LEADING_BLANK_LINES.match(received)
-    begin = start.end() if start else 0
-    end = _HEAD_END.search(received, begin)
-    head = received[begin : end.end() if end else len(received)]
+    end = _HEAD_END.search(received)
+    head = received[: end.end() if end else len(received)]
     content_lengths = 0
     transfer_encoding = False
     for line in head.split(b"\n")[1:]:
