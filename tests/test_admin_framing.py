@@ -1,7 +1,8 @@
 """The admin API refuses requests whose framing is ambiguous (400, and the connection closes,
 RFC 9112 section 6.3), where h11 alone would pick one reading: Content-Length beside
 Transfer-Encoding, Content-Length repeated or listed, Transfer-Encoding in HTTP/1.0, obsolete
-line folding. A refused POST /drain or GET /prestop changes nothing.
+line folding; and 505 for a version other than HTTP/1.x. A refused POST /drain or GET /prestop
+changes nothing.
 
 In-process: the rule as a pure function, and the real admin listener in front of a hand-made
 driver (an ``AdminControls`` whose state is a hand-made ``Snapshot``), which also shows that
@@ -189,6 +190,23 @@ async def test_a_plain_request_is_answered(
     (response,) = parse_responses(raw, [b"POST"])
     assert response.status == 202
     assert driver.drains == [DrainSource.ADMIN]
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"0.9", b"3.1"])
+@module_loop
+async def test_a_request_of_another_major_version_is_505(
+    admin: tuple[HandMadeDriver, int], version: bytes
+) -> None:
+    """h11 would read ``HTTP/2.0`` as HTTP/1.1 (RFC 9110 section 15.6.6: 505)."""
+    driver, port = admin
+    driver.drains.clear()
+    raw = await exchange(
+        port, b"POST /drain HTTP/%s\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % version
+    )
+    (response,) = parse_responses(raw, [b"POST"])
+    assert response.status == 505
+    assert response.header(b"connection") == [b"close"]
+    assert driver.drains == []
 
 
 @module_loop

@@ -423,6 +423,8 @@ class AdminServer:
             elif isinstance(event, h11.Request):
                 if _head_size(event) > MAX_HEAD_BYTES:  # h11 bounds only a head still arriving
                     raise h11.RemoteProtocolError("request head too large", 431)
+                if not event.http_version.startswith(b"1."):  # h11 takes HTTP/2.0 as 1.1
+                    raise h11.RemoteProtocolError("only HTTP/1.x is served here", 505)
                 fault = request_framing_fault(bytes(raw), event.http_version)
                 if fault is not None:
                     raise h11.RemoteProtocolError(fault, 400)
