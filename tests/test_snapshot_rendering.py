@@ -20,9 +20,7 @@ from drainproxy.core.stats import Counters
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 DRAIN = DrainView(
-    number=1,
     sources=(DrainSource.ADMIN, DrainSource.SIGNAL),
-    started_at=90.0,
     ended=False,
     forced=False,
     phase_seconds={Phase.PROPAGATING: 5.0004},
@@ -55,9 +53,7 @@ DRAINING = Snapshot(
 
 #: Drained after a drain that cut connections; the app stop went as planned.
 ENDED = DrainView(
-    number=1,
     sources=(DrainSource.ADMIN,),
-    started_at=90.0,
     ended=True,
     forced=True,
     phase_seconds={Phase.PROPAGATING: 5.0, Phase.DRAINING: 20.0, Phase.STOPPING_APP: 5.0},

@@ -4,9 +4,9 @@ rendered (and tested) from a hand-made one. ``take_snapshot`` computes it, in on
 the lifecycle and the counters plus the few numbers only the driver knows (connections, the app
 check, the app stop).
 
-Units: every time is in seconds. ``at`` and ``DrainView.started_at`` are readings of the
-driver's monotonic clock (the event loop's ``time()``), meaningful only against each other;
-every other time is a duration or a count-down from ``at``.
+Units: every time is in seconds. ``at`` is a reading of the driver's monotonic clock (the
+event loop's ``time()``), meaningful only against another; every other time is a duration or a
+count-down from ``at``.
 """
 
 from __future__ import annotations
@@ -35,12 +35,8 @@ class Deadlines:
 class DrainView:
     """One drain (``lifecycle.DrainRecord``) as the snapshot saw it."""
 
-    #: 1 for the process's first drain, 2 for the next (after a recovery)...
-    number: int
     #: Who asked for it, in the order of their names.
     sources: tuple[DrainSource, ...]
-    #: Clock reading when it was requested.
-    started_at: float
     #: It reached the app's stop and ended (DRAINED, RECOVERING or STOPPED after it).
     ended: bool
     #: It cut connections at drain.timeout, or was skipped by an immediate shutdown.
@@ -144,9 +140,7 @@ def _deadlines(lifecycle: DrainLifecycle, now: float) -> Deadlines:
 def _drain_view(record: DrainRecord, lifecycle: DrainLifecycle, now: float) -> DrainView:
     completed = lifecycle.completed_drains
     return DrainView(
-        number=record.number,
         sources=tuple(sorted(record.sources, key=lambda source: source.value)),
-        started_at=record.started_at,
         ended=any(each is record for each in completed),
         forced=record.forced,
         phase_seconds=MappingProxyType(dict(record.phase_seconds)),
