@@ -130,8 +130,8 @@ def is_authorized(token: str | None, remote: str, given: str | None) -> bool:
     """Loopback always; elsewhere only the configured token, compared in constant time.
 
     hmac is imported at the first token to compare, not at start-up: it loads OpenSSL's
-    digests, about 0.7 MiB of RSS (bench/rss.py) that a pod pays only if a hook or an operator
-    calls a guarded path from outside loopback, which happens at the pod's end."""
+    digests, about 0.7 MiB of RSS (bench/RESULTS.md, "The Snapshot seam") that a pod pays only
+    once a hook or an operator calls a guarded path from outside loopback."""
     if _is_loopback(remote):
         return True
     if token is None or given is None:
