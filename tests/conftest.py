@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from drainproxy.dataplane import http1
 from drainproxy.sim.podman import IMAGE, PodmanError, ensure_image, unavailable_reason
 from tests.proxy_support import RawApp, launch_proxy
 from tests.support import REPO, ProxyProcess, base_config, deep_merge, free_port
@@ -78,6 +79,17 @@ def start_proxy(tmp_path: Path, proxies: list[ProxyProcess]) -> StartProxy:
         return proxy
 
     return start
+
+
+@pytest.fixture
+def fresh_http1_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``http1``'s memo tables as at start (field kinds) or empty (hosts, status lines,
+    Keep-Alive timeouts), so a test sees what the code computes, not what an earlier test (or
+    mutmut's stats run, in the same process) left behind."""
+    monkeypatch.setattr(http1, "_field_kinds", dict(http1._USUAL_FIELD_KINDS))
+    monkeypatch.setattr(http1, "_valid_hosts", set())
+    monkeypatch.setattr(http1, "_status_lines", {})
+    monkeypatch.setattr(http1, "_keep_alive_timeouts", {})
 
 
 # --- one raw-socket app and one proxy for a whole data-path module (tests use their own paths) ---

@@ -4,6 +4,7 @@ forwarded, and what is refused (issue 11 items 3-8, with the RFC's expected valu
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -21,6 +22,7 @@ from drainproxy.dataplane.http1 import (
     check_request_body,
     drop_fields,
     forward_head,
+    keep_alive_timeout,
     response_framing,
     status_line,
     target_authority,
@@ -28,6 +30,8 @@ from drainproxy.dataplane.http1 import (
 )
 
 Headers = list[tuple[bytes, bytes]]
+
+pytestmark = pytest.mark.usefixtures("fresh_http1_caches")
 
 
 def forward(
@@ -410,3 +414,238 @@ def test_learned_field_names_are_bounded() -> None:
     with pytest.raises(FramingError, match="looks like"):
         forward([(b"Host", b"h"), (b"CONTENT__LENGTH", b"1")])
     assert forward([(b"X-Unseen-Name", b"v")])[0] == [(b"X-Unseen-Name", b"v")]
+
+
+# --- what each refusal says (issue 17): the reason goes into the 4xx body and the log ----------
+
+
+def refusal(call: Callable[[], object]) -> FramingError:
+    with pytest.raises(FramingError) as refused:
+        call()
+    return refused.value
+
+
+def response_of(headers: Headers) -> Callable[[], object]:
+    return lambda: forward(headers, request=False)
+
+
+@pytest.mark.parametrize(
+    ("call", "reason", "status"),
+    [
+        (
+            lambda: target_authority(b"a:80"),
+            "request target is not in origin or absolute form",
+            400,
+        ),
+        (
+            lambda: target_authority(b"ftp://a/"),
+            "absolute-form target with a scheme other than http or https",
+            400,
+        ),
+        (
+            lambda: target_authority(b"http://good.example@evil.example/"),
+            "userinfo in the request target",
+            400,
+        ),
+        (lambda: target_authority(b"http:///x"), "invalid authority in the request target", 400),
+        (lambda: target_authority(b"http://a b/"), "invalid authority in the request target", 400),
+        (lambda: forward([(b"Host", b"a b")]), "invalid Host", 400),
+        (
+            lambda: forward([(b"Host", b"h"), (b"Content_Length", b"5")]),
+            "field name 'Content_Length' looks like a framing field",
+            400,
+        ),
+        (lambda: forward([(b"Transfer-Encoding", b" , ")]), "empty Transfer-Encoding", 400),
+        (response_of([(b"Transfer-Encoding", b",")]), "empty Transfer-Encoding", 400),
+        (
+            lambda: forward([(b"Transfer-Encoding", b"chunked, chunked")]),
+            "chunked applied more than once",
+            400,
+        ),
+        (
+            response_of([(b"Transfer-Encoding", b"chunked, gzip, chunked")]),
+            "chunked applied more than once",
+            400,
+        ),
+        (
+            lambda: forward([(b"Transfer-Encoding", b"gzip, chunked")]),
+            "transfer codings other than chunked are not supported",
+            501,
+        ),
+        (
+            lambda: check_request_body(
+                b"POST", body_info([(b"Content-Length", b"1")]), upgrade=True, get_head_body=True
+            ),
+            "an Upgrade request with a body",
+            400,
+        ),
+        (
+            lambda: check_request_body(
+                b"HEAD", body_info([(b"Content-Length", b"1")]), upgrade=False, get_head_body=False
+            ),
+            "a HEAD request with a body (limits.get_head_body)",
+            400,
+        ),
+        (lambda: status_line(99, b"Odd"), "status 99 outside 100-599", 400),
+        (lambda: status_line(200, b"O\x01K"), "control character in the reason phrase", 400),
+        (
+            lambda: check_interim_head(response_info([(b"Content-Length", b"0")])),
+            "Content-Length or Transfer-Encoding on a 1xx response",
+            400,
+        ),
+        (
+            lambda: response_framing(response_info([(b"Transfer-Encoding", b"br")]), False, True),
+            "a transfer coding an HTTP/1.0 client cannot be sent",
+            400,
+        ),
+    ],
+)
+def test_each_refusal_names_what_is_wrong(
+    call: Callable[[], object], reason: str, status: int
+) -> None:
+    refused = refusal(call)
+    assert (str(refused), refused.status) == (reason, status)
+
+
+# --- the edges of each rule (issue 17) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [100, 101, 599])
+def test_status_100_to_599_are_valid(status: int) -> None:
+    """RFC 9110 §15: the range is inclusive at both ends (100 Continue is a status)."""
+    assert status_line(status, b"R") == b"HTTP/1.1 %d R\r\n" % status
+
+
+@pytest.mark.parametrize("control", [b"\x0b", b"\x0c", b"\r", b"\n", b"\x00"])
+def test_only_space_and_tab_are_whitespace_around_a_value(control: bytes) -> None:
+    """RFC 9110 §5.6.3: OWS is SP and HTAB only. Any other control character is part of the
+    value, which then is no number, host or coding, though a reader that strips it sees one."""
+    for headers in (
+        [(b"Content-Length", b"5" + control)],
+        [(b"Content-Length", control + b"5")],
+        [(b"Host", b"a.example" + control)],
+        [(b"Transfer-Encoding", b"chunked" + control)],
+        [(b"Transfer-Encoding", b"gzip," + control + b"chunked")],
+    ):
+        with pytest.raises(FramingError):
+            forward(headers)
+
+
+def test_fields_after_a_repeated_content_length_still_go_out() -> None:
+    fields, info = forward(
+        [(b"Content-Length", b"5"), (b"Content-Length", b"5"), (b"X-After", b"1")],
+        request=False,
+    )
+    assert fields == [(b"Content-Length", b"5"), (b"X-After", b"1")]
+    assert info.content_length == b"5"
+
+
+def test_host_made_from_the_target_is_marked() -> None:
+    """An HTTP/1.1 request needs a Host field even in absolute form (RFC 9112 §3.2): the caller
+    must know when Host came only from the target."""
+    _, info = forward([], authority=b"a.example")
+    assert info.host_from_target
+    _, info = forward([(b"Host", b"b.example")], authority=b"a.example")
+    assert not info.host_from_target
+    _, info = forward([(b"Host", b"b.example")])
+    assert not info.host_from_target
+
+
+@pytest.mark.parametrize(
+    ("fields", "label"),
+    [
+        ([(b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"gzip")], b"chunked, gzip"),
+        ([(b"Transfer-Encoding", b"gzip"), (b"transfer-encoding", b"br")], b"gzip, br"),
+    ],
+)
+def test_a_response_coding_split_over_fields_keeps_the_whole_label(
+    fields: Headers, label: bytes
+) -> None:
+    """RFC 9110 §5.3: several Transfer-Encoding fields are one list, in order."""
+    _, info = forward(fields, request=False)
+    assert (info.chunked, info.transfer_codings) == (False, label)
+
+
+@pytest.mark.parametrize(
+    ("fields", "status"),
+    [
+        ([(b"Transfer-Encoding", b"gzip"), (b"Transfer-Encoding", b"chunked")], 501),
+        ([(b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"chunked")], 400),
+    ],
+)
+def test_a_request_coding_split_over_fields_is_judged_whole(fields: Headers, status: int) -> None:
+    """The last field alone says chunked; the list says gzip below chunked (501) or chunked
+    twice (RFC 9112 §6.1)."""
+    assert refusal(lambda: forward([(b"Host", b"h"), *fields])).status == status
+
+
+def test_a_response_host_field_is_passed_on_as_it_came() -> None:
+    """Host is a request field (RFC 9110 §7.2): on a response it frames nothing, so it is not
+    judged, as any end-to-end field."""
+    fields, _ = forward([(b"Host", b"a b, c")], request=False)
+    assert fields == [(b"Host", b"a b, c")]
+
+
+def test_a_checked_host_stays_valid() -> None:
+    assert valid_host(b"a.example")
+    assert valid_host(b"a.example"), "the second look (from the table) says the same"
+    assert not valid_host(b"a example")
+    assert not valid_host(b"a example")
+
+
+def test_the_valid_host_table_is_bounded() -> None:
+    for index in range(300):
+        assert valid_host(b"host-%d.example" % index)
+    assert len(http1._valid_hosts) == http1._VALID_HOST_CACHE_SIZE
+
+
+# --- Keep-Alive (issue 12: the app's idle timeout) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"timeout=5", 5.0),
+        (b"timeout=5, max=1000", 5.0),
+        (b"max=100, Timeout = 2", 2.0),
+        (b"max=100,TIMEOUT=2", 2.0),
+        (b'timeout="3"', 3.0),
+        (b"timeout=1.5", 1.5),
+        (b"max=100", None),
+        (b"", None),
+        (b"timeout", None),
+        (b"timeout=", None),
+        (b"timeout=soon", None),
+        (b"timeout=-1", None),
+        (b"timeout=1.2.3", None),
+        (b"timeout=5 max=100", None),
+        (b"max=timeout=5", None),
+    ],
+)
+def test_keep_alive_timeout_is_read_from_the_field(value: bytes, seconds: float | None) -> None:
+    """RFC 2068 §19.7.1.1: ``Keep-Alive: timeout=5, max=100``, comma-separated parameters
+    whose names are tokens (case-insensitive) and whose values are tokens or quoted strings."""
+    assert keep_alive_timeout(value) == seconds
+    assert keep_alive_timeout(value) == seconds, "the second look (from the table) says the same"
+
+
+def test_the_keep_alive_table_is_bounded() -> None:
+    for index in range(100):
+        assert keep_alive_timeout(b"timeout=%d" % index) == index
+    assert len(http1._keep_alive_timeouts) == http1._KEEP_ALIVE_CACHE_SIZE
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [(b"Keep-Alive", b"timeout=5")],
+        [(b"Keep-Alive", b"timeout=5"), (b"Keep-Alive", b"max=100")],
+        [(b"Keep-Alive", b"max=100"), (b"keep-alive", b"timeout=5")],
+    ],
+)
+def test_the_keep_alive_timeout_is_found_in_any_of_several_fields(fields: Headers) -> None:
+    """RFC 9110 §5.3: several Keep-Alive fields are one list; not forwarded (hop-by-hop)."""
+    out, info = forward([*fields, (b"Content-Length", b"0")], request=False)
+    assert out == [(b"Content-Length", b"0")]
+    assert info.keep_alive is not None
+    assert keep_alive_timeout(info.keep_alive) == 5.0

@@ -23,15 +23,9 @@ from drainproxy.dataplane.http1 import (
     status_line,
 )
 
+pytestmark = pytest.mark.usefixtures("fresh_http1_caches")
+
 ALL_FORWARDED = frozenset({FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST})
-
-
-@pytest.fixture
-def fresh_status_lines(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[int, bytes], bytes]:
-    """An empty status-line cache, so each line is built by the code under test."""
-    lines: dict[tuple[int, bytes], bytes] = {}
-    monkeypatch.setattr(http1, "_status_lines", lines)
-    return lines
 
 
 def forward(
@@ -196,7 +190,6 @@ def test_other_methods_are_never_retried(method: bytes) -> None:
     assert method not in IDEMPOTENT_METHODS
 
 
-@pytest.mark.usefixtures("fresh_status_lines")
 def test_an_unregistered_status_has_an_empty_reason() -> None:
     """RFC 9112 §4: the reason phrase may be empty; the SP before it may not be dropped."""
     assert reason_phrase(599) == b""
@@ -206,18 +199,15 @@ def test_an_unregistered_status_has_an_empty_reason() -> None:
     assert status_line(200, b"Fine") == b"HTTP/1.1 200 Fine\r\n"
 
 
-def test_status_lines_are_built_once_and_the_cache_is_bounded(
-    fresh_status_lines: dict[tuple[int, bytes], bytes],
-) -> None:
+def test_status_lines_are_built_once_and_the_cache_is_bounded() -> None:
     first = status_line(200, b"OK")
     assert first == b"HTTP/1.1 200 OK\r\n"
     assert status_line(200, b"OK") is first, "the line an app uses is built once"
     for index in range(300):
         assert status_line(200, b"R%d" % index) == b"HTTP/1.1 200 R%d\r\n" % index
-    assert len(fresh_status_lines) == 256
+    assert len(http1._status_lines) == 256
 
 
-@pytest.mark.usefixtures("fresh_status_lines")
 def test_plain_response_frames_its_body() -> None:
     assert plain_response(502, "bad gateway", close=True) == (
         b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"

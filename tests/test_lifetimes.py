@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import trustme
 
-from drainproxy.dataplane.http1 import keep_alive_timeout
 from tests.conftest import StartProxy
 from tests.proxy_support import RawApp, RawClient, exchange, parse_responses, response_bytes
 
@@ -235,23 +234,6 @@ async def test_no_post_is_written_into_a_connection_the_app_is_closing(
         assert parse_responses(raw, [b"GET"])[0].header(b"keep-alive") == [], "hop-by-hop"
     finally:
         await app.stop()
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        (b"timeout=5", 5.0),
-        (b"timeout=5, max=1000", 5.0),
-        (b"max=100, Timeout = 2", 2.0),
-        (b'timeout="3"', 3.0),
-        (b"timeout=1.5", 1.5),
-        (b"max=100", None),
-        (b"timeout=soon", None),
-        (b"timeout=-1", None),
-    ],
-)
-def test_keep_alive_timeout_is_read_from_the_field(value: bytes, seconds: float | None) -> None:
-    assert keep_alive_timeout(value) == seconds
 
 
 async def test_connections_queued_while_the_proxy_could_not_accept_are_served(

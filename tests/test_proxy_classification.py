@@ -1,7 +1,8 @@
 """Issue 17: header classification as a client and the app see it through the real proxy: each
 X-Forwarded switch acts on its own field (in any spelling), every idempotent method is retried
-after the keep-alive race, a 304 without Content-Length has no body, and an unregistered status
-with an empty reason passes as it came."""
+after the keep-alive race, a 304 without Content-Length has no body, an unregistered status
+with an empty reason passes as it came, and the app's Keep-Alive timeout is heeded in whichever
+of several fields it comes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.proxy_support import (
     exchange,
     launch_proxy,
     request_once,
+    response_bytes,
 )
 from tests.support import ProxyProcess
 
@@ -135,3 +137,35 @@ async def test_an_unregistered_status_with_an_empty_reason_passes(
     )
     assert raw.startswith(b"HTTP/1.1 599 \r\n")
     assert raw.endswith(b"\r\n\r\nok")
+
+
+@pytest.mark.parametrize(
+    ("name", "announced", "reused"),
+    [
+        ("none", [b"max=100"], True),
+        ("one-field", [b"timeout=1, max=100"], False),
+        ("first-field", [b"timeout=1", b"max=100"], False),
+        ("second-field", [b"max=100", b"timeout=1"], False),
+    ],
+)
+async def test_the_app_keep_alive_timeout_counts_in_any_of_several_fields(
+    app: RawApp, proxy: ProxyProcess, name: str, announced: list[bytes], reused: bool
+) -> None:
+    """The app says it closes a connection idle for 1 s; with upstream.keep_alive_margin (1 s)
+    that leaves no time to reuse it, so the next request takes another one. Several Keep-Alive
+    fields are one list (RFC 9110 §5.3): the timeout counts wherever it is."""
+    path = b"/keep-alive-" + name.encode()
+
+    @app.route(path)
+    async def announce(request: AppRequest, writer: Writer) -> bool:
+        writer.write(response_bytes(200, b"ok", [(b"Keep-Alive", value) for value in announced]))
+        return True
+
+    client = await RawClient.connect(proxy.port)
+    for _ in range(2):
+        response = await client.request(b"GET", path)
+        assert (response.status, response.body) == (200, b"ok")
+        assert response.header(b"keep-alive") == [], "hop-by-hop"
+    await client.close()
+    first, second = (request.connection for request in app.requests if request.path == path)
+    assert (first == second) is reused

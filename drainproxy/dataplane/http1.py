@@ -83,7 +83,7 @@ _FRAMING_KINDS = frozenset({CONTENT_LENGTH, TRANSFER_ENCODING, HOST})
 #: lookup per field once a name has been seen. Starts with the usual spellings of the fields a
 #: proxy must look at; learns at most ``_LEARNED_NAMES`` more (then unseen names pay the
 #: classification each time), so a client sending random names cannot grow it.
-_field_kinds = {
+_USUAL_FIELD_KINDS = {
     **_KIND_BY_LOWER_NAME,
     **{name.title(): kind for name, kind in _KIND_BY_LOWER_NAME.items()},
     b"TE": OTHER_HOP_BY_HOP,
@@ -91,21 +91,20 @@ _field_kinds = {
     b"X-Forwarded-Proto": FORWARDED_PROTO,
     b"X-Forwarded-Host": FORWARDED_HOST,
 }
+_field_kinds = dict(_USUAL_FIELD_KINDS)
 _LEARNED_NAMES = 512
-_FIELD_KINDS_LIMIT = len(_field_kinds) + _LEARNED_NAMES
+_FIELD_KINDS_LIMIT = len(_USUAL_FIELD_KINDS) + _LEARNED_NAMES
 
 
 def field_kind(name: bytes) -> int:
-    """The kind of a field name (0 for an ordinary end-to-end field; CONTENT_LENGTH...;
-    LOOK_ALIKE or LOOK_ALIKE_FRAMING), remembered for the next message."""
-    kind = _field_kinds.get(name)
-    if kind is not None:
-        return kind
+    """The kind of a field name not yet in ``_field_kinds`` (0 for an ordinary end-to-end
+    field; CONTENT_LENGTH...; LOOK_ALIKE or LOOK_ALIKE_FRAMING), remembered for the next
+    message."""
     lower = name.lower()
     kind = _KIND_BY_LOWER_NAME.get(lower, 0)
     # ``0x5F in name`` is a memchr; ``b"_" in name`` would first try the bytes as an int.
-    if not kind and (0x5F in name or lower.find(b"--") >= 0):
-        look_alike = _LOOK_ALIKE_KINDS.get(lower.replace(b"_", b"").replace(b"-", b""), 0)
+    if not kind and (0x5F in name or b"--" in name):
+        look_alike = _LOOK_ALIKE_KINDS.get(lower.replace(b"_", b"").replace(b"-", b""))
         if look_alike:
             kind = LOOK_ALIKE_FRAMING if look_alike in _FRAMING_KINDS else LOOK_ALIKE
     if len(_field_kinds) < _FIELD_KINDS_LIMIT:
@@ -151,7 +150,8 @@ class HeadInfo:
     forwarded_for: list[bytes] | None = None
     has_forwarded_proto = False
     has_forwarded_host = False
-    #: The Keep-Alive field's value (hop-by-hop, not forwarded); see ``keep_alive_timeout``.
+    #: The Keep-Alive fields' values as one list (hop-by-hop, not forwarded); see
+    #: ``keep_alive_timeout``.
     keep_alive: bytes | None = None
 
 
@@ -286,7 +286,8 @@ def forward_head(
         elif kind == OTHER_HOP_BY_HOP:
             pass
         elif kind == KEEP_ALIVE:
-            info.keep_alive = value
+            # Several fields are one list (RFC 9110 §5.3): ``timeout`` may be in any of them.
+            info.keep_alive = value if info.keep_alive is None else info.keep_alive + b", " + value
         elif kind >= LOOK_ALIKE:
             if request and kind == LOOK_ALIKE_FRAMING:
                 raise FramingError(
@@ -519,7 +520,7 @@ def gather_start(fed: bytes) -> bytearray:
     """The buffer for gathering a head, after a read ``fed`` to the parser ended inside it: it
     starts with the last 2 bytes fed (a shorter read is padded with LF, which can only make
     ``may_end_head`` say yes early, never hold back a complete head)."""
-    return bytearray((b"\n\n" + fed[-2:])[-2:])
+    return bytearray(fed[-2:].rjust(2, b"\n"))
 
 
 def gather_more(gathered: bytearray, data: bytes) -> bytes | None:
