@@ -618,8 +618,12 @@ def test_the_valid_host_table_is_bounded() -> None:
         (b"timeout=soon", None),
         (b"timeout=-1", None),
         (b"timeout=1.2.3", None),
+        (b"timeout=5X", None),  # only the quotes of a quoted-string are taken off
         (b"timeout=5 max=100", None),
         (b"max=timeout=5", None),
+        # The first timeout is the announcement, and x=1 is no value (RFC 9110 §5.6.6: a token
+        # or a quoted-string): none to heed, whatever follows.
+        (b"timeout=x=1, timeout=5", None),
     ],
 )
 def test_keep_alive_timeout_is_read_from_the_field(value: bytes, seconds: float | None) -> None:
