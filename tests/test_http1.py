@@ -653,3 +653,18 @@ def test_the_keep_alive_timeout_is_found_in_any_of_several_fields(fields: Header
     assert out == [(b"Content-Length", b"0")]
     assert info.keep_alive is not None
     assert keep_alive_timeout(info.keep_alive) == 5.0
+
+
+# --- Upgrade -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_side", [True, False])
+def test_upgrade_split_over_fields_offers_every_protocol_in_order(request_side: bool) -> None:
+    """RFC 9110 §7.8 and §5.3: Upgrade is a list, and several fields are one list; hop-by-hop,
+    so drainproxy writes it itself from ``info.upgrade``."""
+    fields, info = forward(
+        [(b"Upgrade", b"websocket"), (b"X-Between", b"1"), (b"upgrade", b"echo/1, other/2")],
+        request=request_side,
+    )
+    assert fields == [(b"X-Between", b"1")]
+    assert info.upgrade == b"websocket, echo/1, other/2"

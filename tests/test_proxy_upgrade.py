@@ -88,3 +88,36 @@ async def test_upgrade_declined_by_the_app_is_a_plain_response(
     (response,) = parse_responses(raw, [b"GET"])
     assert (response.status, response.body) == (200, b"/no-upgrade")
     assert response.header(b"connection") == [b"close"]
+
+
+async def test_upgrade_split_over_fields_goes_on_as_one_list(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    """RFC 9110 §5.3 and §7.8: several Upgrade fields are one list, in order; the app is offered
+    every protocol (not only the last field's), and the client told every layer of a 101."""
+
+    @raw_app.route(b"/layers")
+    async def layers(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo/1\r\nUpgrade: layer/2\r\n"
+            b"Connection: Upgrade\r\n\r\n"
+        )
+        while data := await request.reader.read(65536):
+            writer.write(data.upper())
+        return False
+
+    proxy = await start_proxy(raw_app.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"GET /layers HTTP/1.1\r\nHost: h\r\nUpgrade: echo/1\r\nConnection: Upgrade\r\n"
+        b"upgrade: other/2\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert head.count(b"pgrade: ") == 1
+    assert b"\r\nUpgrade: echo/1, layer/2\r\n" in head
+    writer.write(b"tunnelled")
+    assert await reader.readexactly(9) == b"TUNNELLED"
+    writer.close()
+    (request,) = (request for request in raw_app.requests if request.path == b"/layers")
+    assert request.header(b"upgrade") == [b"echo/1, other/2"]

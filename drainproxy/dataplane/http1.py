@@ -146,6 +146,7 @@ class HeadInfo:
     host: bytes | None = None
     #: The request had no Host field; ``host`` was made from an absolute-form target.
     host_from_target = False
+    #: The Upgrade fields' values as one list (hop-by-hop: drainproxy writes its own).
     upgrade: bytes | None = None
     forwarded_for: list[bytes] | None = None
     has_forwarded_proto = False
@@ -282,7 +283,8 @@ def forward_head(
             info.host = value
             out += (name, _FIELD_SEPARATOR, value, CRLF)
         elif kind == UPGRADE:
-            info.upgrade = value
+            # Several fields are one list (RFC 9110 §5.3): every protocol offered, in order.
+            info.upgrade = value if info.upgrade is None else info.upgrade + b", " + value
         elif kind == OTHER_HOP_BY_HOP:
             pass
         elif kind == KEEP_ALIVE:
