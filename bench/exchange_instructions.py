@@ -27,7 +27,8 @@ from typing import Any
 
 from drainproxy.config.schema import config_from_mapping
 from drainproxy.control.server import Server
-from drainproxy.dataplane.proxy import ClientConnection, ProxyContext
+from drainproxy.dataplane.context import ProxyContext
+from drainproxy.dataplane.proxy import ClientConnection
 from drainproxy.dataplane.upstream import UpstreamConnection
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"

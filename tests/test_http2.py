@@ -14,7 +14,7 @@ import h2.errors
 import pytest
 import pytest_asyncio
 import trustme
-from h2.events import SettingsAcknowledged
+from h2.events import InformationalResponseReceived, SettingsAcknowledged
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame, SettingsFrame
 
@@ -27,6 +27,7 @@ from tests.proxy_support import (
     add_streaming_routes,
     parse_responses,
     proc_status_kib,
+    response_bytes,
 )
 from tests.support import ProxyProcess
 
@@ -110,6 +111,31 @@ async def test_cookie_crumbs_are_joined_for_http1(app: RawApp, proxy: ProxyProce
     assert response.status == 200
     request = next(r for r in app.requests if r.path == b"/crumbs")
     assert request.header(b"cookie") == [b"a=1; b=2"]
+    await client.close()
+
+
+async def test_interim_responses_of_an_http1_app_reach_http2_clients(
+    app: RawApp, proxy: ProxyProcess
+) -> None:
+    """A 103 from the app goes on as an informational HEADERS frame, then the response."""
+
+    @app.route(b"/early-hints")
+    async def hints(request: AppRequest, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+        writer.write(response_bytes(200, b"final"))
+        return True
+
+    client = await H2TestClient.connect(proxy.port)
+    stream = client.request(b"/early-hints")
+    response = await client.response(stream)
+    assert (response.status, bytes(response.body)) == (200, b"final")
+    informational = [
+        event
+        for event in client.events
+        if isinstance(event, InformationalResponseReceived) and event.stream_id == stream
+    ]
+    assert [dict(event.headers)[b":status"] for event in informational] == [b"103"]
+    assert dict(informational[0].headers)[b"link"] == b"</s.css>; rel=preload"
     await client.close()
 
 

@@ -41,7 +41,8 @@ from drainproxy.dataplane.backlog import (
     refuse_new_handshakes,
     wait_for_handshakes,
 )
-from drainproxy.dataplane.proxy import ClientConnection, ProxyContext
+from drainproxy.dataplane.context import ProxyContext
+from drainproxy.dataplane.proxy import ClientConnection
 from drainproxy.dataplane.upstream import UpstreamPool
 from drainproxy.errors import ConfigError
 

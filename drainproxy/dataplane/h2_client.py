@@ -8,7 +8,8 @@ the way gRPC clients connect to a plain-text port), or TLS ALPN selected ``h2``.
 
 Each stream is one exchange: ``H2Stream`` holds the client's side of it, and a *backend*
 carries it to the app, over the HTTP/1.1 pool (``Http1Exchange``: the request is translated, RFC
-9113 §8.2.3 / §8.3.1) or over an HTTP/2 connection to the app (``h2_upstream``).
+9113 §8.2.3 / §8.3.1) or over an HTTP/2 connection to the app (``h2_upstream``, through the
+pool: ``StreamPool``).
 
 Flow control is back-pressure in both directions, so memory is bounded by the windows:
 request DATA is acknowledged to the client (WINDOW_UPDATE) only once written to the app with the
@@ -46,12 +47,13 @@ from drainproxy.dataplane.http1 import (
     LAST_CHUNK,
     FramingError,
     Headers,
+    add_forwarded_fields,
     chunk_size_line,
     forward_head,
 )
 
 if TYPE_CHECKING:
-    from drainproxy.dataplane.proxy import ClientConnection, ProxyContext
+    from drainproxy.dataplane.context import ProxyContext
     from drainproxy.dataplane.upstream import UpstreamConnection
 
 log = logging.getLogger("drainproxy.h2")
@@ -106,15 +108,31 @@ class Backend(Protocol):
     def resume_response(self) -> None: ...
 
 
-def take_over(old: ClientConnection, first_bytes: bytes) -> None:
-    """Move a connection that turned out to speak HTTP/2 from its HTTP/1 protocol object to an
-    ``H2ClientConnection``, and feed it the bytes read so far."""
-    ctx = old.ctx
-    transport = old.transport
-    assert transport is not None
-    ctx.connections.discard(old)
-    old.closing = True  # the HTTP/1 object is done; its connection_lost never comes
-    conn = H2ClientConnection(ctx, transport, old.peer)
+class StreamPool(Protocol):
+    """``ProxyContext.pool`` when the app speaks HTTP/2 (``h2_upstream.H2BridgePool``): it
+    carries a client's stream on as a stream to the app."""
+
+    def open_stream(self, stream: H2Stream) -> Backend: ...
+
+
+def open_backend(stream: H2Stream) -> Backend:
+    """Where a stream goes: over HTTP/2 to an app that speaks it (``upstream.protocol``),
+    else translated to an HTTP/1.1 exchange on the pool."""
+    ctx = stream.conn.ctx
+    if ctx.config.upstream.protocol != "http1":
+        # control.server made the pool an h2_upstream.H2BridgePool for this protocol.
+        return cast(StreamPool, ctx.pool).open_stream(stream)
+    exchange = Http1Exchange(stream)
+    exchange.start()
+    return exchange
+
+
+def take_over(
+    ctx: ProxyContext, transport: asyncio.Transport, peer: str, first_bytes: bytes
+) -> None:
+    """Serve over HTTP/2 a connection that turned out to speak it: an ``H2ClientConnection``
+    takes ``transport`` (its HTTP/1 protocol object is done) and is fed the bytes read so far."""
+    conn = H2ClientConnection(ctx, transport, peer)
     transport.set_protocol(conn)
     ctx.connections.add(conn)
     conn.start(first_bytes)
@@ -259,7 +277,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.ctx = ctx
         self.transport = transport
         self.peer = peer
-        self.peer_line = b"X-Forwarded-For: " + peer.encode() + CRLF
+        #: The peer's address as X-Forwarded-For carries it.
+        self.peer_bytes = peer.encode()
         limits = ctx.limits
         self.h2 = h2_connection(client_side=False)
         self.h2.local_settings = h2.settings.Settings(
@@ -614,7 +633,7 @@ class H2ClientConnection(asyncio.Protocol):
         if stream.method == b"CONNECT":
             stream.fail(405, "method", "CONNECT is not supported by a reverse proxy")
             return
-        stream.backend = ctx.open_backend(stream)
+        stream.backend = open_backend(stream)
 
     def _data(self, event: h2.events.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -759,8 +778,8 @@ class H2ClientConnection(asyncio.Protocol):
 
 
 class Http1Exchange:
-    """A stream translated to an HTTP/1.1 exchange on a pooled ``UpstreamConnection``; it
-    answers the callbacks that connection makes to a client (the ``ClientConnection`` ones)."""
+    """A stream translated to an HTTP/1.1 exchange on a pooled ``UpstreamConnection``, whose
+    ``upstream.ExchangeSink`` it is."""
 
     def __init__(self, stream: H2Stream) -> None:
         self.stream = stream
@@ -804,13 +823,14 @@ class Http1Exchange:
         headers = stream.headers
         if stream.authority and not any(name == b"host" for name, _ in headers):
             headers = [(b"host", stream.authority), *headers]
-        info = forward_head(head, headers, request=True, drop=ctx.request_drop)
+        forwarding = ctx.forwarding
+        info = forward_head(head, headers, request=True, drop=forwarding.drop)
         if info.host is None:
-            head.append(ctx.default_host_line)
+            head.append(forwarding.default_host_line)
         if not stream.request_complete and info.content_length is None:
             self.chunked = True
             head.append(b"Transfer-Encoding: chunked\r\n")
-        ctx.add_forwarding_fields(head, info, stream.conn.peer_line, stream.conn.peer)
+        add_forwarded_fields(head, info, forwarding, stream.conn.peer_bytes)
         head.append(CRLF)
         return b"".join(head)
 
@@ -838,8 +858,7 @@ class Http1Exchange:
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        # Duck-typed: this object answers every callback UpstreamConnection makes to a client.
-        conn.bind(cast("ClientConnection", self))
+        conn.bind(self)
         if self.response_paused:
             conn.pause_reading()
         stream = self.stream
@@ -921,8 +940,14 @@ class Http1Exchange:
         if flow:
             self.stream.data_forwarded(flow)
 
-    def response_interim(self, status: int, reason: bytes, headers: Headers) -> None:
-        self.stream.respond_informational(status, response_fields(headers))
+    def response_interim(self, status: int, reason: bytes, headers: Headers) -> bool:
+        try:
+            fields = response_fields(headers)
+        except FramingError as exc:
+            self.upstream_failed("invalid", f"invalid response from the app: {exc}")
+            return False
+        self.stream.respond_informational(status, fields)
+        return True
 
     def response_head(
         self, conn: UpstreamConnection, status: int, reason: bytes, headers: Headers
@@ -936,7 +961,7 @@ class Http1Exchange:
         except FramingError as exc:
             self.upstream_failed("invalid", f"invalid response from the app: {exc}")
             return
-        self.response_close_delimited = length is None and not chunked
+        self.response_close_delimited = conn.close_delimited = length is None and not chunked
         bodyless = stream.method == b"HEAD" or status in (204, 304)
         stream.respond_head(status, fields)
         if bodyless:
@@ -1015,9 +1040,3 @@ def _response_framing(headers: Headers) -> tuple[Headers, bytes | None, bool]:
         if pieces[index].lower() not in _CONNECTION_SPECIFIC
     ]
     return fields, info.content_length, info.chunked
-
-
-def open_http1_backend(stream: H2Stream) -> Backend:
-    exchange = Http1Exchange(stream)
-    exchange.start()
-    return exchange

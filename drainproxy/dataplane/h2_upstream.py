@@ -18,7 +18,7 @@ import contextlib
 import logging
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 import h2.config
 import h2.connection
@@ -31,13 +31,11 @@ import httptools
 from drainproxy.config.schema import UpstreamConfig
 from drainproxy.core.stats import Stats
 from drainproxy.dataplane.access import AccessRecord
+from drainproxy.dataplane.context import ProxyContext
 from drainproxy.dataplane.h2_client import H2Stream, h2_connection, response_fields
 from drainproxy.dataplane.http1 import HOP_BY_HOP, Headers
-from drainproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+from drainproxy.dataplane.upstream import ExchangeSink, UpstreamConnection, UpstreamPool
 from drainproxy.system.tls import upstream_context
-
-if TYPE_CHECKING:
-    from drainproxy.dataplane.proxy import ClientConnection, ProxyContext
 
 log = logging.getLogger("drainproxy.h2_upstream")
 
@@ -369,7 +367,8 @@ class StreamSide(Protocol):
 def request_headers(stream: H2Stream, ctx: ProxyContext) -> Headers:
     """An HTTP/2 client's request as sent on to the app: hop-by-hop fields dropped (but
     ``te: trailers``, which gRPC needs), X-Forwarded-* as configured in ``forwarded``."""
-    authority = stream.authority or ctx.default_host_line[6:-2]
+    forwarding = ctx.forwarding
+    authority = stream.authority or forwarding.default_host_line[6:-2]
     headers: Headers = [
         (b":method", stream.method),
         (b":scheme", pool_scheme(ctx)),
@@ -385,17 +384,17 @@ def request_headers(stream: H2Stream, ctx: ProxyContext) -> Headers:
             continue
         if name == b"x-forwarded-for":
             prior_for.append(value)
-            if ctx.xff_append:
+            if forwarding.xff_append:
                 continue
         elif name == b"x-forwarded-proto":
             has_proto = True
-            if ctx.overwrite_xfp:
+            if forwarding.overwrite_xfp:
                 continue
         headers.append((name, value))
-    if ctx.xff_append:
-        peer = stream.conn.peer.encode()
+    if forwarding.xff_append:
+        peer = stream.conn.peer_bytes
         headers.append((b"x-forwarded-for", b", ".join([*prior_for, peer])))
-    if ctx.set_xfp and (ctx.overwrite_xfp or not has_proto):
+    if forwarding.set_xfp and (forwarding.overwrite_xfp or not has_proto):
         headers.append((b"x-forwarded-proto", ctx.scheme))
     return headers
 
@@ -404,12 +403,6 @@ def pool_scheme(ctx: ProxyContext) -> bytes:
     pool = ctx.pool
     assert isinstance(pool, H2BridgePool)
     return pool.h2.scheme
-
-
-def open_h2_backend(ctx: ProxyContext, stream: H2Stream) -> H2UpstreamExchange:
-    pool = ctx.pool
-    assert isinstance(pool, H2BridgePool)
-    return pool.h2.open(stream, request_headers(stream, ctx))
 
 
 class H2UpstreamExchange:
@@ -664,6 +657,11 @@ class H2BridgePool(UpstreamPool):
         super().__init__(config, loop, max_head_bytes)
         self.h2 = H2UpstreamPool(config, loop, stats)
 
+    def open_stream(self, stream: H2Stream) -> H2UpstreamExchange:
+        """An HTTP/2 client's stream, carried on as a stream to the app
+        (``h2_client.StreamPool``)."""
+        return self.h2.open(stream, request_headers(stream, stream.conn.ctx))
+
     def take_idle(self) -> UpstreamConnection | None:
         return cast(UpstreamConnection, Http1ViaH2(self.h2)) if self.h2.live() else None
 
@@ -700,7 +698,7 @@ class Http1ViaH2:
 
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
-        self.client: ClientConnection | None = None
+        self.client: ExchangeSink | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.exchange: H2UpstreamExchange | None = None
         # What ``ClientConnection`` reads of an ``UpstreamConnection``.
@@ -709,6 +707,7 @@ class Http1ViaH2:
         self.reused = False
         self.got_response_bytes = False
         self.body_left = 0
+        self.close_delimited = False
         self.tunnel = False
         # ``StreamSide``.
         self.request_complete = False
@@ -720,7 +719,7 @@ class Http1ViaH2:
         self.buffered = 0
         self.client_paused = False
 
-    def bind(self, client: ClientConnection) -> None:
+    def bind(self, client: ExchangeSink) -> None:
         self.client = client
 
     def write(self, data: bytes) -> None:

@@ -6,12 +6,16 @@ The framing decisions are pure functions with no I/O (tested in process, tests/t
 what a head becomes when forwarded (``forward_head``), which requests are refused
 (``target_authority``, ``check_request_body``) and which responses are invalid
 (``status_line``, ``check_interim_head``), and how a response body goes on
-(``response_framing``). The rule behind all of them (issue 11): every byte is read the same way
-by drainproxy, a strict app and a lenient one, or it is refused."""
+(``response_framing``); and, built from those, each head of an exchange whole: the request for
+the app (``request_for_app``) and the response for the client (``response_for_client``,
+``interim_for_client``; tests/test_http1_exchange.py). The rule behind all of them (issue
+11): every byte is read the same way by drainproxy, a strict app and a lenient one, or it is
+refused."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import NamedTuple
 
@@ -540,3 +544,192 @@ def may_end_head(tail: bytes, data: bytes) -> bool:
     ``data``: an empty line, CRLF or bare LF (llhttp refuses a bare LF, but must see it to)."""
     probe = tail + data
     return b"\n\n" in probe or b"\n\r\n" in probe
+
+
+# --- the two heads of an exchange, decided whole (issue 13) ---------------------------------
+
+#: How a request body goes on to the app: none, as it came (Content-Length), or chunked.
+BODY_NONE, BODY_LENGTH, BODY_CHUNKED = 0, 1, 2
+
+_CONNECTION_UPGRADE = b"Connection: upgrade\r\n"
+_CONNECTION_CLOSE = b"Connection: close\r\n"
+_CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_CONTENT_LENGTH_NAME = frozenset({b"content-length"})
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingPolicy:
+    """What this hop adds to a request for the app and what it refuses, decided once from the
+    config's ``forwarded:``, ``limits:`` and ``upstream:`` (``context.ProxyContext``)."""
+
+    #: The kinds of X-Forwarded fields (FORWARDED_*) this hop replaces rather than passes on.
+    drop: frozenset[int]
+    #: ``Host: <upstream.host>:<upstream.port>`` and its CRLF, for a request without Host.
+    default_host_line: bytes
+    #: ``X-Forwarded-Proto: <scheme of the listener>`` and its CRLF.
+    forwarded_proto_line: bytes
+    #: ``forwarded.x_forwarded_for`` is ``append`` (else ``pass``).
+    xff_append: bool = True
+    #: ``forwarded.x_forwarded_proto`` and ``x_forwarded_host``: ``set`` adds the field if the
+    #: request has none, ``overwrite`` replaces it, ``off`` passes on what came.
+    set_xfp: bool = True
+    overwrite_xfp: bool = False
+    set_xfh: bool = True
+    overwrite_xfh: bool = False
+    #: ``limits.get_head_body`` is ``forward``.
+    get_head_body: bool = False
+    #: ``limits.max_body_bytes`` (None: no limit).
+    max_body_bytes: int | None = None
+
+
+def add_forwarded_fields(
+    head: list[bytes], info: HeadInfo, policy: ForwardingPolicy, peer: bytes
+) -> None:
+    """Append to ``head`` the X-Forwarded-* fields this hop adds for a client at address
+    ``peer``, as ``policy`` says (HTTP/1.1 and HTTP/2 clients alike): X-Forwarded-For gets the
+    peer appended to the request's own values, joined in one field; X-Forwarded-Proto and
+    X-Forwarded-Host are added when the request has none (``set``) or always (``overwrite``:
+    the request's own were dropped by ``forward_head``)."""
+    if policy.xff_append:
+        prior = info.forwarded_for
+        if prior is None:
+            head += (b"X-Forwarded-For: ", peer, CRLF)
+        else:
+            head += (b"X-Forwarded-For: ", b", ".join([*prior, peer]), CRLF)
+    if policy.set_xfp and (policy.overwrite_xfp or not info.has_forwarded_proto):
+        head.append(policy.forwarded_proto_line)
+    if (
+        policy.set_xfh
+        and info.host is not None
+        and (policy.overwrite_xfh or not info.has_forwarded_host)
+    ):
+        head += (b"X-Forwarded-Host: ", info.host, CRLF)
+
+
+def request_for_app(
+    method: bytes,
+    target: bytes,
+    version: str,
+    headers: Headers,
+    upgrade: bool,
+    policy: ForwardingPolicy,
+    peer: bytes,
+) -> tuple[bytes, int]:
+    """The head of an HTTP/1.x request as drainproxy sends it to the app, and how its body
+    follows: ``(head, BODY_NONE | BODY_LENGTH | BODY_CHUNKED)``. ``method``, ``target`` (not
+    empty), ``version`` (``"1.1"``) and ``headers`` as llhttp read them; ``upgrade``: llhttp
+    will stop at the end of this head for an Upgrade; ``peer``: the client's address.
+
+    The request line goes out as HTTP/1.1 and the end-to-end fields as ``forward_head`` passes
+    them; Host is regenerated from an absolute-form target (RFC 9112 §3.2.2), or is the app's
+    own for an HTTP/1.0 request without one; a chunked body stays chunked (llhttp has checked
+    its framing); an Upgrade is passed on, but for ``h2c`` (RFC 9113 §3.1 deprecates it: the
+    request is answered as HTTP/1.1); then X-Forwarded-* (``add_forwarded_fields``).
+
+    Raises FramingError whose ``status`` answers the request and whose text is the whole
+    reason: 505 for a version other than 1.0 and 1.1; 400 for HTTP/1.1 without Host (RFC 9112
+    §3.2), the asterisk-form but for OPTIONS (§3.2.4), Transfer-Encoding in HTTP/1.0 (§6.1),
+    and the heads ``target_authority``, ``forward_head`` and ``check_request_body`` refuse
+    (501 for a coding other than chunked); 413 for a Content-Length over ``max_body_bytes``."""
+    if version != "1.1" and version != "1.0":
+        raise FramingError(f"HTTP/{version} is not supported", 505)
+    head = [method, b" ", target, b" HTTP/1.1\r\n"]
+    try:
+        # Not origin-form (``/...``): absolute-form, or CONNECT's authority-form (answered 405
+        # by the proxy), or asterisk-form.
+        authority = None
+        if target[0] != 0x2F and method != b"CONNECT":
+            authority = target_authority(target)
+        info = forward_head(head, headers, request=True, drop=policy.drop, authority=authority)
+        if info.content_length is not None or info.chunked:
+            check_request_body(method, info, upgrade=upgrade, get_head_body=policy.get_head_body)
+    except FramingError as exc:
+        raise FramingError(f"malformed request: {exc}", exc.status) from None
+    if version == "1.1" and (info.host is None or info.host_from_target):
+        # RFC 9112 §3.2: 400 for any HTTP/1.1 request without Host, absolute-form included.
+        raise FramingError("malformed request: HTTP/1.1 without Host")
+    if target == b"*" and method != b"OPTIONS":
+        raise FramingError("malformed request: asterisk-form target without OPTIONS")
+    body = BODY_NONE
+    if info.chunked:
+        if version == "1.0":
+            raise FramingError("malformed request: Transfer-Encoding in HTTP/1.0")
+        body = BODY_CHUNKED
+    elif info.content_length is not None:
+        length = int(info.content_length)
+        max_body = policy.max_body_bytes
+        if max_body is not None and length > max_body:
+            raise FramingError("request body larger than limits.max_body_bytes", 413)
+        if length:
+            body = BODY_LENGTH
+    if info.host is None:
+        head.append(policy.default_host_line)
+    if body == BODY_CHUNKED:
+        head.append(_TRANSFER_ENCODING_CHUNKED)
+    if upgrade:
+        protocol = info.upgrade
+        if protocol is not None and protocol.lower() != b"h2c":
+            head += (_CONNECTION_UPGRADE, b"Upgrade: ", protocol, CRLF)
+    add_forwarded_fields(head, info, policy, peer)
+    head.append(CRLF)
+    return b"".join(head), body
+
+
+def response_for_client(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    head_request: bool,
+    client_http10: bool,
+    close: bool,
+) -> tuple[list[bytes], HeadInfo, ResponseFraming | None, bool]:
+    """The head of the app's final response as drainproxy sends it to the client, and how the
+    body follows: ``(pieces, info, framing, close)``. ``pieces`` join into the head, the blank
+    line included; ``info`` is the app's head (its Content-Length and Keep-Alive); ``close``
+    (in: the connection closes after this response anyway) is True when it does, and the head
+    then says ``Connection: close``; an HTTP/1.0 client kept alive is told ``keep-alive``.
+
+    The body goes as ``response_framing`` says, with nothing for a HEAD request's response, 204
+    and 304 (RFC 9110 §6.4.1), whose Content-Length on a 204 is dropped (§8.6: it can only
+    mislead). A body the client can delimit only by the close closes the connection.
+
+    A 101 (Switching Protocols) gets ``framing`` None and no blank line: whether it switches
+    is the caller's (``Connection: upgrade`` and the Upgrade field complete the head).
+
+    Raises FramingError for what ``status_line``, ``forward_head`` and ``response_framing``
+    refuse (the answer to the client is then 502)."""
+    out = [status_line(status, reason or reason_phrase(status))]
+    info = forward_head(out, headers, request=False)
+    if status == 204 and info.content_length is not None:
+        drop_fields(out, 1, _CONTENT_LENGTH_NAME)
+    if status == 101:
+        return out, info, None, True
+    if head_request or status in BODYLESS_STATUSES:
+        framing = _NO_BODY
+    elif info.content_length is not None:
+        framing = _BY_LENGTH
+    else:
+        framing = response_framing(info, False, client_http10)
+        out.append(framing.transfer_encoding)
+        close = close or framing.until_client_close
+    if close:
+        out.append(_CONNECTION_CLOSE)
+    elif client_http10:
+        out.append(_CONNECTION_KEEP_ALIVE)
+    out.append(CRLF)
+    return out, info, framing, close
+
+
+def interim_for_client(
+    status: int, reason: bytes, headers: Headers, client_http10: bool
+) -> list[bytes] | None:
+    """The head of a 1xx response (but 101) as drainproxy passes it on, as pieces that join
+    into it; None for an HTTP/1.0 client, which must not be sent one (RFC 9110 §15.2).
+    Raises FramingError as ``status_line`` and ``forward_head`` do, and for framing fields on
+    it (``check_interim_head``), for an HTTP/1.0 client too: the app's response is broken."""
+    out = [status_line(status, reason)]
+    check_interim_head(forward_head(out, headers, request=False))
+    if client_http10:
+        return None
+    out.append(CRLF)
+    return out

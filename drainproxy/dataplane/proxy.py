@@ -1,9 +1,18 @@
 """The client side of the data path: one asyncio Protocol per client connection, an llhttp request
 parser, and the relay of each exchange to an upstream connection.
 
-Per connection, one exchange is active at a time; pipelined requests queue behind it with reading
-paused, so responses go out in order. Bodies stream both ways; a full write buffer on one side
-pauses reading on the other (back-pressure), so memory does not grow with the body.
+A connection is in one ``ConnectionState``: what it does with the bytes it reads (parse them as
+requests, hold them for an Upgrade, relay them through a tunnel, discard them while a close
+lingers), changed only along the moves in ``TRANSITIONS``. Each request and its response are one
+``Exchange``, dropped when the response ends: the connection holds the one being read
+(``current``), the one being answered (``active``; the same object while its body is still
+read) and those parsed ahead of their turn (``queue``). A connection holding none is idle.
+
+Per connection, one exchange is active at a time; pipelined requests queue behind it with
+reading paused, so responses go out in order. Bodies stream both ways; a full write buffer on one
+side pauses reading on the other (back-pressure), so memory does not grow with the body. What
+each head becomes is decided by pure functions (``http1.request_for_app``,
+``http1.response_for_client``); this module does the I/O around them.
 
 Timeouts cost a request no timer: each connection keeps the time of its last progress (``mark``)
 and one periodic sweep per process compares it with the limit of the state the connection is in.
@@ -14,32 +23,23 @@ Connection code never looks at drain phases: it asks ``lifecycle.should_close_co
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import enum
 import logging
-import resource
 import socket
-import ssl
 import struct
-import weakref
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import cast
 
 import httptools
 
-from drainproxy.config.schema import Config, LimitsConfig
-from drainproxy.core.lifecycle import DrainLifecycle, Phase
-from drainproxy.core.probers import ArrivalPace
-from drainproxy.core.stats import Stats
+from drainproxy.core.lifecycle import Phase
 from drainproxy.dataplane.access import AccessRecord
+from drainproxy.dataplane.context import ProxyContext
 from drainproxy.dataplane.http1 import (
-    BODYLESS_STATUSES,
+    BODY_CHUNKED,
+    BODY_NONE,
     CHUNK_OVERHEAD_ALLOWANCE,
     CRLF,
-    FORWARDED_FOR,
-    FORWARDED_HOST,
-    FORWARDED_PROTO,
     FRAME_CHUNKED,
     FRAME_NONE,
     FRAME_RAW,
@@ -48,25 +48,15 @@ from drainproxy.dataplane.http1 import (
     LAST_CHUNK,
     FramingError,
     Headers,
-    HeadInfo,
-    check_interim_head,
-    check_request_body,
     chunk_size_line,
-    drop_fields,
-    forward_head,
     gather_more,
     gather_start,
+    interim_for_client,
     plain_response,
-    reason_phrase,
-    response_framing,
-    status_line,
-    target_authority,
+    request_for_app,
+    response_for_client,
 )
-from drainproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
-from drainproxy.system.tls import ListenerTLS
-
-if TYPE_CHECKING:
-    from drainproxy.dataplane.h2_client import Backend, H2Stream
+from drainproxy.dataplane.upstream import UpstreamConnection
 
 log = logging.getLogger("drainproxy.proxy")
 
@@ -89,38 +79,83 @@ _MAX_PIPELINED = 64
 _LINGER_SECONDS = 2.0
 #: The same for a connection refused at ``limits.max_connections``: short, as it holds a file.
 _REFUSAL_LINGER_SECONDS = 0.5
+#: The close reason of a connection refused at ``limits.max_connections``.
+_REFUSED = "refused"
 
-_BODY_NONE, _BODY_LENGTH, _BODY_CHUNKED = 0, 1, 2
 _FRAMING_TOO_LARGE = "chunk extensions or trailer fields larger than limits.max_header_bytes"
 #: Up to this many response bytes from one read of the app are joined into one ``write``;
 #: larger bodies go by ``writelines`` (writev) rather than be copied.
 _JOIN_LIMIT = 16 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
-
-_TRANSFER_ENCODING_CHUNKED = b"Transfer-Encoding: chunked\r\n"
-_CONTENT_LENGTH_NAME = frozenset({b"content-length"})
-_CONNECTION_CLOSE = b"Connection: close\r\n"
-_CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
 _CONNECTION_UPGRADE = b"Connection: upgrade\r\n"
+_SERVING = Phase.SERVING
 
 
-class ClientSide(Protocol):
-    """What the driver and the sweep ask of a client connection, HTTP/1.1 or HTTP/2."""
+class ConnectionState(enum.Enum):
+    """What a client connection does with the bytes it reads (RFC 9112 §9), named as h11 names
+    its states where it has the same. Whether a connection is idle is not a state: it is
+    whether it holds an exchange (``ClientConnection.is_idle``)."""
 
-    closing: bool
+    #: Accepted, nothing read yet: the first bytes may be the HTTP/2 preface (RFC 9113 §3.4).
+    NEW = "new"
+    #: Persistent (RFC 9112 §9.3): requests are read, and answered in order.
+    OPEN = "open"
+    #: A request was refused: no further one is read; those parsed before it are answered, then
+    #: the refusal, then the connection closes.
+    MUST_CLOSE = "must_close"
+    #: The client shut its side while its answer was on the way: nothing more can be read; the
+    #: answer is finished, then the connection closes (at once: no input to wait out).
+    INPUT_ENDED = "input_ended"
+    #: An Upgrade request was parsed (llhttp stops there): what the client sends next is held
+    #: until the app answers it, for the tunnel.
+    MIGHT_SWITCH_PROTOCOL = "might_switch_protocol"
+    #: The app answered 101 (RFC 9110 §15.2.2): bytes are relayed both ways as they come.
+    SWITCHED_PROTOCOL = "switched_protocol"
+    #: A staged close (RFC 9112 §9.6): our side shuts once written out, and input is read and
+    #: discarded until the client closes too, or the linger ends.
+    LINGERING = "lingering"
+    #: Closed or closing at once, or handed over to HTTP/2: nothing more is read or written.
+    CLOSED = "closed"
 
-    def is_idle(self) -> bool: ...
+    def __init__(self, name: str) -> None:
+        #: Nothing more is written to the client, nor read from it as a request.
+        self.closing = name in ("lingering", "closed")
 
-    def in_flight(self) -> int: ...
 
-    def check_timeouts(self, now: float) -> None: ...
+_NEW = ConnectionState.NEW
+_OPEN = ConnectionState.OPEN
+_MUST_CLOSE = ConnectionState.MUST_CLOSE
+_INPUT_ENDED = ConnectionState.INPUT_ENDED
+_MIGHT_SWITCH_PROTOCOL = ConnectionState.MIGHT_SWITCH_PROTOCOL
+_SWITCHED_PROTOCOL = ConnectionState.SWITCHED_PROTOCOL
+_LINGERING = ConnectionState.LINGERING
+_CLOSED = ConnectionState.CLOSED
 
-    def close_when_idle(self, grace: float) -> None: ...
+#: The legal moves: any other raises ``IllegalTransition``, leaving the state as it was.
+#: (Every state may be cut to CLOSED: ``drain.timeout``, a reset, the client's going away.)
+TRANSITIONS: dict[ConnectionState, frozenset[ConnectionState]] = {
+    # The first read decides HTTP/1 (OPEN) or HTTP/2 (CLOSED: handed over); a connection that
+    # sent nothing closes idle, or is refused at once.
+    _NEW: frozenset({_OPEN, _LINGERING, _CLOSED}),
+    _OPEN: frozenset({_MUST_CLOSE, _INPUT_ENDED, _MIGHT_SWITCH_PROTOCOL, _LINGERING, _CLOSED}),
+    _MUST_CLOSE: frozenset({_INPUT_ENDED, _LINGERING, _CLOSED}),
+    _INPUT_ENDED: frozenset({_CLOSED}),
+    # The app answers the Upgrade with 101 (a tunnel), or with another response that closes.
+    _MIGHT_SWITCH_PROTOCOL: frozenset({_SWITCHED_PROTOCOL, _INPUT_ENDED, _LINGERING, _CLOSED}),
+    _SWITCHED_PROTOCOL: frozenset({_LINGERING, _CLOSED}),
+    _LINGERING: frozenset({_CLOSED}),
+    _CLOSED: frozenset(),
+}
 
-    def force_close(self) -> None: ...
 
-    def announce_drain(self) -> None: ...
+class IllegalTransition(RuntimeError):
+    """A move ``TRANSITIONS`` does not have: a bug in this module, never the peer's doing."""
+
+    def __init__(self, current: ConnectionState, wanted: ConnectionState) -> None:
+        super().__init__(f"client connection: no move from {current.name} to {wanted.name}")
+        self.current = current
+        self.wanted = wanted
 
 
 class Rejection(Exception):
@@ -132,189 +167,18 @@ class Rejection(Exception):
         self.reason = reason
 
 
-@dataclass
-class ProxyContext:
-    """What every client connection shares."""
+class Exchange:
+    """One request and its response: made at the request's first byte, dropped when the
+    response ends (or fails). While its request is read it is the connection's ``current``,
+    while answered its ``active``, and in between it may wait in the ``queue``."""
 
-    config: Config
-    pool: UpstreamPool
-    lifecycle: DrainLifecycle
-    stats: Stats
-    loop: asyncio.AbstractEventLoop
-    #: Called whenever a client connection closes, so the driver can notice quiescence.
-    on_connection_closed: Callable[[], None]
-    scheme: bytes = b"http"
-    connections: set[ClientSide] = field(default_factory=set)
-    #: Requests timed per client, in evidence mode (``probers.ArrivalPace``); else None.
-    arrivals: ArrivalPace | None = None
-    #: ``log.access_log``, read once: when off, an exchange pays one test of this flag.
-    access_log: bool = field(init=False, default=False)
-    #: TLS on the listener (``tls:``): its reloading context, and what the listener is given.
-    tls: ListenerTLS | None = field(init=False, default=None)
-    listener_ssl: ssl.SSLContext | None = field(init=False, default=None)
-    #: TLS connections accepted whose handshake is not done: not yet in ``connections``, but the
-    #: drain must not end under them. Weak: a failed handshake just drops its protocol.
-    handshaking: weakref.WeakSet[ClientConnection] = field(
-        init=False, default_factory=weakref.WeakSet
-    )
-    max_connections: int = field(init=False, default=0)
-    limits: LimitsConfig = field(init=False, default_factory=LimitsConfig)
-    #: Seconds between sweeps for timeouts, idle app connections and certificate files.
-    tick: float = field(init=False, default=1.0)
-    # Forwarded headers, decided once from ``forwarded:``: the kinds of X-Forwarded fields
-    # (http1.FORWARDED_*) replaced rather than passed on, and the constant lines.
-    request_drop: frozenset[int] = field(init=False, default=frozenset())
-    #: ``limits.get_head_body`` is ``forward``.
-    get_head_body: bool = field(init=False, default=False)
-    default_host_line: bytes = field(init=False, default=b"")
-    forwarded_proto_line: bytes = field(init=False, default=b"")
-    xff_append: bool = field(init=False, default=True)
-    set_xfp: bool = field(init=False, default=True)
-    overwrite_xfp: bool = field(init=False, default=False)
-    set_xfh: bool = field(init=False, default=True)
-    overwrite_xfh: bool = field(init=False, default=False)
-    _refused_unlogged: int = field(init=False, default=0)
-    _refusals_logged_at: float = field(init=False, default=float("-inf"))
-    _next_tls_check: float = field(init=False, default=0.0)
-
-    def __post_init__(self) -> None:
-        config = self.config
-        self.access_log = config.log.access_log
-        if config.tls is not None:
-            self.tls = ListenerTLS(config.tls)
-            self.listener_ssl = self.tls.context
-            self.scheme = b"https"
-        self.limits = config.limits
-        self.get_head_body = config.limits.get_head_body == "forward"
-        self.max_connections = config.limits.max_connections or _auto_connection_limit()
-        forwarded = config.forwarded
-        self.xff_append = forwarded.x_forwarded_for == "append"
-        self.set_xfp = forwarded.x_forwarded_proto != "off"
-        self.overwrite_xfp = forwarded.x_forwarded_proto == "overwrite"
-        self.set_xfh = forwarded.x_forwarded_host != "off"
-        self.overwrite_xfh = forwarded.x_forwarded_host == "overwrite"
-        drop = {FORWARDED_FOR} if self.xff_append else set()
-        if self.overwrite_xfp:
-            drop.add(FORWARDED_PROTO)
-        if self.overwrite_xfh:
-            drop.add(FORWARDED_HOST)
-        self.request_drop = frozenset(drop)
-        upstream = config.upstream
-        self.default_host_line = f"Host: {upstream.host}:{upstream.port}\r\n".encode()
-        self.forwarded_proto_line = b"X-Forwarded-Proto: " + self.scheme + CRLF
-        timeouts = config.timeouts
-        limits = [
-            timeouts.request_head,
-            timeouts.client_idle,
-            timeouts.client_body,
-            config.upstream.response_timeout,
-        ]
-        shortest = min((seconds for seconds in limits if seconds > 0), default=1.0)
-        self.tick = min(1.0, max(0.02, shortest / 10))
-        _keep_freed_memory_for_reuse()
-        self.loop.call_soon(self._sweep)
-
-    def _sweep(self) -> None:
-        """Expire what has waited too long; runs every ``tick`` for the life of the process."""
-        now = self.loop.time()
-        for conn in list(self.connections):
-            conn.check_timeouts(now)
-        if self.listener_ssl is not None and not self.connections:
-            # A failed TLS handshake ends without a callback: let the driver look again.
-            self.on_connection_closed()
-        expired = self.pool.expire_idle(now)
-        if expired:
-            log.debug("closed %d app connection(s) at the end of their reuse window", expired)
-            self.stats.timeouts["upstream_idle"] = (
-                self.stats.timeouts.get("upstream_idle", 0) + expired
-            )
-        if self._refused_unlogged and now - self._refusals_logged_at >= 10.0:
-            log.warning(
-                "refused %d connection(s) over limits.max_connections (%d) with 503",
-                self._refused_unlogged,
-                self.max_connections,
-                extra={"event": "connections_refused"},
-            )
-            self._refused_unlogged = 0
-            self._refusals_logged_at = now
-        if self.tls is not None and now >= self._next_tls_check:
-            self._next_tls_check = now + self.tls.config.reload_interval
-            self.tls.check_files()
-        self.loop.call_later(self.tick, self._sweep)
-
-    def announce_drain(self) -> None:
-        """Responses now close their connections: HTTP/2 connections are told at once."""
-        for conn in list(self.connections):
-            conn.announce_drain()
-
-    def open_backend(self, stream: H2Stream) -> Backend:
-        """Where an HTTP/2 client stream goes: the app over HTTP/2, or over the HTTP/1.1 pool."""
-        if self.config.upstream.protocol != "http1":
-            from drainproxy.dataplane.h2_upstream import open_h2_backend
-
-            return open_h2_backend(self, stream)
-        from drainproxy.dataplane.h2_client import open_http1_backend
-
-        return open_http1_backend(stream)
-
-    def add_forwarding_fields(
-        self, head: list[bytes], info: HeadInfo, peer_line: bytes, peer: str
-    ) -> None:
-        """Append the X-Forwarded-* fields this hop adds, as ``forwarded:`` configures them, to
-        a request head for the app (HTTP/1.1 and HTTP/2 clients alike)."""
-        if self.xff_append:
-            prior = info.forwarded_for
-            if prior is None:
-                head.append(peer_line)
-            else:
-                head += (b"X-Forwarded-For: ", b", ".join([*prior, peer.encode()]), CRLF)
-        if self.set_xfp and (self.overwrite_xfp or not info.has_forwarded_proto):
-            head.append(self.forwarded_proto_line)
-        if (
-            self.set_xfh
-            and info.host is not None
-            and (self.overwrite_xfh or not info.has_forwarded_host)
-        ):
-            head += (b"X-Forwarded-Host: ", info.host, CRLF)
-
-    def note_refused(self) -> None:
-        self.stats.connections_refused += 1
-        self._refused_unlogged += 1
-
-
-# glibc mallopt(3) parameters.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def _keep_freed_memory_for_reuse() -> None:
-    """Streaming allocates a new ``bytes`` of up to 256 KiB per read (uvloop's read size). With
-    glibc's defaults each one is mmapped, or the heap top is trimmed and regrown, so every read
-    is copied into fresh pages that fault in: 1 MiB responses ran at half speed or less,
-    depending on the process's history. Keep such blocks on the heap and the heap untrimmed
-    below 64 MiB (RSS idle is unchanged; after heavy streaming freed pages stay resident)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return  # not glibc: nothing to tune
-    mallopt(_M_MMAP_THRESHOLD, 4 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-    mallopt(_M_TOP_PAD, 1 << 20)
-
-
-def _auto_connection_limit() -> int:
-    """Half the open-file limit: each client connection may hold one to the app as well."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 20
-    return max(16, (soft - 32) // 2)
-
-
-class Request:
     __slots__ = (
         "access",
-        "body_mode",
+        "body",
         "body_size",
+        "close_after",
         "complete",
+        "frame",
         "head",
         "head_done",
         "head_sent",
@@ -323,6 +187,7 @@ class Request:
         "method",
         "pending",
         "pending_size",
+        "response_started",
         "retried",
         "target",
         "upgrade",
@@ -330,22 +195,32 @@ class Request:
     )
 
     def __init__(self) -> None:
+        # The request, as read.
         self.method = b""
         self.target = b""
         self.version = "1.1"
         self.headers: Headers = []
-        #: The head as forwarded to the app, built once the head is parsed.
-        self.head = b""
         self.keep_alive = True
         self.upgrade = False
-        self.body_mode = _BODY_NONE
-        self.body_size = 0
-        self.pending: list[bytes] = []
-        self.pending_size = 0
         self.head_done = False
         self.complete = False
+        #: The head as forwarded to the app, and how its body follows (``http1.BODY_*``): both
+        #: from ``http1.request_for_app`` once the head is parsed.
+        self.head = b""
+        self.body = BODY_NONE
+        self.body_size = 0
+        #: Body bytes read before the head went to the app.
+        self.pending: list[bytes] = []
+        self.pending_size = 0
         self.head_sent = False
         self.retried = False
+        # The response.
+        self.response_started = False
+        #: How its body goes to the client (``http1.FRAME_*``).
+        self.frame = FRAME_NONE
+        #: The connection closes after it.
+        self.close_after = False
+        #: The access log's record of it, only when ``log.access_log`` is on.
         self.access: AccessRecord | None = None
 
     def describe(self) -> str:
@@ -360,36 +235,27 @@ class ClientConnection(asyncio.Protocol):
         "active",
         "batch",
         "batch_body_bytes",
-        "close_after",
         "close_delimited_to_client",
         "close_reason",
-        "closing",
         "connect_task",
         "ctx",
         "current",
         "feeding",
-        "first_read",
         "framing_credit",
         "gathered",
         "head_bytes",
         "header_bytes",
         "idle_since",
         "idle_timer",
-        "input_ended",
         "linger_timer",
-        "lingering",
         "mark",
-        "must_close",
         "parser",
         "paused",
         "peer",
-        "peer_line",
+        "peer_bytes",
         "pending_reject",
         "queue",
-        "refused",
-        "response_close_delimited",
-        "response_frame",
-        "response_started",
+        "state",
         "transport",
         "tunnel",
         "upgrade_buffer",
@@ -401,16 +267,19 @@ class ClientConnection(asyncio.Protocol):
         self.ctx = ctx
         if ctx.listener_ssl is not None:
             ctx.handshaking.add(self)
+        self.state = _NEW
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
-        #: ``X-Forwarded-For: <peer>`` and its CRLF, for requests that carry no prior value.
-        self.peer_line = b""
+        #: The peer's address as X-Forwarded-For carries it.
+        self.peer_bytes = b""
         self.parser = httptools.HttpRequestParser(self)
-        self.current: Request | None = None  # being parsed
-        self.active: Request | None = None  # being exchanged with the app
-        self.queue: deque[Request] | None = None  # parsed, waiting for the active one
+        self.current: Exchange | None = None  # its request being read
+        self.active: Exchange | None = None  # being answered
+        self.queue: deque[Exchange] | None = None  # parsed, waiting for the active one
         self.upstream: UpstreamConnection | None = None
+        #: SWITCHED_PROTOCOL: the app's end of the tunnel.
         self.tunnel: UpstreamConnection | None = None
+        #: MIGHT_SWITCH_PROTOCOL: what the client sent after its Upgrade request.
         self.upgrade_buffer: list[bytes] | None = None
         #: Writes held while one read from the app is parsed (see ``start_batch``).
         self.batch: list[bytes] | None = None
@@ -418,15 +287,15 @@ class ClientConnection(asyncio.Protocol):
         #: A read from the client is being parsed: the request head for the app waits for the
         #: end of it, so the head and the body bytes of the same read leave in one write.
         self.feeding = False
+        #: Why reading is paused (``_PAUSE_*`` bits; 0: reading).
         self.paused = 0
+        #: The client's socket buffer is full (``pause_writing``): the app is not read.
         self.write_paused = False
-        self.closing = False
-        self.refused = False
-        #: A staged close is under way (see ``_staged_close``).
-        self.lingering = False
-        #: The client half-closed while its answer was on the way: no input can follow.
-        self.input_ended = False
+        #: The client can tell the end of the last response's body only by the close, so a cut
+        #: must be a reset (issue 11). That response closes the connection: never unset.
+        self.close_delimited_to_client = False
         self.linger_timer: asyncio.TimerHandle | None = None
+        #: The ``connections_closed`` label it will be counted under.
         self.close_reason = "client"
         #: When the connection last made progress in its current state (see ``check_timeouts``).
         self.mark = 0.0
@@ -441,20 +310,23 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes = 0
         #: The reads of an unfinished head not yet fed to the parser (``http1.gather_more``).
         self.gathered: bytearray | None = None
-        #: Nothing read yet: the first bytes may be the HTTP/2 preface.
-        self.first_read = True
         self.idle_since: float | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
-        self.response_started = False
-        self.response_frame = FRAME_NONE
-        self.response_close_delimited = False
-        self.close_delimited_to_client = False
-        self.close_after = False
-        #: Read no further requests: answer those already parsed, then close.
-        self.must_close = False
-        #: An error to answer, in order, once the requests parsed before it are answered.
+        #: MUST_CLOSE: the refusal to answer, in order, once the requests before it are.
         self.pending_reject: tuple[int, str] | None = None
+
+    @property
+    def closing(self) -> bool:
+        """A close is under way (lingering) or done: nothing more is read or written."""
+        return self.state.closing
+
+    def _enter(self, state: ConnectionState) -> None:
+        """Move to ``state``; IllegalTransition, with the state unchanged, for a move that
+        ``TRANSITIONS`` does not have."""
+        if state not in TRANSITIONS[self.state]:
+            raise IllegalTransition(self.state, state)
+        self.state = state
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -470,7 +342,7 @@ class ClientConnection(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "-"
-        self.peer_line = b"X-Forwarded-For: " + self.peer.encode() + CRLF
+        self.peer_bytes = self.peer.encode()
         self.idle_since = self.mark = ctx.loop.time()
         ctx.connections.add(self)
         if ctx.listener_ssl is not None:
@@ -479,32 +351,42 @@ class ClientConnection(asyncio.Protocol):
                 self._become_http2(b"")
                 return
         lifecycle = ctx.lifecycle
-        if lifecycle.phase is not Phase.SERVING and not lifecycle.accepts_connections():
+        if lifecycle.phase is not _SERVING and not lifecycle.accepts_connections():
             # Accepted from the queue of a listener being closed: silent, it is idle.
             self.close_when_idle(ctx.config.drain.idle_grace)
 
     def _become_http2(self, data: bytes) -> None:
+        """Hand the connection to HTTP/2 (its first bytes, ``data``, included); this object
+        is done, and its ``connection_lost`` never comes."""
         from drainproxy.dataplane.h2_client import take_over
 
-        take_over(self, data)
+        transport = self.transport
+        assert transport is not None
+        self._enter(_CLOSED)
+        self.ctx.connections.discard(self)
+        take_over(self.ctx, transport, self.peer, data)
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.write(data)
-            return
-        if self.closing:
-            return  # a staged close discards input
-        if self.upgrade_buffer is not None:
-            self.upgrade_buffer.append(data)
-            self._pause(_PAUSE_BUFFER)
-            return
-        if self.must_close:
-            return  # nothing more is parsed
-        if self.first_read:
-            self.first_read = False
-            if data[:3] == _H2_PREFACE_START:
-                self._become_http2(data)
+        state = self.state
+        if state is not _OPEN:
+            if state is _NEW:
+                if data[:3] == _H2_PREFACE_START:
+                    self._become_http2(data)
+                    return
+                self._enter(_OPEN)
+            elif state is _SWITCHED_PROTOCOL:
+                tunnel = self.tunnel
+                assert tunnel is not None
+                tunnel.write(data)
                 return
+            elif state is _MIGHT_SWITCH_PROTOCOL:
+                buffer = self.upgrade_buffer
+                assert buffer is not None
+                buffer.append(data)
+                self._pause(_PAUSE_BUFFER)
+                return
+            else:
+                return  # no further request is parsed; a staged close discards input
         if self.gathered is not None:
             held = gather_more(self.gathered, data)
             if held is None:
@@ -522,8 +404,10 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self.upgrade_buffer = [data[upgrade.args[0] :]]
-            self._pause(_PAUSE_BUFFER)
+            if self.state is _OPEN:  # else the request was answered (CONNECT), and closes
+                self.upgrade_buffer = [data[upgrade.args[0] :]]
+                self._enter(_MIGHT_SWITCH_PROTOCOL)
+                self._pause(_PAUSE_BUFFER)
             return
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
@@ -553,7 +437,7 @@ class ClientConnection(asyncio.Protocol):
             if len(data) < GATHER_BYTES:
                 self.gathered = gather_start(data)
             return
-        if not in_head and current is after and after.body_mode == _BODY_CHUNKED:
+        if not in_head and current is after and after.body == BODY_CHUNKED:
             self._count_chunked_framing(len(data))
 
     def _count_chunked_framing(self, size: int) -> None:
@@ -571,33 +455,37 @@ class ClientConnection(asyncio.Protocol):
         """The client closed its side. TCP cannot tell a half-close from a disconnect, so, as
         nginx does, an exchange still waiting for the app is aborted (the app should not work
         for nobody). A response already on its way is finished; nothing more is read."""
-        tunnel = self.tunnel
-        if tunnel is not None:
-            self.tunnel = None
-            tunnel.close_tunnel()
+        state = self.state
+        if state is _SWITCHED_PROTOCOL:
+            tunnel, self.tunnel = self.tunnel, None
+            self._enter(_CLOSED)
+            if tunnel is not None:
+                tunnel.close_tunnel()
             return False
         transport = self.transport
+        active = self.active
         if (
-            self.lingering
-            or self.active is None
-            or not self.response_started
+            state.closing
+            or active is None
+            or not active.response_started
             or transport is None
             or not transport.can_write_eof()
         ):
             return False
-        self.must_close = self.input_ended = True
-        self.current = self.queue = None
+        self._enter(_INPUT_ENDED)
+        self.current = self.queue = self.upgrade_buffer = None
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
+        if self.state is not _CLOSED:
+            self._enter(_CLOSED)
         if self.linger_timer is not None:
             self.linger_timer.cancel()
             self.linger_timer = None
         ctx = self.ctx
         ctx.stats.count(ctx.stats.connections_closed, self.close_reason)
-        if self.refused:
-            return
+        if self.close_reason == _REFUSED:
+            return  # never among the connections
         ctx.connections.discard(self)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
@@ -607,15 +495,17 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.close_tunnel()
         self.upstream = self.tunnel = None
-        req = self.active
-        if req is not None:
-            if req.access is not None:
-                req.access.emit(req.method, req.target, ctx.loop.time(), self.close_reason)
+        exchange = self.active
+        if exchange is not None:
+            if exchange.access is not None:
+                exchange.access.emit(
+                    exchange.method, exchange.target, ctx.loop.time(), self.close_reason
+                )
             if self.close_reason == "client":
                 log.info(
                     "client %s closed the connection during %s; upstream request aborted",
                     self.peer,
-                    req.describe(),
+                    exchange.describe(),
                 )
         ctx.on_connection_closed()
 
@@ -634,7 +524,7 @@ class ClientConnection(asyncio.Protocol):
     # --- llhttp request callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.current = Request()
+        self.current = Exchange()
         self.idle_since = None
         self.head_bytes = self.header_bytes = 0
         if self.active is None:
@@ -644,133 +534,104 @@ class ClientConnection(asyncio.Protocol):
                 ctx.arrivals.note(self.peer, now)
 
     def on_url(self, url: bytes) -> None:
-        req = self.current
-        assert req is not None
-        req.target += url
+        exchange = self.current
+        assert exchange is not None
+        exchange.target += url
         self.header_bytes += len(url)
-        if len(req.target) > self.ctx.limits.max_request_line:
+        if len(exchange.target) > self.ctx.limits.max_request_line:
             raise Rejection(414, "request target longer than limits.max_request_line")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        req = self.current
-        assert req is not None
+        exchange = self.current
+        assert exchange is not None
         limits = self.ctx.limits
-        if req.head_done:
+        if exchange.head_done:
             # A trailer field: dropped, but counted with the head's (name, ": ", value, CRLF).
             self.header_bytes += len(name) + len(value) + 4
             if self.header_bytes > limits.max_header_bytes:
                 raise Rejection(400, _FRAMING_TOO_LARGE)
             return
-        req.headers.append((name, value))
+        exchange.headers.append((name, value))
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > limits.max_header_bytes:
             raise Rejection(431, "request head larger than limits.max_header_bytes")
-        if len(req.headers) > limits.max_headers:
+        if len(exchange.headers) > limits.max_headers:
             raise Rejection(431, "more header fields than limits.max_headers")
 
     def on_headers_complete(self) -> None:
-        req = self.current
-        assert req is not None
+        exchange = self.current
+        assert exchange is not None
         parser = self.parser
-        req.head_done = True
-        req.method = parser.get_method()
-        req.version = version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise Rejection(505, f"HTTP/{version} is not supported")
-        req.keep_alive = parser.should_keep_alive()
-        req.upgrade = parser.should_upgrade()
-        ctx = self.ctx
-        target = req.target
-        head = [req.method, b" ", target, b" HTTP/1.1\r\n"]
+        exchange.head_done = True
+        exchange.method = method = parser.get_method()
+        exchange.version = version = parser.get_http_version()
+        exchange.keep_alive = parser.should_keep_alive()
+        exchange.upgrade = upgrade = parser.should_upgrade()
         try:
-            # Not origin-form (``/...``): absolute-form, or CONNECT's authority-form (answered
-            # 405 in ``_start``), or asterisk-form.
-            authority = None
-            if target[0] != 0x2F and req.method != b"CONNECT":
-                authority = target_authority(target)
-            info = forward_head(
-                head, req.headers, request=True, drop=ctx.request_drop, authority=authority
+            exchange.head, exchange.body = request_for_app(
+                method,
+                exchange.target,
+                version,
+                exchange.headers,
+                upgrade,
+                self.ctx.forwarding,
+                self.peer_bytes,
             )
-            if info.content_length is not None or info.chunked:
-                check_request_body(
-                    req.method, info, upgrade=req.upgrade, get_head_body=ctx.get_head_body
-                )
         except FramingError as exc:
-            raise Rejection(exc.status, f"malformed request: {exc}") from None
-        if version == "1.1" and (info.host is None or info.host_from_target):
-            # RFC 9112 §3.2: 400 for any HTTP/1.1 request without Host, absolute-form included.
-            raise Rejection(400, "malformed request: HTTP/1.1 without Host")
-        if target == b"*" and req.method != b"OPTIONS":
-            # RFC 9112 §3.2.4: the asterisk-form is only for a server-wide OPTIONS.
-            raise Rejection(400, "malformed request: asterisk-form target without OPTIONS")
-        if req.upgrade and info.upgrade is not None and info.upgrade.lower() == b"h2c":
-            # RFC 9113 §3.1 deprecates the h2c Upgrade: served as HTTP/1.1, then the connection
-            # closes (llhttp stops at an upgrade request); see docs/http2.md.
-            info.upgrade = None
-        max_body = ctx.limits.max_body_bytes
-        if info.chunked:
-            if version == "1.0":
-                raise Rejection(400, "malformed request: Transfer-Encoding in HTTP/1.0")
-            req.body_mode = _BODY_CHUNKED
-        elif info.content_length is not None:
-            length = int(info.content_length)
-            if max_body is not None and length > max_body:
-                raise Rejection(413, "request body larger than limits.max_body_bytes")
-            if length:
-                req.body_mode = _BODY_LENGTH
-        req.head = self._upstream_head(req, head, info)
+            raise Rejection(exc.status, str(exc)) from None
         if self.active is None:
-            self._start(req)
+            self._start(exchange)
             return
         queue = self.queue
         if queue is None:
             queue = self.queue = deque()
         elif len(queue) >= _MAX_PIPELINED:
             raise Rejection(503, "too many pipelined requests; send the rest on a new connection")
-        queue.append(req)
+        queue.append(exchange)
         self._pause(_PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
-        req = self.current
-        assert req is not None
-        if req.body_mode == _BODY_CHUNKED:
+        exchange = self.current
+        assert exchange is not None
+        if exchange.body == BODY_CHUNKED:
             # The data's own bytes are in the read too: three times, to pay twice as much.
             self.framing_credit += 3 * len(body) + CHUNK_OVERHEAD_ALLOWANCE
         max_body = self.ctx.limits.max_body_bytes
         if max_body is not None:
-            req.body_size += len(body)
-            if req.body_size > max_body:
+            exchange.body_size += len(body)
+            if exchange.body_size > max_body:
                 raise Rejection(413, "request body larger than limits.max_body_bytes")
-        if req is self.active:
+        if exchange is self.active:
             self.mark = self.ctx.loop.time()
             conn = self.upstream
-            if req.head_sent and conn is not None:
-                if req.body_mode == _BODY_CHUNKED:
+            if exchange.head_sent and conn is not None:
+                if exchange.body == BODY_CHUNKED:
                     conn.writelines((chunk_size_line(len(body)), body, CRLF))
                 else:
                     conn.write(body)
                 return
-        req.pending.append(body)
-        req.pending_size += len(body)
-        if req.pending_size > _BUFFER_LIMIT:
+        exchange.pending.append(body)
+        exchange.pending_size += len(body)
+        if exchange.pending_size > _BUFFER_LIMIT:
             self._pause(_PAUSE_BUFFER)
 
     def on_message_complete(self) -> None:
-        req = self.current
-        assert req is not None
-        req.complete = True
+        exchange = self.current
+        assert exchange is not None
+        exchange.complete = True
         self.current = None
         conn = self.upstream
-        if req is self.active and req.head_sent and conn is not None:
-            if req.body_mode == _BODY_CHUNKED:
+        if exchange is self.active and exchange.head_sent and conn is not None:
+            if exchange.body == BODY_CHUNKED:
                 conn.write(LAST_CHUNK)
-            self._request_sent()
+            if not exchange.response_started:
+                self.mark = self.ctx.loop.time()  # the response head timeout runs from here
 
     # --- the exchange with the app -----------------------------------------------------------
 
-    def _start(self, req: Request) -> None:
+    def _start(self, exchange: Exchange) -> None:
         ctx = self.ctx
-        self.active = req
+        self.active = exchange
         self.idle_since = None
         self.mark = ctx.loop.time()
         if self.idle_timer is not None:
@@ -783,203 +644,182 @@ class ClientConnection(asyncio.Protocol):
         by_phase = stats.requests_by_phase
         by_phase[phase] = by_phase.get(phase, 0) + 1
         if ctx.access_log:
-            req.access = AccessRecord(self.mark, phase)
-        if req.method == b"CONNECT":
+            exchange.access = AccessRecord(self.mark, phase)
+        if exchange.method == b"CONNECT":
             self._fail(405, "method", "CONNECT is not supported by a reverse proxy", logging.INFO)
             return
         conn = ctx.pool.take_idle()
         if conn is not None:
             self._attach(conn)
         else:
-            self.connect_task = ctx.loop.create_task(self._connect_and_attach(req))
+            self.connect_task = ctx.loop.create_task(self._connect_and_attach(exchange))
 
-    async def _connect_and_attach(self, req: Request) -> None:
+    async def _connect_and_attach(self, exchange: Exchange) -> None:
         ctx = self.ctx
         upstream = ctx.config.upstream
         try:
             conn = await ctx.pool.connect()
         except TimeoutError:
-            if self.active is req and not self.closing:
+            if self.active is exchange and not self.state.closing:
                 ctx.stats.count(ctx.stats.timeouts, "connect")
                 self._fail(
                     504, "timeout", f"no connection to the app within {upstream.connect_timeout:g}s"
                 )
             return
         except OSError as exc:
-            if self.active is req and not self.closing:
+            if self.active is exchange and not self.state.closing:
                 self._fail(502, "refused", f"cannot connect to the app: {exc.strerror or exc}")
             return
         finally:
             self.connect_task = None
-        if self.active is not req or self.closing:
+        if self.active is not exchange or self.state.closing:
             ctx.pool.release(conn)
             return
         self._attach(conn)
 
     def _attach(self, conn: UpstreamConnection) -> None:
-        req = self.active
-        assert req is not None
+        exchange = self.active
+        assert exchange is not None
         self.upstream = conn
         conn.bind(self)
         if self.write_paused:
             conn.pause_reading()
         if not self.feeding:
-            self._send_head(req, conn)
+            self._send_head(exchange, conn)
         # else: ``data_received`` sends it once the read is parsed (``_send_deferred_head``).
 
     def _send_deferred_head(self) -> None:
-        req = self.active
+        exchange = self.active
         conn = self.upstream
-        if req is not None and conn is not None and not req.head_sent and not self.closing:
-            self._send_head(req, conn)
+        if (
+            exchange is not None
+            and conn is not None
+            and not exchange.head_sent
+            and not self.state.closing
+        ):
+            self._send_head(exchange, conn)
 
-    def _send_head(self, req: Request, conn: UpstreamConnection) -> None:
+    def _send_head(self, exchange: Exchange, conn: UpstreamConnection) -> None:
         """Send the request head with the body bytes buffered so far, in one write."""
-        head = req.head
-        if not req.pending and not (req.complete and req.body_mode == _BODY_CHUNKED):
+        head = exchange.head
+        chunked = exchange.body == BODY_CHUNKED
+        if not exchange.pending and not (exchange.complete and chunked):
             conn.write(head)
         else:
             parts = [head]
-            if req.body_mode == _BODY_CHUNKED:
-                for part in req.pending:
+            if chunked:
+                for part in exchange.pending:
                     parts += (chunk_size_line(len(part)), part, CRLF)
-                if req.complete:
+                if exchange.complete:
                     parts.append(LAST_CHUNK)
             else:
-                parts += req.pending
-            if req.pending_size <= _JOIN_LIMIT:
+                parts += exchange.pending
+            if exchange.pending_size <= _JOIN_LIMIT:
                 conn.write(b"".join(parts))
             else:
                 conn.writelines(tuple(parts))
-            req.pending = []
-            req.pending_size = 0
-        req.head_sent = True
-        if req.access is not None:
-            req.access.upstream_sent = self.ctx.loop.time()
+            exchange.pending = []
+            exchange.pending_size = 0
+        exchange.head_sent = True
+        if exchange.access is not None:
+            exchange.access.upstream_sent = self.ctx.loop.time()
         self._resume(_PAUSE_BUFFER)
-        if req.complete:
-            self._request_sent()
-
-    def _upstream_head(self, req: Request, head: list[bytes], info: HeadInfo) -> bytes:
-        """The request head for the app: ``head`` (request line and end-to-end fields) plus the
-        fields this hop adds, joined once."""
-        ctx = self.ctx
-        if info.host is None:
-            head.append(ctx.default_host_line)
-        if req.body_mode == _BODY_CHUNKED:
-            head.append(_TRANSFER_ENCODING_CHUNKED)
-        if req.upgrade and info.upgrade is not None:
-            head += (_CONNECTION_UPGRADE, b"Upgrade: ", info.upgrade, CRLF)
-        ctx.add_forwarding_fields(head, info, self.peer_line, self.peer)
-        head.append(CRLF)
-        return b"".join(head)
-
-    def _request_sent(self) -> None:
-        if not self.response_started:
+        if exchange.complete and not exchange.response_started:
             self.mark = self.ctx.loop.time()  # the response head timeout runs from here
 
-    # --- called by the UpstreamConnection -----------------------------------------------------
+    # --- the upstream.ExchangeSink the UpstreamConnection reports to ---------------------------
 
     def response_interim(self, status: int, reason: bytes, headers: Headers) -> bool:
         """Pass a 1xx on to an HTTP/1.1 client; False when it is invalid (the exchange failed)."""
-        req = self.active
-        if req is None:
+        exchange = self.active
+        if exchange is None:
             return False
-        out: list[bytes] = []
         try:
-            out.append(status_line(status, reason))
-            check_interim_head(forward_head(out, headers, request=False))
+            out = interim_for_client(status, reason, headers, exchange.version == "1.0")
         except FramingError as exc:
             self.upstream_failed("invalid", f"invalid response from the app: {exc}")
             return False
-        if req.version == "1.1":
-            out.append(CRLF)
+        if out is not None:
             self._write_pieces(out)
         return True
 
     def response_head(
         self, conn: UpstreamConnection, status: int, reason: bytes, headers: Headers
     ) -> None:
-        req = self.active
-        assert req is not None
-        if req.access is not None:
-            req.access.response_head(status, self.ctx.loop.time())
+        exchange = self.active
+        assert exchange is not None
+        ctx = self.ctx
+        if exchange.access is not None:
+            exchange.access.response_head(status, ctx.loop.time())
+        lifecycle = ctx.lifecycle
+        close = (
+            not exchange.keep_alive
+            or not exchange.complete
+            or exchange.upgrade
+            or (self.state is not _OPEN and self._last_exchange())
+            # While SERVING (the common case) the Enum-hashing query is skipped.
+            or (lifecycle.phase is not _SERVING and lifecycle.should_close_connection())
+        )
         try:
-            out = [status_line(status, reason or reason_phrase(status))]
-            info = forward_head(out, headers, request=False)
+            out, info, framing, close = response_for_client(
+                status,
+                reason,
+                headers,
+                exchange.method == b"HEAD",
+                exchange.version == "1.0",
+                close,
+            )
         except FramingError as exc:
             self.upstream_failed("invalid", f"invalid response from the app: {exc}")
             return
-        if status == 204 and info.content_length is not None:
-            # 204 has no content, so a Content-Length on it can only mislead (RFC 9110 §8.6).
-            drop_fields(out, 1, _CONTENT_LENGTH_NAME)
         conn.keep_alive_field = info.keep_alive
-        if status == 101:
-            if req.upgrade and info.upgrade is not None:
+        if framing is None:  # 101 Switching Protocols
+            if exchange.upgrade and info.upgrade is not None:
                 self._start_tunnel(conn, out, info.upgrade)
             else:
                 self.upstream_failed("invalid", "101 response to a request that asked no upgrade")
             return
-        bodyless = req.method == b"HEAD" or status in BODYLESS_STATUSES
-        close = (
-            not req.keep_alive
-            or not req.complete
-            or req.upgrade
-            or self._last_exchange()
-            or self._phase_closes_connections()
-        )
-        content_length = info.content_length
-        if bodyless or content_length is not None:
-            # ``response_framing``'s first two cases, without a call on the common path.
-            frame = FRAME_NONE if bodyless else FRAME_RAW
-            self.response_close_delimited = self.close_delimited_to_client = False
-            if content_length is not None and not bodyless:
-                conn.body_left = int(content_length)
-        else:
-            try:
-                framing = response_framing(info, bodyless, req.version == "1.0")
-            except FramingError as exc:
-                self.upstream_failed("invalid", f"invalid response from the app: {exc}")
-                return
-            frame, transfer_encoding, self.response_close_delimited, to_close = framing
-            self.close_delimited_to_client = to_close
-            out.append(transfer_encoding)
-            close = close or to_close
-        if close:
-            out.append(_CONNECTION_CLOSE)
-        elif req.version == "1.0":
-            out.append(_CONNECTION_KEEP_ALIVE)
-        out.append(CRLF)
-        self.response_frame = frame
-        self.close_after = close
-        self.response_started = True
-        by_class = self.ctx.stats.responses_by_class
+        if framing.frame:
+            length = info.content_length
+            if length is not None:
+                conn.body_left = int(length)
+            elif framing.until_app_close:
+                conn.close_delimited = True
+        if framing.until_client_close:
+            self.close_delimited_to_client = True
+        exchange.frame = framing.frame
+        exchange.close_after = close
+        exchange.response_started = True
+        by_class = ctx.stats.responses_by_class
         status_class = _STATUS_CLASSES[status // 100]
         by_class[status_class] = by_class.get(status_class, 0) + 1
         self._write_pieces(out)
-        if req.method == b"HEAD":
+        if exchange.method == b"HEAD":
             # llhttp cannot know this response has no body; the exchange ends with its head.
             conn.response_done = True
 
     def response_body(self, body: bytes) -> None:
-        req = self.active
-        if req is not None and req.access is not None:
-            req.access.body_bytes += len(body)
-        if self.closing:
+        exchange = self.active
+        if exchange is None:
+            return
+        if exchange.access is not None:
+            exchange.access.body_bytes += len(body)
+        if self.state.closing:
             return
         batch = self.batch
         assert batch is not None  # only called while the app's bytes are parsed
         self.batch_body_bytes += len(body)
-        if self.response_frame == FRAME_CHUNKED:
+        frame = exchange.frame
+        if frame == FRAME_CHUNKED:
             batch += (chunk_size_line(len(body)), body, CRLF)
-        elif self.response_frame == FRAME_RAW:
+        elif frame == FRAME_RAW:
             batch.append(body)
 
     def response_complete(self, conn: UpstreamConnection) -> None:
-        req = self.active
-        if req is None or conn is not self.upstream:
+        exchange = self.active
+        if exchange is None or conn is not self.upstream:
             return
-        if self.response_frame == FRAME_CHUNKED:
+        if exchange.frame == FRAME_CHUNKED:
             self._write(LAST_CHUNK)
         self.upstream = None
         # Reused only when both messages ended where both sides agree they did: not after an
@@ -987,34 +827,34 @@ class ClientConnection(asyncio.Protocol):
         # request not sent whole, a close-delimited response or one with bytes after it.
         if (
             conn.keep_alive
-            and req.complete
-            and not req.upgrade
+            and exchange.complete
+            and not exchange.upgrade
             and not conn.closed
-            and not self.response_close_delimited
+            and not conn.close_delimited
         ):
             self.ctx.pool.release(conn)
         else:
             conn.abort()
-        self._finish_exchange()
+        self._finish_exchange(exchange)
 
     def upstream_lost(self, conn: UpstreamConnection, kind: str) -> None:
         """The app closed the connection before the response was complete."""
-        req = self.active
-        if req is None or conn is not self.upstream:
+        exchange = self.active
+        if exchange is None or conn is not self.upstream:
             return
         self.upstream = None
-        if not self.response_started:
+        if not exchange.response_started:
             if (
                 conn.reused
                 and not conn.read_size
-                and not req.retried
-                and req.method in IDEMPOTENT_METHODS
-                and req.body_mode == _BODY_NONE
+                and not exchange.retried
+                and exchange.method in IDEMPOTENT_METHODS
+                and exchange.body == BODY_NONE
             ):
                 # The keep-alive race: the app closed an idle pooled connection as we sent.
-                req.retried = True
+                exchange.retried = True
                 self.ctx.stats.count(self.ctx.stats.upstream_errors, "retried")
-                self.connect_task = self.ctx.loop.create_task(self._connect_and_attach(req))
+                self.connect_task = self.ctx.loop.create_task(self._connect_and_attach(exchange))
                 return
             self._fail(502, kind, f"the app {kind} the connection before responding")
             return
@@ -1022,29 +862,61 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_failed(self, kind: str, message: str) -> None:
         """The app's response broke the protocol."""
-        if self.active is None:
+        exchange = self.active
+        if exchange is None:
             return
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.abort()
-        if self.response_started:
+        if exchange.response_started:
             self._cut(kind, message)
         else:
             self._fail(502, kind, message)
 
+    def start_batch(self) -> None:
+        """Collect what is written to the client while one read from the app is parsed, so a
+        response head and its body leave in one system call."""
+        self.batch = []
+        self.batch_body_bytes = 0
+
+    def flush(self) -> None:
+        batch, self.batch = self.batch, None
+        if batch and not self.state.closing:
+            transport = self.transport
+            assert transport is not None
+            if len(batch) == 1:
+                transport.write(batch[0])
+            elif self.batch_body_bytes <= _JOIN_LIMIT:
+                transport.write(b"".join(batch))  # one small copy beats writev's iovec walk
+            else:
+                transport.writelines(batch)
+
+    def pause_reading_for_upstream(self) -> None:
+        self._pause(_PAUSE_UPSTREAM)
+
+    def resume_reading_for_upstream(self) -> None:
+        self._resume(_PAUSE_UPSTREAM)
+
     # --- tunnels (Upgrade) --------------------------------------------------------------------
 
     def _start_tunnel(self, conn: UpstreamConnection, out: list[bytes], upgrade: bytes) -> None:
-        """``out``: the 101 status line and the response's end-to-end fields."""
+        """``out``: the 101 status line and the response's end-to-end fields. The Upgrade
+        request's exchange stays active for as long as the tunnel lasts."""
+        self.upstream = None
+        if self.state is not _MIGHT_SWITCH_PROTOCOL:
+            conn.abort()  # the connection was cut under the exchange: nothing to relay into
+            return
         out += (_CONNECTION_UPGRADE, b"Upgrade: ", upgrade, CRLF, CRLF)
         self._write_pieces(out)
-        self.upstream = None
         self.tunnel = conn
         conn.tunnel = True
-        self.response_started = True
+        exchange = self.active
+        assert exchange is not None
+        exchange.response_started = True
         self.ctx.stats.tunnels_opened += 1
         self.ctx.stats.count(self.ctx.stats.responses_by_class, "1xx")
         buffered, self.upgrade_buffer = self.upgrade_buffer or [], None
+        self._enter(_SWITCHED_PROTOCOL)
         for data in buffered:
             if data:
                 conn.write(data)
@@ -1061,7 +933,8 @@ class ClientConnection(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         """Called by the sweep: act on the one timeout that applies to the current state."""
-        if self.closing or self.tunnel is not None:
+        state = self.state
+        if state.closing or state is _SWITCHED_PROTOCOL:
             return
         elapsed = now - self.mark
         config = self.ctx.config
@@ -1090,7 +963,7 @@ class ClientConnection(asyncio.Protocol):
         if (
             response
             and self.upstream is not None
-            and not self.response_started
+            and not active.response_started
             and elapsed >= response
         ):
             self._timed_out("response_head")
@@ -1103,7 +976,8 @@ class ClientConnection(asyncio.Protocol):
     # --- drain --------------------------------------------------------------------------------
 
     def is_idle(self) -> bool:
-        return self.active is None and self.current is None and self.tunnel is None
+        """No exchange: none being read, none answered (a tunnel's stays active)."""
+        return self.active is None and self.current is None
 
     def in_flight(self) -> int:
         return 0 if self.is_idle() else 1
@@ -1114,7 +988,7 @@ class ClientConnection(asyncio.Protocol):
     def close_when_idle(self, grace: float) -> None:
         """Close now if idle past ``grace``; else check again when it would be. A busy connection
         closes after its response, which carries ``Connection: close``."""
-        if self.closing or not self.is_idle() or self.idle_since is None:
+        if self.state.closing or not self.is_idle() or self.idle_since is None:
             return
         idle_for = self.ctx.loop.time() - self.idle_since
         if idle_for >= grace:
@@ -1126,30 +1000,32 @@ class ClientConnection(asyncio.Protocol):
         self.idle_timer = None
         self.close_when_idle(grace)
 
+    # --- closing ------------------------------------------------------------------------------
+
     def force_close(self) -> None:
         """End the connection now (``drain.timeout``, shutdown), a staged close included. Where
         the client can tell the end of a body only by the close, and that body has not all been
         handed to the kernel, the end is a reset: a cut must never look complete (issue 11)."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.state is _CLOSED:
             return
-        if not self.lingering:
-            self.close_reason = "forced"
-        self.closing = True
+        reason = self.close_reason if self.state is _LINGERING else "forced"
         if self.close_delimited_to_client and (
             self.active is not None or transport.get_write_buffer_size()
         ):
-            self._reset(self.close_reason)
-        else:
-            transport.abort()
+            self._reset(reason)
+            return
+        self._enter(_CLOSED)
+        self.close_reason = reason
+        transport.abort()
 
     def _reset(self, reason: str = "cut") -> None:
         """Close with a TCP reset (a plain close could look like the end of the body); what is
         still buffered for the client is dropped."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.state is _CLOSED:
             return
-        self.closing = True
+        self._enter(_CLOSED)
         self.close_reason = reason
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -1171,18 +1047,18 @@ class ClientConnection(asyncio.Protocol):
         ``linger`` 0, input ended, or TLS (asyncio's TLS transports have no half-close): close
         at once."""
         transport = self.transport
-        if self.closing or transport is None:
+        if self.state.closing or transport is None:
             return
         self.flush()
-        self.closing = self.must_close = True
         self.close_reason = reason
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
-        if not linger or self.input_ended or not transport.can_write_eof():
+        if not linger or self.state is _INPUT_ENDED or not transport.can_write_eof():
+            self._enter(_CLOSED)
             transport.close()
             return
-        self.lingering = True
+        self._enter(_LINGERING)
         transport.write_eof()
         if self.paused:
             self.paused = 0
@@ -1200,6 +1076,7 @@ class ClientConnection(asyncio.Protocol):
             return
         buffered = transport.get_write_buffer_size()
         if not buffered:
+            self._enter(_CLOSED)
             transport.close()
         elif buffered < buffered_before:
             self.linger_timer = self.ctx.loop.call_later(
@@ -1208,43 +1085,22 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.force_close()
 
-    def start_batch(self) -> None:
-        """Collect what is written to the client while one read from the app is parsed, so a
-        response head and its body leave in one system call."""
-        self.batch = []
-        self.batch_body_bytes = 0
-
-    def flush(self) -> None:
-        batch, self.batch = self.batch, None
-        if batch and not self.closing:
-            transport = self.transport
-            assert transport is not None
-            if len(batch) == 1:
-                transport.write(batch[0])
-            elif self.batch_body_bytes <= _JOIN_LIMIT:
-                transport.write(b"".join(batch))  # one small copy beats writev's iovec walk
-            else:
-                transport.writelines(batch)
-
     # --- internals ----------------------------------------------------------------------------
 
-    def _finish_exchange(self) -> None:
-        req = self.active
+    def _finish_exchange(self, exchange: Exchange) -> None:
+        """The active exchange ended: drop it, then close, start the next one, or wait."""
         ctx = self.ctx
-        if req is not None and req.access is not None:
-            req.access.emit(req.method, req.target, ctx.loop.time())
+        if exchange.access is not None:
+            exchange.access.emit(exchange.method, exchange.target, ctx.loop.time())
         self.active = None
-        self.response_started = False
-        self.response_frame = FRAME_NONE
         if self.paused:
             self._resume(_PAUSE_UPSTREAM)
-        if self.close_after:
+        if exchange.close_after:
             # A client that asked to close after a request it sent whole sends nothing more
             # (RFC 9112 §9.6); any other may: a pipelined request, the rest of a body.
             client_done = (
-                req is not None
-                and req.complete
-                and not req.keep_alive
+                exchange.complete
+                and not exchange.keep_alive
                 and not self.queue
                 and self.current is None
             )
@@ -1257,7 +1113,8 @@ class ClientConnection(asyncio.Protocol):
                 self._resume(_PAUSE_PIPELINE)
             self._start(following)
             return
-        if self.must_close:
+        state = self.state
+        if state is _MUST_CLOSE or state is _INPUT_ENDED:
             if self.pending_reject is not None:
                 status, reason = self.pending_reject
                 self._write(plain_response(status, reason, close=True))
@@ -1269,46 +1126,46 @@ class ClientConnection(asyncio.Protocol):
             self._resume(_PAUSE_PIPELINE)
         lifecycle = ctx.lifecycle
         # While SERVING (the common case) the Enum-hashing query is skipped.
-        if lifecycle.phase is not Phase.SERVING and not lifecycle.accepts_connections():
+        if lifecycle.phase is not _SERVING and not lifecycle.accepts_connections():
             self.close_when_idle(ctx.config.drain.idle_grace)
 
     def _fail(self, status: int, kind: str, message: str, log_level: int = logging.WARNING) -> None:
         """Answer the active request with an error of drainproxy's own (no response began)."""
-        req = self.active
-        assert req is not None
+        exchange = self.active
+        assert exchange is not None
         ctx = self.ctx
         if status >= 500:
             ctx.stats.count(ctx.stats.upstream_errors, kind)
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.abort()
-        log.log(log_level, "%d for %s from %s: %s", status, req.describe(), self.peer, message)
-        self.close_after = (
-            not req.complete
-            or not req.keep_alive
-            or req.upgrade
+        log.log(log_level, "%d for %s from %s: %s", status, exchange.describe(), self.peer, message)
+        close = exchange.close_after = (
+            not exchange.complete
+            or not exchange.keep_alive
+            or exchange.upgrade
             or self._last_exchange()
             or ctx.lifecycle.should_close_connection()
         )
         ctx.stats.count(ctx.stats.responses_by_class, _STATUS_CLASSES[status // 100])
-        if req.access is not None:
-            req.access.response_head(status, ctx.loop.time())
-            req.access.body_bytes = len(message.encode()) + 1
-        self._write(plain_response(status, message, close=self.close_after))
-        self._finish_exchange()
+        if exchange.access is not None:
+            exchange.access.response_head(status, ctx.loop.time())
+            exchange.access.body_bytes = len(message.encode()) + 1
+        self._write(plain_response(status, message, close=close))
+        self._finish_exchange(exchange)
 
     def _cut(self, kind: str, message: str) -> None:
         """A response already begun cannot be answered with an error: end the connection so the
         client sees a truncated message, never a complete-looking one. A body the client can
         only delimit by the close (HTTP/1.0, no length) is cut with a reset."""
-        req = self.active
-        assert req is not None
+        exchange = self.active
+        assert exchange is not None
         ctx = self.ctx
         if kind != "client":
             ctx.stats.count(ctx.stats.upstream_errors, kind)
-        log.warning("response to %s from %s cut: %s", req.describe(), self.peer, message)
-        if req.access is not None:
-            req.access.emit(req.method, req.target, ctx.loop.time(), "cut")
+        log.warning("response to %s from %s cut: %s", exchange.describe(), self.peer, message)
+        if exchange.access is not None:
+            exchange.access.emit(exchange.method, exchange.target, ctx.loop.time(), "cut")
         self.active = None
         conn, self.upstream = self.upstream, None
         if conn is not None:
@@ -1326,12 +1183,13 @@ class ClientConnection(asyncio.Protocol):
         if status == 400:
             stats.bad_requests += 1
         stats.count(stats.requests_rejected, str(status))
-        self.must_close = True
+        if self.state is _OPEN:
+            self._enter(_MUST_CLOSE)
         current, active = self.current, self.active
         self.current = None
         if active is not None and current is active:
             # The active request itself broke mid-body.
-            if self.response_started:
+            if active.response_started:
                 self._cut("client", f"{status} {reason}")
             else:
                 self._fail(status, "client", reason, logging.INFO)
@@ -1350,18 +1208,22 @@ class ClientConnection(asyncio.Protocol):
     def _refuse(self) -> None:
         """Over ``limits.max_connections``: a 503 and a staged close (short: it holds a file),
         before reading anything."""
-        self.refused = True
         self.ctx.note_refused()
         self._write(plain_response(503, "too many connections", close=True))
-        self._staged_close("refused", _REFUSAL_LINGER_SECONDS)
+        self._staged_close(_REFUSED, _REFUSAL_LINGER_SECONDS)
 
     def _last_exchange(self) -> bool:
         """No more requests will be read, and none is waiting: the answer ends the connection."""
-        return self.must_close and not self.queue and self.pending_reject is None
+        state = self.state
+        return (
+            (state is _MUST_CLOSE or state is _INPUT_ENDED)
+            and not self.queue
+            and self.pending_reject is None
+        )
 
     def _write_pieces(self, pieces: list[bytes]) -> None:
         """Write a head built as pieces: into the batch as they are, else joined."""
-        if self.closing:
+        if self.state.closing:
             return
         if self.batch is not None:
             self.batch += pieces
@@ -1369,14 +1231,8 @@ class ClientConnection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.write(b"".join(pieces))
 
-    def _phase_closes_connections(self) -> bool:
-        """``lifecycle.should_close_connection()``, without hashing an Enum member (a Python
-        call) on the common path: while SERVING, no response closes its connection."""
-        lifecycle = self.ctx.lifecycle
-        return lifecycle.phase is not Phase.SERVING and lifecycle.should_close_connection()
-
     def _write(self, data: bytes) -> None:
-        if self.closing:
+        if self.state.closing:
             return
         if self.batch is not None:
             self.batch.append(data)
@@ -1385,7 +1241,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def _pause(self, reason: int) -> None:
-        if not self.paused and self.transport is not None and not self.closing:
+        if not self.paused and self.transport is not None and not self.state.closing:
             self.transport.pause_reading()
         self.paused |= reason
 
@@ -1393,14 +1249,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.paused & reason:
             return
         self.paused &= ~reason
-        if not self.paused and self.transport is not None and not self.closing:
+        if not self.paused and self.transport is not None and not self.state.closing:
             self.transport.resume_reading()
             active = self.active
             if active is not None and not active.complete:
                 self.mark = self.ctx.loop.time()  # a body stall counts only while reading
-
-    def pause_reading_for_upstream(self) -> None:
-        self._pause(_PAUSE_UPSTREAM)
-
-    def resume_reading_for_upstream(self) -> None:
-        self._resume(_PAUSE_UPSTREAM)

@@ -8,7 +8,7 @@ import logging
 import math
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -23,14 +23,53 @@ from drainproxy.dataplane.http1 import (
 )
 from drainproxy.system.tls import upstream_context
 
-if TYPE_CHECKING:
-    from drainproxy.dataplane.proxy import ClientConnection
-
 log = logging.getLogger("drainproxy.upstream")
 
 _FRAMING_TOO_LARGE = (
     "chunk extensions or trailer fields larger than limits.max_response_header_bytes"
 )
+
+
+class ExchangeSink(Protocol):
+    """The client side of the exchange an ``UpstreamConnection`` is bound to, told what the app
+    answers: an HTTP/1.1 client connection (``proxy.ClientConnection``) or an HTTP/2 client's
+    stream carried over HTTP/1.1 (``h2_client.Http1Exchange``). The upstream calls these; it
+    never imports the client side (issue 13)."""
+
+    def start_batch(self) -> None:
+        """One read from the app is about to be parsed: hold writes to the client until
+        ``flush``, so a head and its body leave in one system call."""
+
+    def flush(self) -> None: ...
+
+    def pause_reading_for_upstream(self) -> None:
+        """The app's socket buffer is full: stop reading the request body from the client."""
+
+    def resume_reading_for_upstream(self) -> None: ...
+
+    def response_interim(self, status: int, reason: bytes, headers: Headers) -> bool:
+        """A 1xx (but 101); False when it is invalid: the exchange failed, stop parsing."""
+
+    def response_head(
+        self, conn: UpstreamConnection, status: int, reason: bytes, headers: Headers
+    ) -> None:
+        """The final response's head. The sink sets ``conn.body_left`` for a Content-Length
+        body, ``conn.close_delimited`` for a body the app ends by closing, and
+        ``conn.response_done`` for a response with no body that llhttp cannot know of (HEAD)."""
+
+    def response_body(self, body: bytes) -> None: ...
+
+    def response_complete(self, conn: UpstreamConnection) -> None: ...
+
+    def upstream_lost(self, conn: UpstreamConnection, kind: str) -> None:
+        """The app closed (``kind`` "closed") or reset ("reset") before the response ended."""
+
+    def upstream_failed(self, kind: str, message: str) -> None:
+        """The app's response broke the protocol or a limit; the connection is dropped."""
+
+    def tunnel_data_from_upstream(self, data: bytes) -> None: ...
+
+    def tunnel_closed_by_upstream(self) -> None: ...
 
 
 class _StopParsing(Exception):
@@ -44,6 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "body_left",
         "client",
+        "close_delimited",
         "closed",
         "framing_credit",
         "gathered",
@@ -72,7 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.client: ClientConnection | None = None
+        self.client: ExchangeSink | None = None
         self.parser: httptools.HttpResponseParser | None = None
         #: The parser ended its last message itself, so it can read the next one.
         self.parser_at_rest = False
@@ -98,6 +138,9 @@ class UpstreamConnection(asyncio.Protocol):
         #: Bytes still to come of a body framed by Content-Length (set by the client side,
         #: which knows whether the response has a body at all); see ``_pass_body``.
         self.body_left = 0
+        #: The response's body ends when the app closes (no length, not chunked: RFC 9112
+        #: §6.3), as the client side decided from its head.
+        self.close_delimited = False
         #: Bytes of this exchange's response that are not body data, held to ``max_head_bytes``
         #: (``limits.max_response_header_bytes``; issue 11): reads that ended inside a head (1xx
         #: heads included), and chunk framing (extensions, trailers) beyond what the data of
@@ -112,7 +155,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- binding to a client exchange -------------------------------------------------------
 
-    def bind(self, client: ClientConnection) -> None:
+    def bind(self, client: ExchangeSink) -> None:
         """Start a new exchange. The parser is reused only if it ended the last response itself:
         after a HEAD response it still expects a body, so that one gets a fresh parser."""
         self.client = client
@@ -125,6 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.reason = b""
         self.body_left = 0
+        self.close_delimited = False
         if self.write_paused:
             client.pause_reading_for_upstream()
 
@@ -252,7 +296,7 @@ class UpstreamConnection(asyncio.Protocol):
         if excess > self.max_head_bytes:
             self._fail(_FRAMING_TOO_LARGE)
 
-    def _pass_body(self, client: ClientConnection, data: bytes) -> None:
+    def _pass_body(self, client: ExchangeSink, data: bytes) -> None:
         """Forward the rest of a Content-Length body as read: no parser call and no copy per
         read (llhttp would copy every body byte into a new ``bytes`` for ``on_body``)."""
         left = self.body_left
@@ -281,7 +325,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.tunnel:
             client.tunnel_closed_by_upstream()
-        elif self.response_head_done and exc is None and client.response_close_delimited:
+        elif self.response_head_done and exc is None and self.close_delimited:
             # The app's close is the end of a body framed by the close.
             client.response_complete(self)
         else:
