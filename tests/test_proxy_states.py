@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
@@ -93,6 +93,10 @@ class Rig:
     app: UpstreamConnection
     to_app: RecordingTransport
 
+    def state(self) -> ConnectionState:
+        """The client connection's state (a call: each test step reads it afresh)."""
+        return self.client.state
+
     def lose_client(self) -> None:
         self.client.connection_lost(None)
 
@@ -135,8 +139,8 @@ def test_every_state_is_reachable_from_new_and_only_closed_is_final() -> None:
     ]
     for state in set(ConnectionState) - {ConnectionState.CLOSED}:
         assert ConnectionState.CLOSED in TRANSITIONS[state], state
-    for state, following in TRANSITIONS.items():
-        assert ConnectionState.NEW not in following and state not in following
+    for source, targets in TRANSITIONS.items():
+        assert ConnectionState.NEW not in targets and source not in targets
 
 
 def test_closing_means_lingering_or_closed() -> None:
@@ -147,17 +151,17 @@ def test_closing_means_lingering_or_closed() -> None:
 async def test_an_illegal_move_raises_and_leaves_the_state(rig: Rig) -> None:
     with pytest.raises(IllegalTransition, match="NEW to SWITCHED_PROTOCOL"):
         rig.client._enter(ConnectionState.SWITCHED_PROTOCOL)
-    assert rig.client.state is ConnectionState.NEW
+    assert rig.state() is ConnectionState.NEW
 
 
 # --- the states, reached by bytes -------------------------------------------------------------
 
 
 async def test_keep_alive_exchanges_leave_the_connection_open_and_idle(rig: Rig) -> None:
-    assert rig.client.state is ConnectionState.NEW and rig.client.is_idle()
+    assert rig.state() is ConnectionState.NEW and rig.client.is_idle()
     for _ in range(3):
         rig.client.data_received(GET)
-        assert rig.client.state is ConnectionState.OPEN and not rig.client.is_idle()
+        assert rig.state() is ConnectionState.OPEN and not rig.client.is_idle()
         assert rig.to_app.take().startswith(b"GET /a HTTP/1.1\r\nHost: example.com\r\n")
         rig.app.data_received(OK)
         assert rig.to_client.take() == OK
@@ -181,13 +185,13 @@ async def test_pipelined_requests_queue_and_are_answered_in_order(rig: Rig) -> N
 
 async def test_a_refused_request_answers_those_before_it_then_closes(rig: Rig) -> None:
     rig.client.data_received(GET + b"GET /b HTTP/1.1\r\n\r\n")  # HTTP/1.1 without Host
-    assert rig.client.state is ConnectionState.MUST_CLOSE
+    assert rig.state() is ConnectionState.MUST_CLOSE
     rig.client.data_received(GET)  # nothing more is parsed
     rig.app.data_received(OK)
     answer = rig.to_client.take()
     assert answer.startswith(OK + b"HTTP/1.1 400 Bad Request\r\n")
     assert b"\r\nConnection: close\r\n" in answer[len(OK) :]
-    assert rig.client.state is ConnectionState.LINGERING and rig.client.closing
+    assert rig.state() is ConnectionState.LINGERING and rig.client.closing
     assert rig.to_client.eof_written and not rig.to_client.closed
     assert rig.to_app.take().count(b"GET /") == 1
     rig.lose_client()
@@ -199,17 +203,17 @@ async def test_a_request_for_close_ends_the_connection_after_its_answer(rig: Rig
     rig.app.data_received(OK)
     assert rig.to_client.take().startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n")
     # The client said it sends nothing more: no linger.
-    assert rig.client.state is ConnectionState.CLOSED and rig.to_client.closed
+    assert rig.state() is ConnectionState.CLOSED and rig.to_client.closed
 
 
 async def test_a_half_close_during_the_answer_ends_the_input(rig: Rig) -> None:
     rig.client.data_received(GET)
     rig.app.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
     assert rig.client.eof_received() is True
-    assert rig.client.state is ConnectionState.INPUT_ENDED
+    assert rig.state() is ConnectionState.INPUT_ENDED
     rig.app.data_received(b"!!")
     assert rig.to_client.take().endswith(b"ok!!")
-    assert rig.client.state is ConnectionState.CLOSED and rig.to_client.closed
+    assert rig.state() is ConnectionState.CLOSED and rig.to_client.closed
     assert not rig.to_client.eof_written
 
 
@@ -224,14 +228,14 @@ async def test_a_half_close_before_the_answer_aborts_the_exchange(rig: Rig) -> N
 async def test_an_upgrade_holds_input_then_relays_both_ways(rig: Rig) -> None:
     upgrade = b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     rig.client.data_received(upgrade + b"early")
-    assert rig.client.state is ConnectionState.MIGHT_SWITCH_PROTOCOL
+    assert rig.state() is ConnectionState.MIGHT_SWITCH_PROTOCOL
     rig.client.data_received(b"-more")
     assert rig.to_client.reading_paused
     assert b"\r\nUpgrade: websocket\r\n" in rig.to_app.take()
     rig.app.data_received(
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     )
-    assert rig.client.state is ConnectionState.SWITCHED_PROTOCOL
+    assert rig.state() is ConnectionState.SWITCHED_PROTOCOL
     assert rig.to_app.take() == b"early-more"
     assert not rig.to_client.reading_paused
     assert rig.to_client.take().startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
@@ -240,7 +244,7 @@ async def test_an_upgrade_holds_input_then_relays_both_ways(rig: Rig) -> None:
     assert (rig.to_app.take(), rig.to_client.take()) == (b"ping", b"pong")
     assert not rig.client.is_idle()  # the tunnel's exchange stays active
     rig.app.connection_lost(None)
-    assert rig.client.state is ConnectionState.LINGERING
+    assert rig.state() is ConnectionState.LINGERING
 
 
 async def test_an_upgrade_the_app_declines_is_answered_then_closed(rig: Rig) -> None:
@@ -248,15 +252,17 @@ async def test_an_upgrade_the_app_declines_is_answered_then_closed(rig: Rig) -> 
     rig.client.data_received(upgrade)
     rig.app.data_received(OK)
     assert rig.to_client.take().startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n")
-    assert rig.client.state is ConnectionState.LINGERING
+    assert rig.state() is ConnectionState.LINGERING
     assert rig.to_app.aborted  # the app may have switched: never reused
 
 
 async def test_the_http2_preface_hands_the_connection_over(rig: Rig) -> None:
     rig.client.data_received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-    assert rig.client.state is ConnectionState.CLOSED
+    assert rig.state() is ConnectionState.CLOSED
     assert rig.client not in rig.ctx.connections
-    assert rig.to_client.protocol is not None and rig.to_client.protocol in rig.ctx.connections
+    (successor,) = rig.ctx.connections
+    assert type(successor).__name__ == "H2ClientConnection"
+    assert rig.to_client.protocol is cast(asyncio.BaseProtocol, successor)
     assert not rig.to_client.is_closing()
 
 
@@ -277,9 +283,9 @@ async def test_a_connection_over_the_limit_is_refused_and_never_counted(rig: Rig
 
 async def test_a_forced_close_keeps_a_lingering_close_reason(rig: Rig) -> None:
     rig.client.close_when_idle(0.0)
-    assert rig.client.state is ConnectionState.LINGERING
+    assert rig.state() is ConnectionState.LINGERING
     rig.client.force_close()
-    assert rig.client.state is ConnectionState.CLOSED and rig.to_client.aborted
+    assert rig.state() is ConnectionState.CLOSED and rig.to_client.aborted
     rig.lose_client()
     assert rig.ctx.stats.connections_closed == {"idle": 1}
 
@@ -299,7 +305,7 @@ async def test_a_close_delimited_body_cut_short_ends_with_a_reset(rig: Rig) -> N
     rig.app.data_received(b"HTTP/1.1 200 OK\r\n\r\npartial")
     assert rig.to_client.take().endswith(b"\r\nConnection: close\r\n\r\npartial")
     rig.app.connection_lost(ConnectionResetError())
-    assert rig.client.state is ConnectionState.CLOSED
+    assert rig.state() is ConnectionState.CLOSED
     assert rig.to_client.aborted and not rig.to_client.closed
     rig.lose_client()
     assert rig.ctx.stats.connections_closed == {"cut": 1}

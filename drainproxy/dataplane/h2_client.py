@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Protocol, cast
@@ -87,6 +88,27 @@ _LINGER_SECONDS = 2.0
 _STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 #: Response fields that must not appear in HTTP/2 (RFC 9113 §8.2.2).
 _CONNECTION_SPECIFIC = HOP_BY_HOP | {b"host"}
+
+
+class H2ConnectionState(enum.Enum):
+    """Where an HTTP/2 client connection is in its graceful shutdown (RFC 9113 §6.8): OPEN,
+    then GOAWAY_ANNOUNCED, then GOAWAY_FINAL, each state able to end in CLOSED."""
+
+    #: No GOAWAY sent: streams are opened and served.
+    OPEN = "open"
+    #: The first GOAWAY (last stream 2^31-1) and a PING are sent: streams still open.
+    GOAWAY_ANNOUNCED = "goaway_announced"
+    #: The PING came back, so every stream the client opened before the first GOAWAY is here:
+    #: the final GOAWAY names the last one, and the connection closes when its streams end.
+    GOAWAY_FINAL = "goaway_final"
+    #: Closed or closing: nothing more is read or written.
+    CLOSED = "closed"
+
+
+_H2_OPEN = H2ConnectionState.OPEN
+_GOAWAY_ANNOUNCED = H2ConnectionState.GOAWAY_ANNOUNCED
+_GOAWAY_FINAL = H2ConnectionState.GOAWAY_FINAL
+_H2_CLOSED = H2ConnectionState.CLOSED
 
 
 class Backend(Protocol):
@@ -295,20 +317,23 @@ class H2ClientConnection(asyncio.Protocol):
         self.streams: dict[int, H2Stream] = {}
         #: Streams with response bytes waiting for the client's window.
         self.blocked: set[H2Stream] = set()
-        self.closing = False
+        self.state = _H2_OPEN
         self.flush_scheduled = False
         #: Streams with response bytes or an end to send with the next write.
         self.to_pump: dict[H2Stream, None] = {}
         self.close_reason = "client"
         self.write_paused = False
-        #: 0: no GOAWAY; 1: the first (2^31-1) sent, PING outstanding; 2: the final one sent.
-        self.goaway_stage = 0
+        #: The last stream the client may open: lowered by the final GOAWAY.
         self.last_stream_id = MAX_STREAM_ID
         self.streams_opened = 0
         self.early_resets = 0
         self.mark = ctx.loop.time()
         ctx.stats.http2_connections += 1
         log.debug("HTTP/2 connection from %s", peer)
+
+    @property
+    def closing(self) -> bool:
+        return self.state is _H2_CLOSED
 
     # --- start -------------------------------------------------------------------------------
 
@@ -326,7 +351,7 @@ class H2ClientConnection(asyncio.Protocol):
     # --- asyncio.Protocol --------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.state is _H2_CLOSED:
             return
         try:
             events = self.h2.receive_data(data)
@@ -355,7 +380,7 @@ class H2ClientConnection(asyncio.Protocol):
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._terminated_by_client()
                 return
-            if self.closing:
+            if self.state is _H2_CLOSED:
                 return
         self.write_now()
 
@@ -363,7 +388,7 @@ class H2ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
+        self.state = _H2_CLOSED
         ctx = self.ctx
         ctx.stats.count(ctx.stats.connections_closed, self.close_reason)
         ctx.connections.discard(self)
@@ -403,7 +428,7 @@ class H2ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         """No stream for ``timeouts.client_idle`` (a connection that never opened one is idle
         too, as a silent HTTP/1.1 connection is): GOAWAY and close."""
-        if self.closing:
+        if self.state is _H2_CLOSED:
             return
         if self.streams:
             self._check_response_timeouts(now)
@@ -437,15 +462,15 @@ class H2ClientConnection(asyncio.Protocol):
     def close_when_idle(self, grace: float) -> None:
         """The drain closes idle connections: tell the client (GOAWAY) and close once the last
         stream is done (at once if none is open)."""
-        if self.closing:
+        if self.state is _H2_CLOSED:
             return
         self.start_goaway()
-        if not self.streams and self.goaway_stage == 2:
+        if not self.streams and self.state is _GOAWAY_FINAL:
             self._goaway_and_close(h2.errors.ErrorCodes.NO_ERROR, "idle")
 
     def force_close(self) -> None:
         """``drain.timeout``: reset the streams still open, count them, and close."""
-        if self.closing:
+        if self.state is _H2_CLOSED:
             return
         cut = [stream for stream in self.streams.values() if not stream.finished]
         for stream in cut:
@@ -462,9 +487,9 @@ class H2ClientConnection(asyncio.Protocol):
 
     def start_goaway(self) -> None:
         """Step one of the graceful GOAWAY (RFC 9113 §6.8): no stream is refused yet."""
-        if self.goaway_stage or self.closing:
+        if self.state is not _H2_OPEN:
             return
-        self.goaway_stage = 1
+        self.state = _GOAWAY_ANNOUNCED
         self.write_now()
         self._write_goaway(MAX_STREAM_ID, h2.errors.ErrorCodes.NO_ERROR)
         self.h2.ping(_DRAIN_PING)
@@ -475,7 +500,7 @@ class H2ClientConnection(asyncio.Protocol):
     def flush(self) -> None:
         """Write what h2 has prepared once per pass of the event loop, so the frames of many
         events and streams leave in one system call."""
-        if not self.flush_scheduled and not self.closing:
+        if not self.flush_scheduled and self.state is not _H2_CLOSED:
             self.flush_scheduled = True
             self.ctx.loop.call_soon(self.write_now)
 
@@ -494,11 +519,11 @@ class H2ClientConnection(asyncio.Protocol):
                 if not stream.finished:
                     self.pump(stream)
         data = self.h2.data_to_send()
-        if data and not self.closing:
+        if data and self.state is not _H2_CLOSED:
             self.transport.write(data)
 
     def send_headers(self, stream: H2Stream, headers: Headers, *, end: bool) -> None:
-        if self.closing:
+        if self.state is _H2_CLOSED:
             return
         try:
             self.h2.send_headers(stream.stream_id, headers, end_stream=end)
@@ -507,7 +532,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.flush()
 
     def acknowledge(self, stream: H2Stream, flow_length: int) -> None:
-        if self.closing or not flow_length:
+        if self.state is _H2_CLOSED or not flow_length:
             return
         try:
             self.h2.acknowledge_received_data(flow_length, stream.stream_id)
@@ -517,7 +542,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.flush()
 
     def reset_stream(self, stream: H2Stream, error_code: int) -> None:
-        if self.closing:
+        if self.state is _H2_CLOSED:
             return
         with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
             self.h2.reset_stream(stream.stream_id, error_code)
@@ -527,7 +552,7 @@ class H2ClientConnection(asyncio.Protocol):
         """Send what the client's window allows of the stream's waiting response bytes, then
         the end of the response once nothing waits; the backend reads from the app again only
         when the stream is caught up."""
-        if self.closing:
+        if self.state is _H2_CLOSED:
             return
         h2conn = self.h2
         stream_id = stream.stream_id
@@ -584,7 +609,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.blocked.discard(stream)
         if not self.streams:
             self.mark = self.ctx.loop.time()
-            if self.goaway_stage == 2:
+            if self.state is _GOAWAY_FINAL:
                 self._goaway_and_close(h2.errors.ErrorCodes.NO_ERROR, "after_response")
                 return
         self.flush()
@@ -706,9 +731,9 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _final_goaway(self) -> None:
         """Step two: every stream the client opened before it saw the first GOAWAY is here."""
-        if self.goaway_stage != 1 or self.closing:
+        if self.state is not _GOAWAY_ANNOUNCED:
             return
-        self.goaway_stage = 2
+        self.state = _GOAWAY_FINAL
         self.last_stream_id = self.h2.highest_inbound_stream_id
         self.write_now()
         self._write_goaway(self.last_stream_id, h2.errors.ErrorCodes.NO_ERROR)
@@ -746,14 +771,15 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _write_goaway(self, last_stream_id: int, error_code: int) -> None:
         frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=error_code)
-        if not self.closing:
+        if self.state is not _H2_CLOSED:
             self.transport.write(frame.serialize())
 
     def _goaway_and_close(self, error_code: int, reason: str, *, linger: bool = False) -> None:
-        if self.closing:
+        if self.state is _H2_CLOSED:
             return
         self.write_now()
-        last = self.last_stream_id if self.goaway_stage == 2 else self.h2.highest_inbound_stream_id
+        final = self.state is _GOAWAY_FINAL
+        last = self.last_stream_id if final else self.h2.highest_inbound_stream_id
         self._write_goaway(last, error_code)
         self._close(reason, linger=linger)
 
@@ -761,10 +787,10 @@ class H2ClientConnection(asyncio.Protocol):
         """With ``linger`` (the client is likely still sending: an error), shut our side and
         discard input for a moment first: closing with unread bytes sends a TCP reset that can
         destroy the GOAWAY before the client reads it."""
-        if self.closing:
+        if self.state is _H2_CLOSED:
             return
         self.write_now()
-        self.closing = True
+        self.state = _H2_CLOSED
         self.close_reason = reason
         transport = self.transport
         if linger and transport.can_write_eof():
