@@ -118,9 +118,9 @@ class ConnectionState(enum.Enum):
     #: Closed or closing at once, or handed over to HTTP/2: nothing more is read or written.
     CLOSED = "closed"
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, value: str) -> None:
         #: Nothing more is written to the client, nor read from it as a request.
-        self.closing = name in ("lingering", "closed")
+        self.closing = value in ("lingering", "closed")
 
 
 _NEW = ConnectionState.NEW
