@@ -198,6 +198,24 @@ def test_upgrade_goes_on_but_h2c_is_answered_as_http11() -> None:
 
 
 @pytest.mark.parametrize(
+    ("offered", "expected"),
+    [
+        (b"h2c, websocket", [b"websocket"]),
+        (b"websocket,H2C", [b"websocket"]),
+        (b"h2c ,\th2c", []),
+        (b"echo/1, h2c, layer/2", [b"echo/1, layer/2"]),
+    ],
+)
+def test_h2c_is_taken_out_of_an_upgrade_list(offered: bytes, expected: list[bytes]) -> None:
+    """h2c is never offered to the app, whatever else the list holds (RFC 9113 §3.1): an app
+    that spoke h2c after a 101 would bypass drainproxy's HTTP/2 handling."""
+    headers = [(b"Host", b"h"), (b"Connection", b"Upgrade"), (b"Upgrade", offered)]
+    parsed = parse_request_head(for_app(headers, upgrade=True)[0])
+    assert parsed.values(b"upgrade") == expected
+    assert parsed.values(b"connection") == ([b"upgrade"] if expected else [])
+
+
+@pytest.mark.parametrize(
     ("kwargs", "headers", "status", "message"),
     [
         ({"version": "2.0"}, [(b"Host", b"h")], 505, "HTTP/2.0 is not supported"),

@@ -121,3 +121,23 @@ async def test_upgrade_split_over_fields_goes_on_as_one_list(
     writer.close()
     (request,) = (request for request in raw_app.requests if request.path == b"/layers")
     assert request.header(b"upgrade") == [b"echo/1, other/2"]
+
+
+async def test_h2c_in_an_upgrade_list_never_reaches_the_app(
+    raw_app: RawApp, start_proxy: StartProxy
+) -> None:
+    """RFC 9113 §3.1: h2c is answered as HTTP/1.1, also beside another protocol; the app is
+    offered the rest, and here declines it."""
+    proxy = await start_proxy(raw_app.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"GET /offered HTTP/1.1\r\nHost: h\r\nUpgrade: h2c, websocket\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    )
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    (response,) = parse_responses(raw, [b"GET"])
+    assert (response.status, response.body) == (200, b"/offered")
+    (request,) = [r for r in raw_app.requests if r.path == b"/offered"]
+    assert request.header(b"upgrade") == [b"websocket"]
+    assert request.header(b"http2-settings") == []

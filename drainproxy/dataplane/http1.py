@@ -666,13 +666,25 @@ def request_for_app(
         head.append(policy.default_host_line)
     if body == BODY_CHUNKED:
         head.append(_TRANSFER_ENCODING_CHUNKED)
-    if upgrade:
-        protocol = info.upgrade
-        if protocol is not None and protocol.lower() != b"h2c":
-            head += (_CONNECTION_UPGRADE, b"Upgrade: ", protocol, CRLF)
+    if upgrade and info.upgrade is not None:
+        offered = offered_upgrades(info.upgrade)
+        if offered:
+            head += (_CONNECTION_UPGRADE, b"Upgrade: ", offered, CRLF)
     add_forwarded_fields(head, info, policy, peer)
     head.append(CRLF)
     return b"".join(head), body
+
+
+def offered_upgrades(protocols: bytes) -> bytes:
+    """The protocols of a request's Upgrade list (``h2c, websocket``) that are offered to the
+    app: all but ``h2c``, whatever its case and spacing, which is answered as HTTP/1.1 here
+    (RFC 9113 §3.1 deprecates it; prior-knowledge HTTP/2 is served on this port instead).
+    Empty when nothing is left."""
+    return b", ".join(
+        token
+        for item in protocols.split(b",")
+        if (token := item.strip(b" \t")) and token.lower() != b"h2c"
+    )
 
 
 def response_for_client(
