@@ -139,6 +139,31 @@ async def test_interim_responses_of_an_http1_app_reach_http2_clients(
     await client.close()
 
 
+async def test_a_1xx_with_framing_fields_is_a_502_for_http2_clients(
+    app: RawApp, proxy: ProxyProcess
+) -> None:
+    """RFC 9110 §8.6: a 1xx has no content, so Content-Length on one is a broken app's; the
+    HTTP/2 client gets 502, as an HTTP/1.1 client does, and nothing of that response."""
+
+    @app.route(b"/framed-hints")
+    async def hints(request: AppRequest, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nContent-Length: 5\r\n\r\n")
+        writer.write(response_bytes(200, b"final"))
+        return False
+
+    client = await H2TestClient.connect(proxy.port)
+    stream = client.request(b"/framed-hints")
+    response = await client.response(stream)
+    assert response.status == 502
+    assert b"final" not in bytes(response.body)
+    assert not [
+        event
+        for event in client.events
+        if isinstance(event, InformationalResponseReceived) and event.stream_id == stream
+    ]
+    await client.close()
+
+
 async def test_concurrent_streams_on_one_connection(app: RawApp, proxy: ProxyProcess) -> None:
     client = await H2TestClient.connect(proxy.port)
     streams = [client.request(b"/many/%d" % n) for n in range(20)]

@@ -49,6 +49,7 @@ from drainproxy.dataplane.http1 import (
     FramingError,
     Headers,
     add_forwarded_fields,
+    check_interim_head,
     chunk_size_line,
     forward_head,
 )
@@ -968,7 +969,7 @@ class Http1Exchange:
 
     def response_interim(self, status: int, reason: bytes, headers: Headers) -> bool:
         try:
-            fields = response_fields(headers)
+            fields = interim_fields(headers)
         except FramingError as exc:
             self.upstream_failed("invalid", f"invalid response from the app: {exc}")
             return False
@@ -1055,14 +1056,28 @@ def response_fields(headers: Headers) -> Headers:
     return fields
 
 
+def interim_fields(headers: Headers) -> Headers:
+    """An HTTP/1.1 1xx response's fields for HTTP/2, as ``response_fields``. Raises
+    FramingError as ``check_interim_head`` does: framing fields on a 1xx are a broken app's
+    (RFC 9110 §8.6), answered 502 on HTTP/2 as on HTTP/1.1."""
+    pieces: list[bytes] = []
+    check_interim_head(forward_head(pieces, headers, request=False))
+    return _h2_fields(pieces)
+
+
+def _h2_fields(pieces: list[bytes]) -> Headers:
+    """``forward_head``'s output pieces as lowercase HTTP/2 fields, without the
+    connection-specific ones (RFC 9113 §8.2.2)."""
+    return [
+        (pieces[index].lower(), pieces[index + 2])
+        for index in range(0, len(pieces), 4)
+        if pieces[index].lower() not in _CONNECTION_SPECIFIC
+    ]
+
+
 def _response_framing(headers: Headers) -> tuple[Headers, bytes | None, bool]:
     """The fields for HTTP/2, the Content-Length (kept: it lets the client size the body) and
     whether the body was chunked. Raises FramingError as ``forward_head`` does."""
     pieces: list[bytes] = []
     info = forward_head(pieces, headers, request=False)
-    fields = [
-        (pieces[index].lower(), pieces[index + 2])
-        for index in range(0, len(pieces), 4)
-        if pieces[index].lower() not in _CONNECTION_SPECIFIC
-    ]
-    return fields, info.content_length, info.chunked
+    return _h2_fields(pieces), info.content_length, info.chunked
