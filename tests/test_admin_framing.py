@@ -206,6 +206,21 @@ async def test_a_request_of_another_major_version_is_505(
     assert driver.drains == []
 
 
+@pytest.mark.parametrize("target", [b"http://[x/drain", b"http://[::1/drain"])
+@module_loop
+async def test_an_absolute_form_target_urlsplit_refuses_is_400(
+    admin: tuple[HandMadeDriver, int], target: bytes
+) -> None:
+    """An unclosed IPv6 bracket made urlsplit raise in the request reader: the connection was
+    dropped with no answer and a traceback, not JSON, went to stderr."""
+    driver, port = admin
+    raw = await exchange(port, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % target)
+    (response,) = parse_responses(raw, [b"POST"])
+    assert (response.status, response.body) == (400, b"400: invalid request target\n")
+    assert response.header(b"connection") == [b"close"]
+    assert driver.drains == []
+
+
 @module_loop
 async def test_an_ambiguous_request_pipelined_after_a_good_one(
     admin: tuple[HandMadeDriver, int],

@@ -62,11 +62,21 @@ def cert_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 # must contain: the dotted field with the bad value, and the rule.
 BAD_CONFIGS = [
     ("listen: 8080", "listen: 8080 must be host:port"),
+    # An unclosed or unbracketed IPv6 address: refused here, not at bind time.
+    ("listen: '[::1'", "listen: '[::1' must be host:port"),
+    ("listen: '::1:8080'", "listen: '::1:8080' must be host:port"),
+    ("admin: {listen: '[]:9901'}", "admin.listen: '[]:9901' must be host:port"),
     ("listen: '0.0.0.0:99999'", "listen: '0.0.0.0:99999' port must be a number from 1 to 65535"),
     ("listn: ':8080'", "listn: ':8080' is not a known key (known here:"),
     ("upstream: ftp://127.0.0.1:21", "upstream.url: 'ftp://127.0.0.1:21' must be an http://"),
     ("upstream: {connect_timeout: 5s}", "upstream.url: None is required"),
     ("upstream: http://127.0.0.1:8000/app", "with no path"),
+    # urlsplit raises on an unclosed IPv6 literal: a message, never a traceback.
+    ("upstream: 'http://[::1:8000'", "upstream.url: 'http://[::1:8000' must be an http://"),
+    (
+        "app: {stop: http, url: 'http://[::1/quit'}",
+        "app.url: 'http://[::1/quit' must be an http:// or https:// URL",
+    ),
     (
         "upstream: {url: 'http://127.0.0.1:8000', connect_timeout: fast}",
         "upstream.connect_timeout: 'fast' must be a duration such as 5s, 500ms or 1m",

@@ -142,7 +142,14 @@ def parse_address(name: str, value: object) -> Address:
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(name, value, "must be host:port, e.g. 0.0.0.0:8080")
     host, _, port_text = value.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host or "[" in host or "]" in host:
+            raise ConfigError(name, value, "must be host:port, e.g. 0.0.0.0:8080 or [::1]:8080")
+    elif "[" in host or "]" in host or ":" in host:
+        # An IPv6 address is bracketed (RFC 3986 section 3.2.2): "::1:8080" is ambiguous.
+        raise ConfigError(name, value, "must be host:port, e.g. 0.0.0.0:8080 or [::1]:8080")
+    host = host or "0.0.0.0"
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(name, value, "port must be a number from 1 to 65535")
     return Address(host, int(port_text))
@@ -216,7 +223,10 @@ def _optional(reader: Reader) -> Reader:
 def _upstream_url(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise ConfigError(name, value, "must be an http://host:port URL")
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unclosed "[" of an IPv6 literal
+        raise ConfigError(name, value, "must be an http:// or https://host:port URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
         raise ConfigError(name, value, "must be an http:// or https://host:port URL with no path")
     try:
@@ -256,7 +266,10 @@ def _regex(name: str, value: object) -> str:
 
 
 def _http_url(name: str, value: object) -> str:
-    parts = urlsplit(value) if isinstance(value, str) else None
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+    except ValueError:  # an unclosed "[" of an IPv6 literal
+        parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(name, value, "must be an http:// or https:// URL")
     return str(value)

@@ -445,7 +445,10 @@ class AdminServer:
                 }
                 target = head.target.decode("latin-1")
                 if not target.startswith("/"):  # absolute-form (RFC 9112 section 3.2.2)
-                    target = urlsplit(target).path or "/"
+                    try:
+                        target = urlsplit(target).path or "/"
+                    except ValueError:  # an unclosed "[": urlsplit's invalid IPv6 URL
+                        raise h11.RemoteProtocolError("invalid request target", 400) from None
                 return Request(head.method.decode(), target.partition("?")[0], headers, remote)
             else:  # ConnectionClosed
                 raise _Closed
