@@ -242,8 +242,15 @@ async def test_keep_alive_reuses_one_app_connection(app: RawApp, proxy: ProxyPro
         response = await client.request(b"GET", b"/ka?%d" % index)
         assert response.body == b"/ka?%d" % index
     await client.close()
-    carriers = [(request.connection, request.sequence) for request in app.requests]
-    assert carriers == [(carriers[0][0], sequence) for sequence in range(1, 7)]
+    # The app is the module's: only this test's requests count (the pooled connection may have
+    # carried an earlier test's, so its sequence numbers need not start at 1).
+    carriers = [
+        (request.connection, request.sequence)
+        for request in app.requests
+        if request.path in (b"/warm", b"/ka")
+    ]
+    first = carriers[0][1]
+    assert carriers == [(carriers[0][0], first + index) for index in range(6)]
 
 
 async def test_idle_app_connections_are_bounded(app: RawApp, proxy: ProxyProcess) -> None:
