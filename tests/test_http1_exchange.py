@@ -28,6 +28,8 @@ from drainproxy.dataplane.http1 import (
     interim_for_client,
     request_for_app,
     response_for_client,
+    switch_offered,
+    upgrade_offered,
 )
 
 Headers = list[tuple[bytes, bytes]]
@@ -213,6 +215,47 @@ def test_h2c_is_taken_out_of_an_upgrade_list(offered: bytes, expected: list[byte
     parsed = parse_request_head(for_app(headers, upgrade=True)[0])
     assert parsed.values(b"upgrade") == expected
     assert parsed.values(b"connection") == ([b"upgrade"] if expected else [])
+
+
+@pytest.mark.parametrize(
+    ("upgrade", "offered"),
+    [
+        ([b"H2C"], b""),
+        ([b"h2c", b"websocket"], b"websocket"),
+        ([b"websocket", b"h2c"], b"websocket"),
+        ([b"echo/1", b"other/2"], b"echo/1, other/2"),
+    ],
+)
+def test_what_the_app_was_offered_is_read_back_from_the_fields(
+    upgrade: list[bytes], offered: bytes
+) -> None:
+    """``upgrade_offered`` (the 101 check's side) agrees with the head ``request_for_app``
+    wrote, across several Upgrade fields."""
+    headers = [(b"Host", b"h"), (b"Connection", b"Upgrade")]
+    headers += [(b"Upgrade", value) for value in upgrade]
+    parsed = parse_request_head(for_app(headers, upgrade=True)[0])
+    assert parsed.values(b"upgrade") == ([offered] if offered else [])
+    assert upgrade_offered(headers) == offered
+
+
+@pytest.mark.parametrize(
+    ("offered", "chosen", "allowed"),
+    [
+        (b"websocket", b"websocket", True),
+        (b"websocket", b"WebSocket", True),
+        (b"echo/1, other/2", b"echo/1, other/2", True),
+        (b"echo/1, other/2", b"echo/1, layer/2", False),
+        (b"websocket", b"h2c", False),
+        (b"", b"websocket", False),
+        (b"websocket", None, False),
+        (b"websocket", b"websocket, ", False),
+    ],
+)
+def test_a_101_may_switch_only_to_what_the_app_was_offered(
+    offered: bytes, chosen: bytes | None, allowed: bool
+) -> None:
+    """RFC 9110 §7.8: a server MUST NOT switch to a protocol the client did not indicate."""
+    assert switch_offered(offered, chosen) is allowed
 
 
 @pytest.mark.parametrize(

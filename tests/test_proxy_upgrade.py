@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import StartApp, StartProxy
@@ -110,7 +111,7 @@ async def test_upgrade_split_over_fields_goes_on_as_one_list(
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(
         b"GET /layers HTTP/1.1\r\nHost: h\r\nUpgrade: echo/1\r\nConnection: Upgrade\r\n"
-        b"upgrade: other/2\r\n\r\n"
+        b"upgrade: layer/2\r\n\r\n"
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 101 ")
@@ -120,7 +121,7 @@ async def test_upgrade_split_over_fields_goes_on_as_one_list(
     assert await reader.readexactly(9) == b"TUNNELLED"
     writer.close()
     (request,) = (request for request in raw_app.requests if request.path == b"/layers")
-    assert request.header(b"upgrade") == [b"echo/1, other/2"]
+    assert request.header(b"upgrade") == [b"echo/1, layer/2"]
 
 
 async def test_h2c_in_an_upgrade_list_never_reaches_the_app(
@@ -141,3 +142,39 @@ async def test_h2c_in_an_upgrade_list_never_reaches_the_app(
     (request,) = [r for r in raw_app.requests if r.path == b"/offered"]
     assert request.header(b"upgrade") == [b"websocket"]
     assert request.header(b"http2-settings") == []
+
+
+@pytest.mark.parametrize(
+    ("upgrade", "switched_to"),
+    [
+        (b"h2c", b"h2c"),  # h2c is never offered: the app got no Upgrade at all
+        (b"H2C", b"websocket"),
+        (b"h2c, websocket", b"h2c"),  # websocket was offered, h2c was not
+        (b"websocket", b"other/1"),
+    ],
+)
+async def test_a_101_to_a_protocol_not_offered_is_502(
+    raw_app: RawApp, start_proxy: StartProxy, upgrade: bytes, switched_to: bytes
+) -> None:
+    """RFC 9110 §7.8 and the brief: a 101 switching to what the app was not offered is a
+    malformed response (502), and its bytes never reach the client as a tunnel."""
+
+    @raw_app.route(b"/switch")
+    async def switch(request: AppRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: %s\r\nConnection: Upgrade\r\n\r\n"
+            b"APP BYTES" % switched_to
+        )
+        await request.reader.read()
+        return False
+
+    proxy = await start_proxy(raw_app.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"GET /switch HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n" % upgrade
+    )
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    (response,) = parse_responses(raw, [b"GET"])
+    assert response.status == 502
+    assert b"APP BYTES" not in raw

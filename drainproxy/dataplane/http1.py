@@ -568,10 +568,10 @@ class ForwardingPolicy:
     default_host_line: bytes
     #: ``X-Forwarded-Proto: <scheme of the listener>`` and its CRLF.
     forwarded_proto_line: bytes
-    #: ``forwarded.x_forwarded_for`` is ``append`` (else ``pass``).
+    #: ``forwarded.x_forwarded_for`` is ``append`` (else ``off``).
     xff_append: bool = True
-    #: ``forwarded.x_forwarded_proto`` and ``x_forwarded_host``: ``set`` adds the field if the
-    #: request has none, ``overwrite`` replaces it, ``off`` passes on what came.
+    #: ``forwarded.x_forwarded_proto`` and ``x_forwarded_host``: ``preserve`` adds the field if
+    #: the request has none, ``overwrite`` replaces it, ``off`` passes on what came.
     set_xfp: bool = True
     overwrite_xfp: bool = False
     set_xfh: bool = True
@@ -588,7 +588,7 @@ def add_forwarded_fields(
     """Append to ``head`` the X-Forwarded-* fields this hop adds for a client at address
     ``peer``, as ``policy`` says (HTTP/1.1 and HTTP/2 clients alike): X-Forwarded-For gets the
     peer appended to the request's own values, joined in one field; X-Forwarded-Proto and
-    X-Forwarded-Host are added when the request has none (``set``) or always (``overwrite``:
+    X-Forwarded-Host are added when the request has none (``preserve``) or always (``overwrite``:
     the request's own were dropped by ``forward_head``)."""
     if policy.xff_append:
         prior = info.forwarded_for
@@ -685,6 +685,25 @@ def offered_upgrades(protocols: bytes) -> bytes:
         for item in protocols.split(b",")
         if (token := item.strip(b" \t")) and token.lower() != b"h2c"
     )
+
+
+def upgrade_offered(headers: Headers) -> bytes:
+    """What ``request_for_app`` offered the app in Upgrade, from the request's fields as llhttp
+    read them (several fields are one list, RFC 9110 §5.3); empty when nothing was offered."""
+    values = [value for name, value in headers if name.lower() == b"upgrade"]
+    return offered_upgrades(b", ".join(values)) if values else b""
+
+
+def switch_offered(offered: bytes, chosen: bytes | None) -> bool:
+    """Whether a 101 whose Upgrade list is ``chosen`` switches only to protocols the app was
+    ``offered`` (RFC 9110 §7.8: a server MUST NOT switch to a protocol the client did not
+    indicate; §15.2.2: a 101 names the protocols switched to). Protocols compare without
+    regard to case (``WebSocket`` is ``websocket``, RFC 6455 §4.2.1)."""
+    if not offered or chosen is None:
+        return False
+    allowed = {item.strip(_OWS).lower() for item in offered.split(b",")}
+    switched = [item.strip(_OWS).lower() for item in chosen.split(b",")]
+    return all(protocol and protocol in allowed for protocol in switched)
 
 
 def response_for_client(

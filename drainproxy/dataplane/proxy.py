@@ -55,6 +55,8 @@ from drainproxy.dataplane.http1 import (
     plain_response,
     request_for_app,
     response_for_client,
+    switch_offered,
+    upgrade_offered,
 )
 from drainproxy.dataplane.upstream import UpstreamConnection
 
@@ -774,10 +776,13 @@ class ClientConnection(asyncio.Protocol):
             return
         conn.keep_alive_field = info.keep_alive
         if framing is None:  # 101 Switching Protocols
-            if exchange.upgrade and info.upgrade is not None:
+            if exchange.upgrade and switch_offered(upgrade_offered(exchange.headers), info.upgrade):
+                assert info.upgrade is not None
                 self._start_tunnel(conn, out, info.upgrade)
             else:
-                self.upstream_failed("invalid", "101 response to a request that asked no upgrade")
+                self.upstream_failed(
+                    "invalid", "101 response switching to a protocol the request did not offer"
+                )
             return
         if framing.frame:
             length = info.content_length
