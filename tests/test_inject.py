@@ -527,6 +527,15 @@ BAD_INPUTS = [
         "spec.containers: {'name': 'app'} is not a list",
     ),
     (
+        # inject appends its config volume: the mapping was replaced by a list, and lost.
+        "volumes that are a mapping",
+        GOOD.replace(
+            "      terminationGracePeriodSeconds: 45\n",
+            "      terminationGracePeriodSeconds: 45\n      volumes: {data: {emptyDir: {}}}\n",
+        ),
+        "spec.volumes: {'data': {'emptyDir': {}}} is not a list",
+    ),
+    (
         "an annotation value that is a number",
         GOOD.replace(
             "        tier: web\n",

@@ -240,6 +240,8 @@ POD_SPEC: dict[str, FieldType] = {
     "terminationGracePeriodSeconds": "integer",
     "shareProcessNamespace": "boolean",
     "os": {"name": "string"},
+    # inject appends its config volume: a mapping here would be replaced, and lost.
+    "volumes": [{"name": "string"}],
 }
 POD_METADATA: dict[str, FieldType] = {"annotations": "string-map", "labels": "string-map"}
 
