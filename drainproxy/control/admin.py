@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -527,7 +528,10 @@ async def _send(
         headers.append(("Allow", answer.allow))
     if close:
         headers.append(("Connection", "close"))
-    data = conn.send(h11.Response(status_code=answer.status, headers=headers))
+    # The reason phrase, as the admin API wrote it on aiohttp (h11 leaves it empty): a human
+    # reading a probe's output, or a log line quoting it, sees what the status means.
+    reason = HTTPStatus(answer.status).phrase.encode()
+    data = conn.send(h11.Response(status_code=answer.status, headers=headers, reason=reason))
     if method != "HEAD":
         data += conn.send(h11.Data(data=answer.body))
     data += conn.send(h11.EndOfMessage())
