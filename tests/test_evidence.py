@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,7 +19,7 @@ from drainproxy.sim.haproxy import HAProxy, haproxy_binary
 from drainproxy.sim.replica import free_port
 from tests.conftest import StartProxy
 from tests.proxy_support import RawApp, parse_responses
-from tests.support import ProxyProcess
+from tests.support import ProxyProcess, WatchedProcess
 
 KUBELET = "kube-probe/1.31"
 
@@ -226,4 +228,53 @@ async def test_a_caller_that_read_ready_once_does_not_hold_propagation(
         balancer.stop()
     assert reason.startswith("evidence: 1 prober(s): 127.0.0.1 - ("), reason
     assert "curl" not in reason
+    assert await proxy.exited() == 0
+
+
+FLOOD = Path(__file__).with_name("ready_flood.py")
+
+
+@pytest.mark.haproxy
+@pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")
+@pytest.mark.parametrize(
+    ("addresses", "rules"),
+    [
+        pytest.param(100, [{"address": "127.0.0.1", "failure_threshold": 2}], id="named-prober"),
+        pytest.param(1, [], id="one-address"),
+    ],
+)
+async def test_a_flood_of_ready_callers_does_not_hide_the_balancer(
+    raw_app: RawApp, start_proxy: StartProxy, addresses: int, rules: list[dict[str, Any]]
+) -> None:
+    """Issue 17: 100 made-up User-Agents calling /ready in turn pushed HAProxy's checks out of
+    the 64-entry prober table before each next check, so nobody was counted and propagation
+    ran to its 12 s maximum while the flood went on. HAProxy starts checking during the flood.
+    From 100 addresses: a prober named by a ``drain.probers`` rule (HAProxy sends no
+    User-Agent: by its address) keeps its place. From one address, with no rule: that address
+    holds only a few callers, so HAProxy's checks find room. Either way the pod leaves on
+    HAProxy's evidence, the flood still running."""
+    drain = {**EVIDENCE["drain"], "default_failure_threshold": 2}
+    drain["probers"] = [*drain["probers"], *rules]
+    proxy = await start_proxy(raw_app.port, {**EVIDENCE, "drain": drain})
+    admin_port = int(proxy.admin_url.rsplit(":", 1)[1])
+    from drainproxy.sim.haproxy import Backend
+
+    balancer = HAProxy(
+        free_port(), [Backend("pod", proxy.port, admin_port, "/ready")], check_interval=0.5
+    )
+    flood = WatchedProcess([sys.executable, str(FLOOD), str(admin_port), "100", str(addresses)])
+    try:
+        await flood.log.wait(r"^3$")  # every caller has called three times
+        balancer.start()
+        await balancer.wait_for_states({"pod": "UP"})
+        proxy.send(signal.SIGTERM)
+        await balancer.wait_for_states({"pod": "DOWN"})
+        reason = await drain_end(proxy)
+        assert flood.proc.poll() is None, "the flood went on through the drain"
+    finally:
+        flood.stop()
+        balancer.stop()
+    # A flood caller that happened to keep its place and probe repeatedly may count too.
+    assert reason.startswith("evidence: "), reason
+    assert " 127.0.0.1 - (" in reason.split("; traffic stopped: ")[0], "HAProxy was counted"
     assert await proxy.exited() == 0

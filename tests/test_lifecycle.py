@@ -287,6 +287,15 @@ def test_illegal_events_raise_and_change_nothing(phase: Phase, event: Event) -> 
     assert lifecycle.pop_transitions() == []
 
 
+def test_every_move_is_checked_against_the_table() -> None:
+    """The table binds the methods too: a move it does not list (a driver or method bug) raises,
+    naming the event and both phases, and changes nothing."""
+    lifecycle, _ = drive_to(Phase.DRAINING)
+    with pytest.raises(LifecycleError, match=r"^app_ready cannot lead from draining to serving$"):
+        lifecycle._move(Event.APP_READY, Phase.SERVING, "a bug")
+    assert lifecycle.phase is Phase.DRAINING and lifecycle.pop_transitions() == []
+
+
 def test_every_transition_target_is_reachable_in_the_table() -> None:
     targets = {phase for allowed in TRANSITIONS.values() for phase in allowed}
     assert targets | {Phase.SERVING} == set(Phase)
@@ -396,3 +405,22 @@ def test_evidence_is_ignored_in_fixed_mode() -> None:
     lifecycle.consider_evidence(evidence(clock.now - 3.0))
     assert lifecycle.phase is Phase.PROPAGATING
     assert lifecycle.deadline == clock.now + 1.0
+
+
+def test_evidence_complete_only_at_the_maximum_leaves_the_end_to_the_maximum() -> None:
+    """propagation_min equal to propagation: evidence can never end the phase early. Considered
+    at the maximum (the driver's clock moved on after its poll), the phase still ends at the
+    maximum, and the log says what held it, not "evidence"."""
+    lifecycle, clock = drive_to(Phase.PROPAGATING, replace(EVIDENCE, propagation_min=10.0))
+    start = clock.now
+    clock.advance(10.0)
+    lifecycle.consider_evidence(evidence(start + 1.0))
+    assert lifecycle.pop_transitions() == []
+    assert lifecycle.deadline == start + 10.0
+    lifecycle.poll()
+    (transition,) = lifecycle.pop_transitions()
+    assert (transition.phase, transition.at, transition.reason) == (
+        Phase.DRAINING,
+        start + 10.0,
+        "propagation ran to its maximum; held by propagation_min 10s",
+    )

@@ -9,7 +9,11 @@ told apart by source address and User-Agent (the kubelet sends ``kube-probe/<ver
 prober is one that probes *repeatedly*: a caller seen once (an operator's curl, a start-up wait)
 is not one, and neither is one that stopped probing, i.e. that missed two of its own intervals
 (issue 12). A prober that received its threshold stays counted if it then stops. The table is
-bounded: at most ``MAX_PROBERS``, each forgotten ``RECENT`` seconds after it was last heard.
+bounded: at most ``MAX_PROBERS``, each forgotten ``RECENT`` seconds after it was last heard. Since
+anyone may call /ready, a flood of callers must not push the real probers out (then nobody would
+be counted and only the maximum propagation would apply): a caller matching no ``drain.probers``
+rule never displaces one that matches a rule, nor a caller still counted, and one client address
+holds at most ``MAX_UNMATCHED_PER_ADDRESS`` of them.
 
 Traffic. Probe failures say nothing about the routers that never probe (kube-proxy, ingress
 controllers and service meshes follow the EndpointSlice, which the kubelet's verdict updates
@@ -30,9 +34,13 @@ from drainproxy.config.schema import ProberRule
 
 #: A prober not heard from for this long is forgotten.
 RECENT = 60.0
-#: At most this many probers are tracked; the least recently heard is forgotten first. The
-#: endpoint is unauthenticated: anyone may call it from anywhere, any number of times.
+#: At most this many probers are tracked. The endpoint is unauthenticated: anyone may call it
+#: from anywhere, any number of times, so a newcomer displaces the least recently heard of the
+#: callers ranked lowest: matching no rule before matching one, not counted before counted.
 MAX_PROBERS = 64
+#: Callers matching no ``drain.probers`` rule, per client address: a node's kubelet and a
+#: balancer or two, and no client can fill the table with made-up User-Agents.
+MAX_UNMATCHED_PER_ADDRESS = 4
 #: A prober that missed this many of its own intervals (plus ``LATE_SLACK``) stopped probing.
 MISSED_INTERVALS = 2.0
 LATE_SLACK = 1.0
@@ -53,6 +61,8 @@ class Prober:
     interval: float | None = None
     consecutive_failures: int = 0
     satisfied_at: float | None = None
+    #: It matches a ``drain.probers`` rule: a prober the operator named, kept in the table.
+    matched: bool = False
 
     def probing(self, now: float) -> bool:
         """Seen at least twice, and not late by more than its own rhythm allows."""
@@ -78,22 +88,30 @@ class ProberTracker:
         #: Least recently heard first.
         self.probers: OrderedDict[tuple[str, str], Prober] = OrderedDict()
 
-    def threshold_for(self, address: str, user_agent: str) -> int:
+    def rule_for(self, address: str, user_agent: str) -> ProberRule | None:
+        """The first ``drain.probers`` rule matching this caller, if any."""
         for rule in self.rules:
             if rule.address is not None and rule.address != address:
                 continue
             if rule.user_agent is not None and not re.search(rule.user_agent, user_agent):
                 continue
-            return rule.failure_threshold
-        return self.default_threshold
+            return rule
+        return None
+
+    def threshold_for(self, address: str, user_agent: str) -> int:
+        rule = self.rule_for(address, user_agent)
+        return self.default_threshold if rule is None else rule.failure_threshold
 
     def record(self, address: str, user_agent: str, ready: bool, now: float) -> None:
         key = (address, user_agent)
         prober = self.probers.get(key)
         if prober is None:
-            self._make_room(now)
-            threshold = self.threshold_for(address, user_agent)
-            prober = self.probers[key] = Prober(address, user_agent, threshold, now)
+            rule = self.rule_for(address, user_agent)
+            if not self._make_room(address, rule is not None, now):
+                return
+            threshold = self.default_threshold if rule is None else rule.failure_threshold
+            prober = Prober(address, user_agent, threshold, now, matched=rule is not None)
+            self.probers[key] = prober
         else:
             self.probers.move_to_end(key)
             prober.interval = now - prober.last_seen
@@ -106,10 +124,29 @@ class ProberTracker:
         if prober.consecutive_failures == prober.threshold:
             prober.satisfied_at = now
 
-    def _make_room(self, now: float) -> None:
+    def _make_room(self, address: str, matched: bool, now: float) -> bool:
+        """Room for a new caller, displacing another if need be; False when it is not tracked:
+        a caller matching no rule may displace only another such caller that is not counted,
+        of its own address once that address holds ``MAX_UNMATCHED_PER_ADDRESS``."""
         self.forget_old(now)
-        while len(self.probers) >= MAX_PROBERS:
-            self.probers.popitem(last=False)
+        if matched:
+            if len(self.probers) >= MAX_PROBERS:
+                lowest = min(self.probers.values(), key=lambda p: (p.matched, p.counts(now)))
+                del self.probers[lowest.address, lowest.user_agent]
+            return True
+        unmatched = [p for p in self.probers.values() if not p.matched]
+        own = [p for p in unmatched if p.address == address]
+        if len(own) >= MAX_UNMATCHED_PER_ADDRESS:
+            rivals = own
+        elif len(self.probers) >= MAX_PROBERS:
+            rivals = unmatched
+        else:
+            return True
+        for rival in rivals:
+            if not rival.counts(now):
+                del self.probers[rival.address, rival.user_agent]
+                return True
+        return False
 
     def forget_old(self, now: float) -> None:
         """Drop the probers not heard from for ``RECENT`` (they are the first ones)."""
@@ -156,11 +193,22 @@ class Peer:
             return None
         return self.gap if self.previous_gap is None else max(self.gap, self.previous_gap)
 
+    def pace(self, now: float) -> float | None:
+        """Its interval, when it is a pace a propagation could wait for: None for a client
+        seen once, one requesting less often than ``SPORADIC``, or not heard for ``RECENT``."""
+        interval = self.interval()
+        if interval is None or interval > SPORADIC or now - self.last > RECENT:
+            return None
+        return interval
+
 
 class ArrivalPace:
     """Requests by client address (a router, a balancer node, an ingress controller pod), to
     tell a client still arriving at its usual pace from one that stopped. ``note`` runs on the
-    data path, only in evidence mode; the table is bounded like the probers'."""
+    data path, only in evidence mode. The table is bounded like the probers', and a flood of
+    new addresses must not push out the routers whose pace holds propagation: a new address
+    displaces the least recently heard client without a pace, and only when every one has a
+    pace, the least recently heard."""
 
     def __init__(self) -> None:
         #: Least recently heard first.
@@ -172,24 +220,29 @@ class ArrivalPace:
         peer = self.peers.get(address)
         if peer is None:
             if len(self.peers) >= MAX_PEERS:
-                self.peers.popitem(last=False)
+                unpaced = next((a for a, p in self.peers.items() if p.pace(now) is None), None)
+                if unpaced is None:
+                    self.peers.popitem(last=False)
+                else:
+                    del self.peers[unpaced]
             self.peers[address] = Peer(now)
             return
         self.peers.move_to_end(address)
         peer.previous_gap, peer.gap = peer.gap, now - peer.last
         peer.last = now
 
-    def _paced(self, now: float) -> tuple[float, str, Peer] | None:
+    def _paced(self, now: float) -> tuple[float, str, float, float] | None:
         """The client whose next request, at its pace, is due last: when it becomes overdue
-        (``PACE_FACTOR`` intervals after its last request), its address and record."""
-        latest: tuple[float, str, Peer] | None = None
+        (``PACE_FACTOR`` intervals after its last request), its address, interval and last
+        request."""
+        latest: tuple[float, str, float, float] | None = None
         for address, peer in self.peers.items():
-            interval = peer.interval()
-            if interval is None or interval > SPORADIC or now - peer.last > RECENT:
+            interval = peer.pace(now)
+            if interval is None:
                 continue
             overdue_at = peer.last + PACE_FACTOR * interval
             if latest is None or overdue_at > latest[0]:
-                latest = (overdue_at, address, peer)
+                latest = (overdue_at, address, interval, peer.last)
         return latest
 
     def overdue_at(self, now: float) -> float | None:
@@ -204,7 +257,6 @@ class ArrivalPace:
         text = f"last request {now - self.last_arrival:.2f}s ago"
         paced = self._paced(now)
         if paced is not None:
-            _, address, peer = paced
-            interval = peer.interval() or 0.0
-            text += f"; {address} every {interval:.2f}s, last {now - peer.last:.2f}s ago"
+            _, address, interval, last = paced
+            text += f"; {address} every {interval:.2f}s, last {now - last:.2f}s ago"
         return text
