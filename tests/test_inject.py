@@ -553,6 +553,28 @@ BAD_INPUTS = [
         "spec.containers[0].lifecycle.preStop: 'sleep 5' is not a mapping",
     ),
     (
+        "a Service whose ports are not a list",
+        GOOD + "---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: 7}\n",
+        "Service/s: spec.ports: 7 is not a list",
+    ),
+    (
+        "a List item that is not an object",
+        "apiVersion: v1\nkind: List\nitems: [5, null]\n",
+        "document 1, item 1 is not a Kubernetes object",
+    ),
+    (
+        "a workload whose metadata is not a mapping",
+        GOOD.replace(
+            "metadata:\n  name: storefront\n  labels:\n    app: storefront\n", "metadata: 5\n", 1
+        ),
+        "metadata: 5 is not a mapping",
+    ),
+    (
+        "a CronJob whose jobTemplate is not a mapping",
+        "apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: c}\nspec: {jobTemplate: 5}\n",
+        "CronJob/c: spec.jobTemplate: 5 is not a mapping",
+    ),
+    (
         "a port annotation naming no port",
         GOOD.replace(
             "        tier: web\n",

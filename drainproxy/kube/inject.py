@@ -39,6 +39,8 @@ from drainproxy.errors import ConfigError, DrainproxyError
 from drainproxy.kube.manifests import (
     DEFAULT_GRACE_SECONDS,
     IMAGE_USER,
+    OBJECT,
+    OBJECT_FIELDS,
     POD_METADATA,
     POD_SPEC,
     TOKEN_HEADER,
@@ -829,6 +831,10 @@ def inject_documents(docs: list[Document], options: InjectOptions) -> list[str]:
     the Services at drainproxy. Returns the warnings (one line each) for stderr.
     Raises InjectError."""
     objects = list(_flatten(docs))
+    for doc in objects:
+        problems = list(type_errors(doc.body, OBJECT_FIELDS.get(doc.kind, OBJECT), ""))
+        if problems:
+            raise InjectError(f"{doc.where}: " + "; ".join(problems))
     services = [d for d in objects if d.kind == "Service"]
     fronted: list[_Fronted] = []
     config_maps: dict[int, dict[str, Any]] = {}
@@ -1000,8 +1006,14 @@ def parse_text(text: str, source: str) -> tuple[list[Document], bool]:
         if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
             raise InjectError(f"{source}: document {index + 1} is not a Kubernetes object")
         items = body.get("items")
-        if body["kind"].endswith("List") and not isinstance(items, list):
-            raise InjectError(f"{source}: {body['kind']} without a list of items")
+        if body["kind"].endswith("List"):
+            if not isinstance(items, list):
+                raise InjectError(f"{source}: {body['kind']} without a list of items")
+            for number, item in enumerate(items, 1):
+                if not isinstance(item, dict) or not isinstance(item.get("kind"), str):
+                    raise InjectError(
+                        f"{source}: document {index + 1}, item {number} is not a Kubernetes object"
+                    )
         docs.append(Document(source, body))
     return docs, is_json
 

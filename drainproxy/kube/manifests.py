@@ -289,3 +289,26 @@ def type_errors(node: object, expected: FieldType, path: str) -> Iterator[str]:
     else:
         for key, field_type in expected.items():
             yield from type_errors(node.get(key), field_type, f"{path}.{key}" if path else key)
+
+
+#: Any object's: its name and namespace are read, and inject writes beside it.
+OBJECT: dict[str, FieldType] = {
+    "metadata": {"name": "string", "namespace": "string", **POD_METADATA},
+}
+#: The objects inject reads beyond ``metadata``: a Service's ports and selector (to point it at
+#: drainproxy), a workload's template (a mapping whose pod fields are checked with POD_SPEC).
+OBJECT_FIELDS: dict[str, dict[str, FieldType]] = {
+    "Service": {
+        **OBJECT,
+        "spec": {
+            "selector": "string-map",
+            "ports": [{"port": "port", "targetPort": "int-or-string", "protocol": "string"}],
+        },
+    },
+    **{
+        kind: {**OBJECT, "spec": {"template": {"metadata": POD_METADATA}}}
+        for kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet")
+    },
+    "Pod": {**OBJECT},
+    "CronJob": {**OBJECT, "spec": {"jobTemplate": {"spec": {"template": {}}}}},
+}
