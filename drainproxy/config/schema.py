@@ -306,10 +306,12 @@ def required_key(read: Reader, why: str) -> Any:
     return field(metadata={"read": read, "secret": False, "required": why})
 
 
-def section(cls: type[Any], *, shorthand: str | None = None) -> Any:
+def section(cls: type[Any], *, shorthand: str | None = None, required: bool = False) -> Any:
     """A nested mapping that is always there (its keys' defaults apply); ``shorthand`` names the
-    key a bare scalar stands for (``upstream: http://...``)."""
-    return field(default_factory=cls, metadata={"section": cls, "shorthand": shorthand})
+    key a bare scalar stands for (``upstream: http://...``); ``required``: a config file must
+    write it, and one that does not is told which of its keys are required."""
+    meta = {"section": cls, "shorthand": shorthand, "required_section": required}
+    return field(default_factory=cls, metadata=meta)
 
 
 def optional_section(cls: type[Any]) -> Any:
@@ -614,7 +616,9 @@ _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 @dataclass(frozen=True)
 class Config:
     listen: Address = key(Address("0.0.0.0", 8080), parse_address)
-    upstream: UpstreamConfig = section(UpstreamConfig, shorthand="url")
+    #: Required in a file (only a run without --config falls back to its defaults): a config
+    #: that does not say where the app is was written for another pod, or is half-written.
+    upstream: UpstreamConfig = section(UpstreamConfig, shorthand="url", required=True)
     forwarded: ForwardedConfig = section(ForwardedConfig)
     admin: AdminConfig = section(AdminConfig)
     drain: DrainConfig = section(DrainConfig)
@@ -735,10 +739,15 @@ class _Reading:
             except ConfigError as exc:
                 self.errors.append(exc.hidden() if item.metadata.get("secret") else exc)
         for item in schema.values():
+            if item.name in raw:
+                continue
+            dotted = f"{name}.{item.name}" if name else item.name
             why = item.metadata.get("required")
-            if why is not None and item.name not in raw:
-                dotted = f"{name}.{item.name}" if name else item.name
+            if why is not None:
                 self.errors.append(ConfigError(dotted, None, f"is required {why}".rstrip()))
+            elif item.metadata.get("required_section"):
+                # Read as if written empty, so its own required keys are named (upstream.url).
+                values[item.name] = self._value(item, dotted, None)
         try:
             instance = cls(**values)
         except TypeError:  # a required key is missing (reported above)
@@ -868,11 +877,65 @@ class _StrictLoader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A scalar its explicit tag cannot make (``!!int abc``) is a YAML error with its line,
+        not a traceback."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError):
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a valid {tag}", node.start_mark
+            ) from None
+
+
+#: The implicit scalar types YAML 1.1 has and 1.2's core schema resolves otherwise.
+_YAML11_SCALARS = frozenset(
+    f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float", "timestamp", "value")
+)
+#: YAML 1.2's core schema (yaml.org/spec/1.2.2 §10.3.2): each tag, its pattern and the
+#: characters it may start with; int before float, which would match a whole number too.
+_YAML12_SCALARS = (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+.0123456789",
+    ),
+)
+
+
+class _ConfigLoader(_StrictLoader):
+    """drainproxy's config is read with YAML 1.2's core schema: only true and false are
+    booleans, so ``x_forwarded_for: off`` is the word off and ``access_log: yes`` is refused
+    (YAML 1.1 makes them False and True); ``1:30``, ``010`` and ``2024-01-01`` are strings (1.1
+    reads 90, 8 and a date), refused by the key's rule with the key named."""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 integer: decimal (``010`` is ten), ``0o`` octal or ``0x`` hexadecimal."""
+    text = str(loader.construct_scalar(node))
+    return int(text, {"0o": 8, "0x": 16}.get(text[:2], 10))
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_SCALARS]
+    for first, resolvers in _StrictLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in _YAML12_SCALARS:
+    _ConfigLoader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first)
+    )
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
 
 def parse_yaml(text: str, source: str) -> Any:
-    """One YAML document, duplicate keys refused; errors name ``source`` and the line."""
+    """One YAML document (YAML 1.2's core schema), duplicate keys refused; errors name
+    ``source`` and the line."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        return yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(
             "config", source, f"is not valid YAML: {describe_yaml_error(exc)}"
