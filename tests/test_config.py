@@ -949,6 +949,7 @@ def test_the_reader_factories_and_declarations_as_called() -> None:
     @dataclass(frozen=True)
     class Whole:
         part: Part = section(Part, shorthand="url", required=True)
+        other: Part = section(Part)
         extra: Part | None = optional_section(Part)
         things: tuple[Item, ...] = items(Item, "{name, size}")
 
@@ -958,18 +959,19 @@ def test_the_reader_factories_and_declarations_as_called() -> None:
         return built, [str(error) for error in reading.errors]
 
     assert whole({"part": "y", "extra": None, "things": [{"name": "n"}]}) == (
-        Whole(Part("y"), None, (Item("n", 8),)),
+        Whole(Part("y"), Part(), None, (Item("n", 8),)),
         [],
     )
-    assert whole({"part": "y"}) == (Whole(Part("y"), None, ()), [])
+    assert whole({"part": "y"}) == (Whole(Part("y"), Part(), None, ()), [])
     assert whole({"part": {"url": "y", "token": 5}, "extra": {"url": "z"}, "things": 1}) == (
-        Whole(Part("y"), Part("z"), ()),
+        Whole(Part("y"), Part(), Part("z"), ()),
         [
             "part.token: <hidden> must be a non-empty string",
             "things: 1 must be a list of {name, size}",
         ],
     )
-    assert whole({"things": [{"size": 1}]})[1] == [
+    assert whole({"things": [{"size": 1}, {"name": 5}]})[1] == [
         "things[0].name: None is required (a name)",
+        "things[1].name: 5 must be a non-empty string",  # a required key is not a secret
         "part.url: None is required (its url)",
     ]

@@ -269,7 +269,8 @@ def test_each_rule_names_field_value_and_rule_word_for_word(text: str, message: 
         ),
         (
             APP + "listen: '\x07'\n",
-            "is not valid YAML: unacceptable character #x0007: special characters are not allowed",
+            "is not valid YAML: character #x0007 at position 41: special characters are not "
+            "allowed",
         ),
         (
             APP + "listen: !!int abc\n",
@@ -281,4 +282,24 @@ def test_a_file_that_cannot_be_read_as_a_config_names_itself(text: str, message:
     with pytest.raises(ConfigError) as raised:
         read(text)
     assert (raised.value.field, raised.value.value) == ("config", "test.yaml")
-    assert str(raised.value).startswith(f"config: 'test.yaml' {message}")
+    assert str(raised.value) == f"config: 'test.yaml' {message}"
+
+
+def test_a_key_that_is_a_list_or_a_mapping_is_a_yaml_error_after_any_duplicate() -> None:
+    for text in ("drain: {[a]: 1}\n", "drain: {{a: 1}: 1}\n"):
+        with pytest.raises(ConfigError) as raised:
+            read(APP + text)
+        assert str(raised.value).endswith(
+            "is not valid YAML: line 2, column 9: found unhashable key"
+        )
+    with pytest.raises(ConfigError) as raised:
+        read(APP + "drain: {[a]: 1, quiet: 1s, quiet: 2s}\n")
+    assert str(raised.value).endswith("line 2, column 28: duplicate key 'quiet' (first at line 2)")
+
+
+def test_a_mapping_that_holds_itself_is_refused_by_the_schema_not_a_traceback() -> None:
+    assert [str(error) for error in read(APP + "drain: &d {probers: [*d]}\n").errors] == [
+        "drain.probers[0].probers: [{'probers': [...]}] is not a known key (known here: address, "
+        "failure_threshold, user_agent)",
+        "drain.probers[0].failure_threshold: None is required",
+    ]

@@ -23,7 +23,7 @@ import math
 import re
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
@@ -303,7 +303,7 @@ def key(default: Any, read: Reader, *, secret: bool = False, required: str | Non
 
 def required_key(read: Reader, why: str) -> Any:
     """A key with no default: its section cannot be written without it."""
-    return field(metadata={"read": read, "secret": False, "required": why})
+    return field(metadata={"read": read, "required": why})
 
 
 def section(cls: type[Any], *, shorthand: str | None = None, required: bool = False) -> Any:
@@ -726,7 +726,7 @@ class _Reading:
         values: dict[str, Any] = {}
         for key_name, value in raw.items():
             dotted = f"{name}.{key_name}" if name else str(key_name)
-            item = schema.get(key_name) if isinstance(key_name, str) else None
+            item = schema.get(key_name)
             if item is None:
                 known = ", ".join(sorted(schema))
                 self.errors.append(
@@ -773,8 +773,10 @@ class _Reading:
             if meta.get("shorthand") and not isinstance(value, dict | type(None)):
                 value = {meta["shorthand"]: value}
                 self.written.add(f"{dotted}.{meta['shorthand']}")
-            built = self.section(meta["section"], dotted, value)
-            return built if built is not None else _default(item)
+            # None when a required key is missing (reported): only an optional section can
+            # lack one (a section must build from its defaults, as Config() does), and None is
+            # its default.
+            return self.section(meta["section"], dotted, value)
         if "items" in meta:
             if not isinstance(value, list):
                 raise ConfigError(dotted, value, f"must be a list of {meta['shape']}")
@@ -784,10 +786,6 @@ class _Reading:
             )
             return tuple(one for one in built_items if one is not None)
         return meta["read"](dotted, value)
-
-
-def _default(item: Field[Any]) -> Any:
-    return item.default_factory() if item.default_factory is not MISSING else item.default
 
 
 @dataclass(frozen=True)
@@ -863,7 +861,7 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            name = self.construct_object(key_node, deep=True)
+            name = self.construct_object(key_node)  # a key that is not a scalar is unhashable
             try:
                 first = seen.setdefault(name, key_node)
             except TypeError:  # an unhashable key: the base loader reports it
@@ -949,11 +947,12 @@ def parse_yaml_stream(text: str) -> list[Any]:
 
 def describe_yaml_error(exc: yaml.YAMLError) -> str:
     """``line L, column C: problem``, without PyYAML's ``in "<unicode string>"``."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if mark is None:
-        return str(problem)
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow: no mark
+        return f"character #x{exc.character:04x} at position {exc.position}: {exc.reason}"
+    return str(exc)
 
 
 def read_config_text(text: str, source: str) -> ConfigReport:
@@ -1007,5 +1006,6 @@ def default_file_text() -> str:
 
 
 def shown_value(value: object) -> str:
-    """A config value as a user writes it: durations as ``30s``, addresses as ``host:port``."""
-    return repr(value) if isinstance(value, Duration) else str(value)
+    """A config value as a user writes it: durations as ``30s`` (a Duration's str is as
+    written), addresses as ``host:port``."""
+    return str(value)
