@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from drainproxy.config.schema import (
     GRACE_MARGIN,
@@ -11,6 +12,7 @@ from drainproxy.config.schema import (
     ConfigReport,
     ConfigWarning,
     check_wrapper_config,
+    describe_yaml_error,
     read_config_text,
 )
 from drainproxy.errors import ConfigError
@@ -303,3 +305,7 @@ def test_a_mapping_that_holds_itself_is_refused_by_the_schema_not_a_traceback() 
         "failure_threshold, user_agent)",
         "drain.probers[0].failure_threshold: None is required",
     ]
+
+
+def test_a_yaml_error_without_a_mark_is_described_by_its_text() -> None:
+    assert describe_yaml_error(yaml.YAMLError("no document")) == "no document"
