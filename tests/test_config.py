@@ -9,9 +9,9 @@ import re
 import socket
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import trustme
@@ -21,23 +21,43 @@ from aiohttp import web
 from drainproxy.cli import EXIT_CONFIG, main
 from drainproxy.config.schema import (
     PLACEHOLDER_TOKEN,
+    Address,
     Config,
     ConfigReport,
     DrainConfig,
+    Duration,
+    ForwardedConfig,
     ProberRule,
+    UpstreamConfig,
     UpstreamTLSConfig,
+    _duration,
+    _optional,
+    _Reading,
+    _string,
+    config_from_mapping,
     default_file_text,
     format_duration,
+    items,
+    key,
     load_config,
+    one_of,
+    optional_section,
+    parse_address,
+    parse_size,
+    parse_yaml_stream,
     read_config,
     read_config_text,
+    required_key,
+    section,
+    shown_value,
 )
 from drainproxy.control.appcheck import ReachabilityLog
-from drainproxy.errors import ConfigErrors
+from drainproxy.errors import ConfigError, ConfigErrors
 from tests.conftest import StartApp, StartProxy
 from tests.support import REPO, ProxyProcess, base_config, deep_merge, free_port
 
 APP = {"upstream": "http://127.0.0.1:8000"}
+APP_TEXT = "upstream: http://127.0.0.1:8000\n"
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +267,59 @@ BAD_CONFIGS = [
         "upstream: {url: 'https://127.0.0.1:8443', tls: {key_file: '{key}'}}",
         "upstream.tls.key_file: '{key}' and upstream.tls.cert_file go together",
     ),
+    # A value of the wrong type is refused with its key named, never converted: YAML 1.2's
+    # booleans (yes/on are words, not true), and no 1.1 sexagesimal, octal or date readings.
+    ("log: {access_log: yes}", "log.access_log: 'yes' must be true or false"),
+    ("log: {access_log: 'true'}", "log.access_log: 'true' must be true or false"),
+    ("log: {access_log: 1}", "log.access_log: 1 must be true or false"),
+    ("app: {stop: signal, process: x, kill_after_timeout: on}", "kill_after_timeout: 'on' must"),
+    ("drain: {timeout: on}", "drain.timeout: 'on' must be a duration such as"),
+    ("drain: {timeout: 1:30}", "drain.timeout: '1:30' must be a duration such as"),
+    ("drain: {timeout: 2024-01-01}", "drain.timeout: '2024-01-01' must be a duration such as"),
+    ("drain: {timeout: [5s]}", "drain.timeout: ['5s'] must be a duration such as"),
+    ("limits: {max_headers: '100'}", "limits.max_headers: '100' must be a whole number, 1 or"),
+    ("limits: {max_headers: 100.0}", "limits.max_headers: 100.0 must be a whole number, 1 or"),
+    ("limits: {max_headers: yes}", "limits.max_headers: 'yes' must be a whole number, 1 or"),
+    ("limits: {max_body_bytes: 1_000}", "limits.max_body_bytes: '1_000' must be a size in"),
+    ("admin: {listen: 9901}", "admin.listen: 9901 must be host:port"),
+    ("drain: [timeout, 5s]", "drain: ['timeout', '5s'] must be a mapping of keys to values"),
+    ("drain: 5s", "drain: '5s' must be a mapping of keys to values"),
+    ("tls: true", "tls: True must be a mapping of keys to values"),
+    ("tls: yes", "tls: 'yes' must be a mapping of keys to values"),
+    (
+        "upstream: {url: 'http://127.0.0.1:8000', check: [tcp]}",
+        "upstream.check: ['tcp'] must be a mapping of keys to values",
+    ),
+    ("drain: {probers: [10.0.0.5]}", "drain.probers[0]: '10.0.0.5' must be a mapping of keys"),
+    ("upstream: [http://127.0.0.1:8000]", "upstream.url: ['http://127.0.0.1:8000'] must be an"),
+    ("listen: !!int abc", "is not valid YAML: line 1, column 9: 'abc' is not a valid !!int"),
+    ("listen: !!timestamp 1", "is not valid YAML: line 1, column 9: '1' is not a valid !!time"),
+    (
+        "tls: {cert_file: '{cert}', key_file: '{key}', client_ca_file: '{garbage}', "
+        "client_cert: optional}",
+        "tls.client_ca_file: '{garbage}' cannot be loaded: ",
+    ),
+    (
+        "upstream: {url: 'https://127.0.0.1:8443', "
+        "tls: {cert_file: '{garbage}', key_file: '{key}'}}",
+        "upstream.tls.cert_file: '{garbage}' cannot be loaded with upstream.tls.key_file: ",
+    ),
+    # Unknown keys at every depth, named with their path.
+    (
+        "drain: {probers: [{address: 10.0.0.5, failure_threshold: 2, treshold: 1}]}",
+        "drain.probers[0].treshold: 1 is not a known key (known here: address, "
+        "failure_threshold, user_agent)",
+    ),
+    (
+        "upstream: {url: 'http://127.0.0.1:8000', check: {kind: tcp, port: 81}}",
+        "upstream.check.port: 81 is not a known key (known here: interval, kind, path, timeout)",
+    ),
+    (
+        "tls: {cert_file: '{cert}', key_file: '{key}', ca_file: '{ca}'}",
+        "tls.ca_file: '{ca}' is not a known key (known here: cert_file, client_ca_file, "
+        "client_cert, key_file, reload_interval)",
+    ),
+    ("1: 2", "1: 2 is not a known key (known here: admin, app, drain, forwarded, limits,"),
 ]
 
 
@@ -273,6 +346,70 @@ def test_check_names_field_value_and_rule(
     out = capsys.readouterr().out
     assert out.startswith(f"{path}: error DP001 config-invalid: ")
     assert fill(message, cert_files) in out
+
+
+MISSING_URL = "upstream.url: None is required (the app's http://host:port)"
+
+
+@pytest.mark.parametrize(
+    "text", ["{}\n", "listen: ':9000'\n", "drain: {timeout: 5s}\n", "upstream: {}\n", "upstream:\n"]
+)
+def test_a_file_without_upstream_url_names_it_as_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """A file is refused when it does not say where the app is, as an empty one is: only a run
+    without --config falls back to the default upstream."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert main(["check", "--config", str(path)]) == EXIT_CONFIG
+    (finding, verdict) = capsys.readouterr().out.splitlines()
+    assert finding.startswith(f"{path}: error DP001 config-invalid: {MISSING_URL}; fix: ")
+    assert verdict == f"{path}: 1 error(s), 0 warning(s)"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{}\n", MISSING_URL),
+        (
+            APP_TEXT + "log: {access_log: yes}\nforwarded: {x_forwarded_for: no}\n",
+            "log.access_log: 'yes' must be true or false",
+        ),
+    ],
+)
+def test_serve_refuses_a_file_without_upstream_or_with_a_wrong_type(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.splitlines()[0] == f"drainproxy: config error: {message}"
+    assert "Traceback" not in result.stderr
+
+
+def test_yaml_1_2_words_and_numbers_are_read_as_written() -> None:
+    """``off`` is a value of x_forwarded_*, not false; only true/false are booleans; 1.2's
+    integers (010 is ten, 0o and 0x prefixes) and floats (1e1) are numbers."""
+    config = read(
+        "upstream: http://127.0.0.1:8000\n"
+        "forwarded: {x_forwarded_for: off, x_forwarded_proto: off, x_forwarded_host: off}\n"
+        "admin: {token: no}\nlog: {access_log: True}\ndrain: {timeout: 1e1, idle_grace: .5}\n"
+        "limits: {max_headers: 010, max_concurrent_streams: 0o17, max_request_line: 0x1F}\n"
+    )
+    assert config.errors == ()
+    loaded = config.config
+    assert loaded.forwarded == ForwardedConfig("off", "off", "off")
+    assert (loaded.admin.token, loaded.log.access_log) == ("no", True)
+    assert (loaded.drain.timeout, loaded.drain.idle_grace) == (10.0, 0.5)
+    limits = loaded.limits
+    assert (limits.max_headers, limits.max_concurrent_streams, limits.max_request_line) == (
+        10,
+        15,
+        31,
+    )
+    assert read(APP_TEXT + "log: {access_log: FALSE}\n").checked().log.access_log is False
+    assert read(APP_TEXT + "limits: {max_headers: -0x1}\n").errors  # not an integer: a word
 
 
 def test_good_config_with_every_new_section(tmp_path: Path, cert_files: dict[str, str]) -> None:
@@ -666,3 +803,185 @@ def test_each_app_stop_method_with_its_keys_loads() -> None:
     assert run.app.command == ("/usr/sbin/nginx", "-s", "quit")
     kill = read(base + "app: {stop: signal, process: '^nginx: master', signal: SIGQUIT}\n")
     assert (kill.checked().app.process, kill.checked().app.signal) == ("^nginx: master", "SIGQUIT")
+
+
+# --- issue 17: the schema's parts, each in process ---------------------------------------------
+
+
+def test_the_bounds_of_connections_windows_ports_and_reload_are_inclusive() -> None:
+    config = read(
+        APP_TEXT + "listen: ':65535'\nadmin: {listen: ':1'}\n"
+        "limits: {max_connections: 100000000, http2_stream_window: 65535, "
+        "http2_connection_window: 2147483647}\n"
+    ).checked()
+    assert (config.listen.port, config.admin.listen.port) == (65535, 1)
+    assert config.limits.max_connections == 100_000_000
+    assert (config.limits.http2_stream_window, config.limits.http2_connection_window) == (
+        65535,
+        2**31 - 1,
+    )
+    assert read(APP_TEXT + "limits: {max_connections: 1}\n").checked().limits.max_connections == 1
+    assert (
+        read(APP_TEXT + "limits: {max_connections: auto}\n").checked().limits.max_connections
+        is None
+    )
+    assert read(APP_TEXT + "limits: {http2_stream_window: 2GiB}\n").errors
+
+
+def test_a_reload_interval_under_a_second_is_accepted(cert_files: dict[str, str]) -> None:
+    text = f"tls: {{cert_file: '{cert_files['cert']}', key_file: '{cert_files['key']}', "
+    config = read(APP_TEXT + text + "reload_interval: 500ms}\n").checked()
+    assert config.tls is not None and config.tls.reload_interval == 0.5
+
+
+def test_listeners_on_other_hosts_or_families_with_one_port_do_not_clash() -> None:
+    for listen, admin in [
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("0.0.0.0:8080", "'[::1]:8080'"),
+    ]:
+        config = read(f"{APP_TEXT}listen: {listen}\nadmin: {{listen: {admin}}}\n").checked()
+        assert config.listen.port == config.admin.listen.port == 8080
+
+
+def test_an_upstream_on_drainproxys_port_of_another_host_is_not_a_loop() -> None:
+    config = read("upstream: http://app.internal:8080\n").checked()
+    assert (config.upstream.host, config.upstream.port) == ("app.internal", 8080)
+    assert read("upstream: http://0.0.0.0:8080\n").errors  # a wildcard reaches the listener
+
+
+def test_an_http_upstream_without_a_port_is_port_80_and_h2_needs_https() -> None:
+    assert read("upstream: http://app.internal\n").checked().upstream.port == 80
+    h2 = read("upstream: {url: 'https://app.internal', protocol: h2}\n").checked()
+    assert (h2.upstream.protocol, h2.upstream.port) == ("h2", 443)
+    stop = read(APP_TEXT + "app: {stop: http, url: 'https://127.0.0.1/quit'}\n").checked()
+    assert stop.app.url == "https://127.0.0.1/quit"
+
+
+def test_a_section_that_fails_leaves_its_defaults_and_errors_silence_warnings() -> None:
+    report = read(
+        "upstream: {connect_timeout: 5s}\nadmin: {token: change-me}\ndrain: {timeout: 10s}\n"
+    )
+    assert [error.field for error in report.errors] == ["upstream.url"]
+    assert report.config.upstream == UpstreamConfig()
+    assert report.warnings == ()  # judged only on a config that loads
+
+
+def test_reading_goes_on_past_an_unknown_key() -> None:
+    report = read(APP_TEXT + "drain: {extra: 1, timeout: soon, quiet: 2s}\n")
+    assert [error.field for error in report.errors] == ["drain.extra", "drain.timeout"]
+    assert report.config.drain.quiet == 2
+
+
+def test_a_quoted_zero_is_a_duration() -> None:
+    config = read(APP_TEXT + "drain: {idle_grace: '0', close_spread: ' 0 '}\n").checked()
+    assert (config.drain.idle_grace, repr(config.drain.idle_grace)) == (0, "0")
+    assert config.drain.close_spread == 0
+
+
+def test_a_duration_keeps_its_spelling_through_pickle() -> None:
+    import pickle
+
+    duration = pickle.loads(pickle.dumps(Duration(90.0, "1m30s")))
+    assert (float(duration), repr(duration)) == (90.0, "1m30s")
+    assert (shown_value(Duration(90.0, "1m30s")), shown_value(Address("::1", 80))) == (
+        "1m30s",
+        "[::1]:80",
+    )
+    assert format_duration(60.0001234) == "1m0.000123s"  # microseconds, as Go prints them
+
+
+def test_addresses_keep_their_host() -> None:
+    assert parse_address("listen", "Xhost.example:80") == Address("Xhost.example", 80)
+    assert parse_address("listen", ":80") == Address("0.0.0.0", 80)
+    assert parse_address("listen", "[::1]:80") == Address("::1", 80)
+
+
+def test_yaml_merge_keys_merge_and_keys_after_them_are_still_checked() -> None:
+    config = read(APP_TEXT + "drain: {<<: {timeout: 5s, quiet: 2s}, timeout: 6s}\n").checked()
+    assert (config.drain.timeout, config.drain.quiet) == (6, 2)
+    with pytest.raises(ConfigError, match=r"line 2, column 39: duplicate key 'quiet'"):
+        read(APP_TEXT + "drain: {<<: {timeout: 5s}, quiet: 1s, quiet: 2s}\n")
+
+
+def test_a_manifest_stream_is_read_document_by_document_duplicates_refused() -> None:
+    assert parse_yaml_stream("a: 1\n---\nb: yes\n") == [{"a": 1}, {"b": True}]
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'a'"):
+        parse_yaml_stream("a: 1\n---\na: 2\na: 3\n")
+
+
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        read_config(tmp_path / "missing.yaml")
+    assert str(raised.value) == (
+        f"config: '{tmp_path / 'missing.yaml'}' cannot be read: No such file or directory"
+    )
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"upstream: http://127.0.0.1:8000 # caf\xe9\n")
+    with pytest.raises(ConfigError) as raised:
+        read_config(latin1)
+    assert str(raised.value) == f"config: '{latin1}' is not UTF-8 text: invalid continuation byte"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: [")
+    with pytest.raises(ConfigError, match=rf"^config: '{re.escape(str(bad))}' is not valid YAML"):
+        read_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("upstream: http://127.0.0.1:9000\n")
+    assert read_config(good).config.upstream.port == 9000
+    assert config_from_mapping({"upstream": "http://127.0.0.1:9000"}).upstream.port == 9000
+
+
+def test_the_reader_factories_and_declarations_as_called() -> None:
+    """The helpers the schema is declared with, called here (the schema itself is built at
+    import): each declaration reads, defaults, hides and requires as its class says."""
+    choice = one_of(Literal["a", "b"])
+    assert choice("k", "b") == "b"
+    with pytest.raises(ConfigError) as raised:
+        choice("k.x", "c")
+    assert str(raised.value) == "k.x: 'c' must be one of a, b"
+    maybe_size = _optional(parse_size)
+    assert (maybe_size("k", None), maybe_size("k", "1KiB")) == (None, 1024)
+    with pytest.raises(ConfigError, match=r"^k: 'big' must be a size"):
+        maybe_size("k", "big")
+    assert repr(_duration("1m30s")) == "1m30s"
+    with pytest.raises(ConfigError, match=r"^default: 'soon' must be a duration"):
+        _duration("soon")
+
+    @dataclass(frozen=True)
+    class Item:
+        name: str = required_key(_string, "(a name)")
+        size: int = key(8, parse_size)
+
+    @dataclass(frozen=True)
+    class Part:
+        url: str = key("x", _string, required="(its url)")
+        token: str | None = key(None, _optional(_string), secret=True)
+
+    @dataclass(frozen=True)
+    class Whole:
+        part: Part = section(Part, shorthand="url", required=True)
+        other: Part = section(Part)
+        extra: Part | None = optional_section(Part)
+        things: tuple[Item, ...] = items(Item, "{name, size}")
+
+    def whole(raw: object) -> tuple[Whole | None, list[str]]:
+        reading = _Reading()
+        built = reading.section(Whole, "", raw)
+        return built, [str(error) for error in reading.errors]
+
+    assert whole({"part": "y", "extra": None, "things": [{"name": "n"}]}) == (
+        Whole(Part("y"), Part(), None, (Item("n", 8),)),
+        [],
+    )
+    assert whole({"part": "y"}) == (Whole(Part("y"), Part(), None, ()), [])
+    assert whole({"part": {"url": "y", "token": 5}, "extra": {"url": "z"}, "things": 1}) == (
+        Whole(Part("y"), Part(), Part("z"), ()),
+        [
+            "part.token: <hidden> must be a non-empty string",
+            "things: 1 must be a list of {name, size}",
+        ],
+    )
+    assert whole({"things": [{"size": 1}, {"name": 5}]})[1] == [
+        "things[0].name: None is required (a name)",
+        "things[1].name: 5 must be a non-empty string",  # a required key is not a secret
+        "part.url: None is required (its url)",
+    ]

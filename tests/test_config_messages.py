@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from drainproxy.config.schema import (
     GRACE_MARGIN,
@@ -11,6 +12,7 @@ from drainproxy.config.schema import (
     ConfigReport,
     ConfigWarning,
     check_wrapper_config,
+    describe_yaml_error,
     read_config_text,
 )
 from drainproxy.errors import ConfigError
@@ -136,3 +138,174 @@ def test_the_default_timeouts_or_a_covering_drain_draw_no_warning(text: str) -> 
 def test_a_chosen_drain_timeout_under_the_default_response_timeout_is_warned_about() -> None:
     (warning,) = warnings(APP + "drain: {timeout: 10s}\n")
     assert warning.name == "response-timeout-exceeds-drain"
+
+
+# Each rule's message as operators read it: the dotted field, the value as written, the rule.
+# Inputs without an upstream get APP first, so each holds exactly one error.
+MESSAGES = [
+    (
+        "app: {stop: exec, command: ['', -s]}",
+        "app.command: ['', '-s'] must name a program first",
+    ),
+    (
+        "app: {stop: http, url: 'ftp://127.0.0.1/quit'}",
+        "app.url: 'ftp://127.0.0.1/quit' must be an http:// or https:// URL",
+    ),
+    (
+        "app: {stop: signal}",
+        "app.stop: 'signal' needs exactly one of app.pidfile (a file holding the app's process "
+        "id) and app.process (a regular expression matching its command line)",
+    ),
+    (
+        "app: {url: 'http://127.0.0.1/quit'}",
+        "app.url: 'http://127.0.0.1/quit' is only used with app.stop: http",
+    ),
+    ("app: {stop: signal, pidfile: ''}", "app.pidfile: '' must be a non-empty string"),
+    ("log: {access_log: 'yes'}", "log.access_log: 'yes' must be true or false"),
+    (
+        "drain: {probers: [{user_agent: '(', failure_threshold: 1}]}",
+        "drain.probers[0].user_agent: '(' is not a valid regular expression: missing ), "
+        "unterminated subpattern at position 0",
+    ),
+    (
+        "drain: {probers: [{user_agent: '', failure_threshold: 1}]}",
+        "drain.probers[0].user_agent: '' must be a non-empty string",
+    ),
+    (
+        "drain: {probers: [{address: 10.0.0.5}]}",
+        "drain.probers[0].failure_threshold: None is required",
+    ),
+    (
+        "upstream: {url: 'https://app:8443', tls: {ca_file: ''}}",
+        "upstream.tls.ca_file: '' must be a non-empty string",
+    ),
+    (
+        "limits: {http2_stream_window: 65534}",
+        "limits.http2_stream_window: 65534 must be from 65535 bytes to 2GiB - 1",
+    ),
+    (
+        "limits: {http2_connection_window: 2GiB}",
+        "limits.http2_connection_window: '2GiB' must be from 65535 bytes to 2GiB - 1",
+    ),
+    (
+        "limits: {http2_stream_window: lots}",
+        "limits.http2_stream_window: 'lots' must be a size in bytes such as 8192, 64KiB or 1MiB",
+    ),
+    (
+        "limits: {max_connections: 100000001}",
+        "limits.max_connections: 100000001 must be at most 100000000",
+    ),
+    (
+        "limits: {max_connections: 0}",
+        "limits.max_connections: 0 must be a whole number, 1 or more",
+    ),
+    ("listen: ':65536'", "listen: ':65536' port must be a number from 1 to 65535"),
+    (
+        "limits: {max_header_bytes: 10 KB}",
+        "limits.max_header_bytes: '10 KB' must be a size in bytes such as 8192, 64KiB or 1MiB",
+    ),
+    (
+        "drain: {timeout: [5s]}",
+        "drain.timeout: ['5s'] must be a duration such as 5s, 500ms or 1m30s",
+    ),
+    (
+        "admin: {listen: '127.0.0.1:8080'}",
+        "admin.listen: '127.0.0.1:8080' must differ from listen (0.0.0.0:8080): a wildcard "
+        "address takes the port on every address of its family, so the second bind would fail",
+    ),
+    (
+        "upstream: http://127.0.0.1:9901",
+        "upstream.url: 'http://127.0.0.1:9901' is drainproxy's own admin.listen (0.0.0.0:9901): "
+        "it would proxy to itself; point it at the port the app listens on",
+    ),
+    (
+        "termination_grace_period: 10s",
+        "termination_grace_period: 10s is shorter than the shutdown needs: "
+        "drain.readiness_fail_delay 0s + drain.propagation 5s + drain.timeout 20s + "
+        "app.stop_timeout 3s + margin 2s = 30s; raise it to at least 30s (and "
+        "terminationGracePeriodSeconds in the pod spec) or shorten the drain",
+    ),
+    (
+        "upstream: {url: 'https://app:8443', protocol: h2c}",
+        "upstream.protocol: 'h2c' is HTTP/2 over plain TCP and needs an http:// upstream.url "
+        "(h2 is over TLS)",
+    ),
+    (
+        "upstream: {url: 'http://app:8080', protocol: h2}",
+        "upstream.protocol: 'h2' is HTTP/2 over TLS and needs an https:// upstream.url "
+        "(h2c is without TLS)",
+    ),
+    (
+        "upstream: ${APP_URL}",
+        "upstream: '${APP_URL}' holds ${APP_URL}, but drainproxy reads its config literally and "
+        "expands no variables: write the value itself (or render the file, e.g. with envsubst, "
+        "before drainproxy reads it)",
+    ),
+    (
+        "timeouts: {head: 5s}",
+        "timeouts.head: '5s' is not a known key (known here: client_body, client_idle, "
+        "request_head)",
+    ),
+    ("{}", "upstream.url: None is required (the app's http://host:port)"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), MESSAGES, ids=[m for _, m in MESSAGES])
+def test_each_rule_names_field_value_and_rule_word_for_word(text: str, message: str) -> None:
+    body = text if "upstream" in text or text == "{}" else APP + text
+    assert only_error(body) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "",
+            "is empty (only comments or nothing): write at least upstream: "
+            "http://127.0.0.1:PORT, or leave out --config to run on the built-in defaults",
+        ),
+        (
+            "listen: [",
+            "is not valid YAML: line 1, column 10: expected the node content, but "
+            "found '<stream end>'",
+        ),
+        (
+            APP + "listen: '\x07'\n",
+            "is not valid YAML: character #x0007 at position 41: special characters are not "
+            "allowed",
+        ),
+        (
+            APP + "listen: !!int abc\n",
+            "is not valid YAML: line 2, column 9: 'abc' is not a valid !!int",
+        ),
+    ],
+)
+def test_a_file_that_cannot_be_read_as_a_config_names_itself(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        read(text)
+    assert (raised.value.field, raised.value.value) == ("config", "test.yaml")
+    assert str(raised.value) == f"config: 'test.yaml' {message}"
+
+
+def test_a_key_that_is_a_list_or_a_mapping_is_a_yaml_error_after_any_duplicate() -> None:
+    for text in ("drain: {[a]: 1}\n", "drain: {{a: 1}: 1}\n"):
+        with pytest.raises(ConfigError) as raised:
+            read(APP + text)
+        assert str(raised.value).endswith(
+            "is not valid YAML: line 2, column 9: found unhashable key"
+        )
+    with pytest.raises(ConfigError) as raised:
+        read(APP + "drain: {[a]: 1, quiet: 1s, quiet: 2s}\n")
+    assert str(raised.value).endswith("line 2, column 28: duplicate key 'quiet' (first at line 2)")
+
+
+def test_a_mapping_that_holds_itself_is_refused_by_the_schema_not_a_traceback() -> None:
+    assert [str(error) for error in read(APP + "drain: &d {probers: [*d]}\n").errors] == [
+        "drain.probers[0].probers: [{'probers': [...]}] is not a known key (known here: address, "
+        "failure_threshold, user_agent)",
+        "drain.probers[0].failure_threshold: None is required",
+    ]
+
+
+def test_a_yaml_error_without_a_mark_is_described_by_its_text() -> None:
+    assert describe_yaml_error(yaml.YAMLError("no document")) == "no document"

@@ -733,7 +733,10 @@ def test_cli_reports_every_config_error_and_every_manifest_finding_in_one_run(
     """Config errors are findings (DP001), and the manifests are still checked, on the config as
     far as it loads: nothing hides behind the first error."""
     config = tmp_path / "c.yaml"
-    config.write_text("drain: {timeout: 40s, propagation: soon}\nlog: {level: loud}\n")
+    config.write_text(
+        "upstream: http://127.0.0.1:8000\ndrain: {timeout: 40s, propagation: soon}\n"
+        "log: {level: loud}\n"
+    )
     docs = shipped("classic")
     _app(docs).pop("lifecycle")
     manifest = write_manifest(tmp_path, docs)
@@ -750,7 +753,7 @@ def test_cli_reports_a_cross_field_config_error_with_durations_as_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("drain: {timeout: 1m30s}\n")
+    config.write_text("upstream: http://127.0.0.1:8000\ndrain: {timeout: 1m30s}\n")
     assert main(["check", "--config", str(config), "--format", "json"]) == 2
     (finding,) = json.loads(capsys.readouterr().out)["findings"]
     assert finding["code"] == "DP001"

@@ -55,7 +55,7 @@ async def test_drain_wait_returns_after_the_drain_and_drainproxy_stays_drained(
 async def test_drain_reports_an_unreachable_drainproxy(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     port = free_port()
-    config.write_text(f"admin: {{listen: 127.0.0.1:{port}}}\n")
+    config.write_text(f"upstream: http://127.0.0.1:8000\nadmin: {{listen: 127.0.0.1:{port}}}\n")
     code, _, err = await run_cli("drain", "--config", str(config))
     assert code == 1
     assert err.startswith(f"drainproxy: drain: POST http://127.0.0.1:{port}/drain failed:")

@@ -223,7 +223,7 @@ def run_cli(
     *args: str, config: dict[str, Any] | None, tmp_path: Path
 ) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "wrap.yaml"
-    path.write_text(yaml.safe_dump(config or {}))
+    path.write_text(yaml.safe_dump({"upstream": "http://127.0.0.1:8000", **(config or {})}))
     return subprocess.run(
         [sys.executable, "-m", "drainproxy", "wrap", "--config", str(path), *args],
         capture_output=True,

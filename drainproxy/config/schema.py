@@ -23,7 +23,7 @@ import math
 import re
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
@@ -316,13 +316,15 @@ def key(default: Any, read: Reader, *, secret: bool = False, required: str | Non
 
 def required_key(read: Reader, why: str) -> Any:
     """A key with no default: its section cannot be written without it."""
-    return field(metadata={"read": read, "secret": False, "required": why})
+    return field(metadata={"read": read, "required": why})
 
 
-def section(cls: type[Any], *, shorthand: str | None = None) -> Any:
+def section(cls: type[Any], *, shorthand: str | None = None, required: bool = False) -> Any:
     """A nested mapping that is always there (its keys' defaults apply); ``shorthand`` names the
-    key a bare scalar stands for (``upstream: http://...``)."""
-    return field(default_factory=cls, metadata={"section": cls, "shorthand": shorthand})
+    key a bare scalar stands for (``upstream: http://...``); ``required``: a config file must
+    write it, and one that does not is told which of its keys are required."""
+    meta = {"section": cls, "shorthand": shorthand, "required_section": required}
+    return field(default_factory=cls, metadata=meta)
 
 
 def optional_section(cls: type[Any]) -> Any:
@@ -627,7 +629,9 @@ _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 @dataclass(frozen=True)
 class Config:
     listen: Address = key(Address("0.0.0.0", 8080), parse_address)
-    upstream: UpstreamConfig = section(UpstreamConfig, shorthand="url")
+    #: Required in a file (only a run without --config falls back to its defaults): a config
+    #: that does not say where the app is was written for another pod, or is half-written.
+    upstream: UpstreamConfig = section(UpstreamConfig, shorthand="url", required=True)
     forwarded: ForwardedConfig = section(ForwardedConfig)
     admin: AdminConfig = section(AdminConfig)
     drain: DrainConfig = section(DrainConfig)
@@ -735,7 +739,7 @@ class _Reading:
         values: dict[str, Any] = {}
         for key_name, value in raw.items():
             dotted = f"{name}.{key_name}" if name else str(key_name)
-            item = schema.get(key_name) if isinstance(key_name, str) else None
+            item = schema.get(key_name)
             if item is None:
                 known = ", ".join(sorted(schema))
                 self.errors.append(
@@ -748,10 +752,15 @@ class _Reading:
             except ConfigError as exc:
                 self.errors.append(exc.hidden() if item.metadata.get("secret") else exc)
         for item in schema.values():
+            if item.name in raw:
+                continue
+            dotted = f"{name}.{item.name}" if name else item.name
             why = item.metadata.get("required")
-            if why is not None and item.name not in raw:
-                dotted = f"{name}.{item.name}" if name else item.name
+            if why is not None:
                 self.errors.append(ConfigError(dotted, None, f"is required {why}".rstrip()))
+            elif item.metadata.get("required_section"):
+                # Read as if written empty, so its own required keys are named (upstream.url).
+                values[item.name] = self._value(item, dotted, None)
         try:
             instance = cls(**values)
         except TypeError:  # a required key is missing (reported above)
@@ -777,8 +786,10 @@ class _Reading:
             if meta.get("shorthand") and not isinstance(value, dict | type(None)):
                 value = {meta["shorthand"]: value}
                 self.written.add(f"{dotted}.{meta['shorthand']}")
-            built = self.section(meta["section"], dotted, value)
-            return built if built is not None else _default(item)
+            # None when a required key is missing (reported): only an optional section can
+            # lack one (a section must build from its defaults, as Config() does), and None is
+            # its default.
+            return self.section(meta["section"], dotted, value)
         if "items" in meta:
             if not isinstance(value, list):
                 raise ConfigError(dotted, value, f"must be a list of {meta['shape']}")
@@ -788,10 +799,6 @@ class _Reading:
             )
             return tuple(one for one in built_items if one is not None)
         return meta["read"](dotted, value)
-
-
-def _default(item: Field[Any]) -> Any:
-    return item.default_factory() if item.default_factory is not MISSING else item.default
 
 
 @dataclass(frozen=True)
@@ -867,7 +874,7 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            name = self.construct_object(key_node, deep=True)
+            name = self.construct_object(key_node)  # a key that is not a scalar is unhashable
             try:
                 first = seen.setdefault(name, key_node)
             except TypeError:  # an unhashable key: the base loader reports it
@@ -881,11 +888,65 @@ class _StrictLoader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A scalar its explicit tag cannot make (``!!int abc``) is a YAML error with its line,
+        not a traceback."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError):
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a valid {tag}", node.start_mark
+            ) from None
+
+
+#: The implicit scalar types YAML 1.1 has and 1.2's core schema resolves otherwise.
+_YAML11_SCALARS = frozenset(
+    f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float", "timestamp", "value")
+)
+#: YAML 1.2's core schema (yaml.org/spec/1.2.2 §10.3.2): each tag, its pattern and the
+#: characters it may start with; int before float, which would match a whole number too.
+_YAML12_SCALARS = (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+.0123456789",
+    ),
+)
+
+
+class _ConfigLoader(_StrictLoader):
+    """drainproxy's config is read with YAML 1.2's core schema: only true and false are
+    booleans, so ``x_forwarded_for: off`` is the word off and ``access_log: yes`` is refused
+    (YAML 1.1 makes them False and True); ``1:30``, ``010`` and ``2024-01-01`` are strings (1.1
+    reads 90, 8 and a date), refused by the key's rule with the key named."""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 integer: decimal (``010`` is ten), ``0o`` octal or ``0x`` hexadecimal."""
+    text = str(loader.construct_scalar(node))
+    return int(text, {"0o": 8, "0x": 16}.get(text[:2], 10))
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_SCALARS]
+    for first, resolvers in _StrictLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in _YAML12_SCALARS:
+    _ConfigLoader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first)
+    )
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
 
 def parse_yaml(text: str, source: str) -> Any:
-    """One YAML document, duplicate keys refused; errors name ``source`` and the line."""
+    """One YAML document (YAML 1.2's core schema), duplicate keys refused; errors name
+    ``source`` and the line."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        return yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(
             "config", source, f"is not valid YAML: {describe_yaml_error(exc)}"
@@ -899,11 +960,12 @@ def parse_yaml_stream(text: str) -> list[Any]:
 
 def describe_yaml_error(exc: yaml.YAMLError) -> str:
     """``line L, column C: problem``, without PyYAML's ``in "<unicode string>"``."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if mark is None:
-        return str(problem)
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow: no mark
+        return f"character #x{exc.character:04x} at position {exc.position}: {exc.reason}"
+    return str(exc)
 
 
 def read_config_text(text: str, source: str) -> ConfigReport:
@@ -957,5 +1019,6 @@ def default_file_text() -> str:
 
 
 def shown_value(value: object) -> str:
-    """A config value as a user writes it: durations as ``30s``, addresses as ``host:port``."""
-    return repr(value) if isinstance(value, Duration) else str(value)
+    """A config value as a user writes it: durations as ``30s`` (a Duration's str is as
+    written), addresses as ``host:port``."""
+    return str(value)
