@@ -86,9 +86,18 @@ BAD_CONFIGS = [
     ("listen: '[::1'", "listen: '[::1' must be host:port"),
     ("listen: '::1:8080'", "listen: '::1:8080' must be host:port"),
     ("admin: {listen: '[]:9901'}", "admin.listen: '[]:9901' must be host:port"),
+    # A bracket left open or doubled, on either side, inside or outside the brackets.
+    ("listen: '[::1:8080'", "listen: '[::1:8080' must be host:port"),
+    ("listen: '[[::1]:8080'", "listen: '[[::1]:8080' must be host:port"),
+    ("listen: '[::1]]:8080'", "listen: '[::1]]:8080' must be host:port"),
+    ("listen: 'a]b:8080'", "listen: 'a]b:8080' must be host:port"),
+    ("listen: 'a[b:8080'", "listen: 'a[b:8080' must be host:port"),
     ("listen: '0.0.0.0:99999'", "listen: '0.0.0.0:99999' port must be a number from 1 to 65535"),
     ("listn: ':8080'", "listn: ':8080' is not a known key (known here:"),
-    ("upstream: ftp://127.0.0.1:21", "upstream.url: 'ftp://127.0.0.1:21' must be an http://"),
+    (
+        "upstream: ftp://127.0.0.1:21",
+        "upstream.url: 'ftp://127.0.0.1:21' must be an http:// or https://host:port URL",
+    ),
     ("upstream: {connect_timeout: 5s}", "upstream.url: None is required"),
     ("upstream: http://127.0.0.1:8000/app", "with no path"),
     # urlsplit raises on an unclosed IPv6 literal: a message, never a traceback.
