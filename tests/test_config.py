@@ -101,7 +101,10 @@ BAD_CONFIGS = [
     ("upstream: {connect_timeout: 5s}", "upstream.url: None is required"),
     ("upstream: http://127.0.0.1:8000/app", "with no path"),
     # urlsplit raises on an unclosed IPv6 literal: a message, never a traceback.
-    ("upstream: 'http://[::1:8000'", "upstream.url: 'http://[::1:8000' must be an http://"),
+    (
+        "upstream: 'http://[::1:8000'",
+        "upstream.url: 'http://[::1:8000' must be an http:// or https://host:port URL",
+    ),
     (
         "app: {stop: http, url: 'http://[::1/quit'}",
         "app.url: 'http://[::1/quit' must be an http:// or https:// URL",
