@@ -4,8 +4,9 @@ request pays one integer increment per counter, not a prometheus-client call."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
+from typing import Any
 
 
 @dataclass
@@ -41,24 +42,13 @@ class Stats:
         table[key] = table.get(key, 0) + 1
 
     def counters(self) -> Counters:
-        """The counters as they are now, in a copy nobody can change (for a ``Snapshot``)."""
-        return Counters(
-            connections_accepted=self.connections_accepted,
-            requests_total=self.requests_total,
-            requests_by_phase=_frozen(self.requests_by_phase),
-            responses_by_class=_frozen(self.responses_by_class),
-            upstream_errors=_frozen(self.upstream_errors),
-            connections_closed=_frozen(self.connections_closed),
-            bad_requests=self.bad_requests,
-            tunnels_opened=self.tunnels_opened,
-            requests_rejected=_frozen(self.requests_rejected),
-            timeouts=_frozen(self.timeouts),
-            connections_refused=self.connections_refused,
-            http2_connections=self.http2_connections,
-            streams_reset_by_client=self.streams_reset_by_client,
-            streams_cut=self.streams_cut,
-            http2_abusive_connections=self.http2_abusive_connections,
-        )
+        """The counters as they are now, in a copy nobody can change (for a ``Snapshot``):
+        every field ``Counters`` declares, each table frozen."""
+        values: dict[str, Any] = {}
+        for counter in fields(Counters):
+            value = getattr(self, counter.name)
+            values[counter.name] = _frozen(value) if isinstance(value, dict) else value
+        return Counters(**values)
 
 
 @dataclass(frozen=True, slots=True)
