@@ -683,7 +683,7 @@ def offered_upgrades(protocols: bytes) -> bytes:
     return b", ".join(
         token
         for item in protocols.split(b",")
-        if (token := item.strip(b" \t")) and token.lower() != b"h2c"
+        if (token := item.strip(_OWS)) and token.lower() != b"h2c"
     )
 
 
@@ -691,7 +691,7 @@ def upgrade_offered(headers: Headers) -> bytes:
     """What ``request_for_app`` offered the app in Upgrade, from the request's fields as llhttp
     read them (several fields are one list, RFC 9110 §5.3); empty when nothing was offered."""
     values = [value for name, value in headers if name.lower() == b"upgrade"]
-    return offered_upgrades(b", ".join(values)) if values else b""
+    return offered_upgrades(b", ".join(values))
 
 
 def switch_offered(offered: bytes, chosen: bytes | None) -> bool:
